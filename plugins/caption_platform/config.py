@@ -1,0 +1,424 @@
+"""One typed, validated configuration for every part of the Airflow side.
+
+Two built-in profiles: ``local`` (default; DuckDB, Beam's local runner, local
+folders) and ``gcp`` (BigQuery, Dataflow with GPU workers, ``gs://``).
+
+Precedence, lowest to highest: profile defaults < Airflow Variable
+``caption_settings`` (a JSON object) < environment variables ``CAPTION_<FIELD>``
+(nested fields with a double underscore, e.g. ``CAPTION_DATAFLOW__REGION``) <
+keyword arguments of :func:`load_settings`.
+
+Image size filter: ``images.min_bytes`` defaults to 0 on purpose, so a zero-byte
+file stays in the manifest and ends as a dead letter (``stage=read|decode``)
+instead of silently disappearing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+PROFILES = ("local", "gcp")
+WAREHOUSES = ("duckdb", "bigquery")
+RUNNERS = ("DirectRunner", "PrismRunner", "DataflowRunner")
+DECODINGS = ("beam", "sample")
+DEVICES = ("cpu", "cuda")
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_ENV_PREFIX = "CAPTION_"
+# environment variables that steer loading itself rather than naming a setting
+_ENV_META = frozenset({"CAPTION_PROFILE", "CAPTION_IGNORE_AIRFLOW_VARIABLES"})
+
+
+class SettingsError(ValueError):
+    """A setting is missing or has a value that is not allowed (message names it)."""
+
+
+def validate_identifier(name: str) -> str:
+    """Return ``name`` if it is a safe SQL table/column identifier, else raise.
+
+    Every table name reaches SQL only through this check, so a setting can never
+    inject SQL.
+    """
+    if not isinstance(name, str) or not _IDENTIFIER.match(name):
+        raise SettingsError(
+            f"{name!r} is not a valid identifier; use letters, digits and underscores, "
+            "starting with a letter or underscore, at most 128 characters"
+        )
+    return name
+
+
+def _choice(value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(
+            f"{value!r} is not allowed; choose one of {', '.join(allowed)}"
+        )
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TableNames(_Model):
+    """Warehouse table names (validated identifiers)."""
+
+    captions: str = "captions"
+    dead_letters: str = "dead_letters"
+    pipeline_runs: str = "pipeline_runs"
+    manifests: str = "manifests"
+
+    @field_validator("*")
+    @classmethod
+    def _ident(cls, v: str) -> str:
+        if not isinstance(v, str) or not _IDENTIFIER.match(v):
+            raise ValueError(
+                f"{v!r} is not a valid identifier; use letters, digits and underscores, "
+                "starting with a letter or underscore, at most 128 characters"
+            )
+        return v
+
+
+class ImageFilters(_Model):
+    """Which listed objects count as images for the manifest."""
+
+    extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff")
+    min_bytes: int = Field(default=0, ge=0)
+    max_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+
+    @field_validator("extensions", mode="before")
+    @classmethod
+    def _norm_ext(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [e for e in re.split(r"[,\s]+", v) if e]
+        if isinstance(v, list | tuple):
+            return tuple(str(e).lower().lstrip(".") for e in v)
+        return v
+
+    @model_validator(mode="after")
+    def _range(self) -> ImageFilters:
+        if self.min_bytes > self.max_bytes:
+            raise ValueError(
+                f"min_bytes ({self.min_bytes}) must not exceed max_bytes ({self.max_bytes})"
+            )
+        return self
+
+
+class CaptionOptions(_Model):
+    """Model settings passed to the Beam job (see the job's command line contract)."""
+
+    num_captions: int = Field(default=3, ge=1)
+    decoding: str = "beam"
+    num_beams: int = Field(default=5, ge=1)
+    max_new_tokens: int = Field(default=30, ge=1)
+    prompt: str | None = None
+    blip_batch_size: int = Field(default=8, ge=1)
+    clip_batch_size: int = Field(default=8, ge=1)
+    device: str = "cpu"
+
+    @field_validator("decoding")
+    @classmethod
+    def _decoding(cls, v: str) -> str:
+        return _choice(v, DECODINGS)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return _choice(v, DEVICES)
+
+
+class DataflowOptions(_Model):
+    """Dataflow worker settings (used by the ``gcp`` profile)."""
+
+    region: str = "us-central1"
+    machine_type: str = "n1-standard-4"
+    accelerator_type: str | None = "nvidia-tesla-t4"
+    accelerator_count: int = Field(default=1, ge=0)
+    worker_container_image: str | None = None
+    temp_location: str | None = None
+    staging_location: str | None = None
+    max_num_workers: int = Field(default=10, ge=1)
+    disk_size_gb: int = Field(default=50, ge=10)
+    service_account: str | None = None
+
+    def worker_accelerator(self) -> str | None:
+        """Dataflow ``worker_accelerator`` service option, or None without a GPU."""
+        if not self.accelerator_type or self.accelerator_count == 0:
+            return None
+        return (
+            f"type:{self.accelerator_type};count:{self.accelerator_count};install-nvidia-driver"
+        )
+
+
+class Settings(_Model):
+    """The whole configuration. Build it with :func:`load_settings`."""
+
+    profile: str = "local"
+    data_root: str
+    source_uri: str
+    warehouse: str = "duckdb"
+    duckdb_path: str | None = None
+    gcp_project: str | None = None
+    bq_dataset: str | None = None
+    bq_location: str = "US"
+    gcp_conn_id: str = "google_cloud_default"
+    storage_conn_id: str | None = None
+    tables: TableNames = Field(default_factory=TableNames)
+    blip_model: str
+    clip_model: str
+    runner: str = "DirectRunner"
+    caption: CaptionOptions = Field(default_factory=CaptionOptions)
+    dataflow: DataflowOptions = Field(default_factory=DataflowOptions)
+    images: ImageFilters = Field(default_factory=ImageFilters)
+    incremental: bool = False
+    max_images: int | None = Field(default=None, ge=1)
+    pricing: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, v: str) -> str:
+        return _choice(v, PROFILES)
+
+    @field_validator("warehouse")
+    @classmethod
+    def _warehouse(cls, v: str) -> str:
+        return _choice(v, WAREHOUSES)
+
+    @field_validator("runner")
+    @classmethod
+    def _runner(cls, v: str) -> str:
+        return _choice(v, RUNNERS)
+
+    @field_validator("bq_dataset")
+    @classmethod
+    def _dataset(cls, v: str | None) -> str | None:
+        if v is not None and not _IDENTIFIER.match(v):
+            raise ValueError(
+                f"{v!r} is not a valid identifier; use letters, digits and underscores"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _requirements(self) -> Settings:
+        missing: list[str] = []
+        if self.warehouse == "bigquery":
+            missing += [n for n in ("gcp_project", "bq_dataset") if not getattr(self, n)]
+        if self.warehouse == "duckdb" and not self.duckdb_path:
+            missing.append("duckdb_path")
+        if self.runner == "DataflowRunner":
+            if not self.gcp_project and "gcp_project" not in missing:
+                missing.append("gcp_project")
+            if not self.dataflow.temp_location:
+                missing.append("dataflow.temp_location")
+        if missing:
+            raise ValueError(
+                f"profile {self.profile!r} requires {', '.join(missing)} "
+                f"(set CAPTION_{missing[0].upper().replace('.', '__')} or the "
+                "caption_settings Airflow Variable)"
+            )
+        return self
+
+
+def _local_defaults(data_root: str) -> dict[str, Any]:
+    return {
+        "profile": "local",
+        "data_root": data_root,
+        "warehouse": "duckdb",
+        "duckdb_path": str(REPO_ROOT / "data" / "warehouse.duckdb"),
+        "blip_model": str(REPO_ROOT / "data" / "models" / "blip"),
+        "clip_model": str(REPO_ROOT / "data" / "models" / "clip"),
+        "runner": "DirectRunner",
+        "caption": {"device": "cpu"},
+    }
+
+
+def _gcp_defaults() -> dict[str, Any]:
+    return {
+        "profile": "gcp",
+        "warehouse": "bigquery",
+        "blip_model": "Salesforce/blip-image-captioning-base",
+        "clip_model": "openai/clip-vit-base-patch32",
+        "runner": "DataflowRunner",
+        "caption": {"device": "cuda"},
+    }
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "pricing":
+            out[key] = _deep_merge(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """Turn ``{"dataflow__region": x}`` into ``{"dataflow": {"region": x}}``."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.split("__")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SettingsError(f"{key}: {parts[0]} is not a group of settings")
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]] = _deep_merge(node[parts[-1]], value)
+        else:
+            node[parts[-1]] = value
+    return out
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """``CAPTION_*`` variables (except CAPTION_PROFILE); values may be JSON."""
+    flat: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(_ENV_PREFIX) or name in _ENV_META:
+            continue
+        key = name[len(_ENV_PREFIX) :].lower()
+        value: Any = raw
+        if raw.strip()[:1] in ("{", "["):
+            try:
+                value = json.loads(raw)
+            except ValueError as exc:
+                raise SettingsError(f"{name}: not valid JSON: {exc}") from exc
+        flat[key] = value
+    return _nest(flat)
+
+
+def _airflow_variable(key: str) -> str | None:
+    """Read an Airflow Variable if Airflow is configured; never fail when it is not."""
+    if os.environ.get("CAPTION_IGNORE_AIRFLOW_VARIABLES"):
+        return None
+    try:
+        from airflow.sdk import Variable
+
+        value = Variable.get(key, default=None)
+    except Exception:  # not in an Airflow context, no metadata DB, ...
+        return None
+    return None if value is None else str(value)
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "is not a known setting"
+        elif err["type"] == "missing":
+            msg = "is required"
+        elif "input" in err and err["type"] not in ("value_error",):
+            msg = f"{err['input']!r}: {msg}"
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(lines)
+
+
+def load_settings(profile: str | None = None, **overrides: Any) -> Settings:
+    """Build validated :class:`Settings` for a profile.
+
+    ``profile`` comes from the argument, else env ``CAPTION_PROFILE``, else the
+    Airflow Variable ``caption_profile``, else ``local``. Keyword overrides may be
+    nested dicts (``dataflow={"region": ...}``) or double-underscore names
+    (``dataflow__region=...``). Raises :class:`SettingsError` (a ``ValueError``)
+    whose message names each wrong setting and what is allowed.
+    """
+    environ = dict(os.environ)
+    chosen = profile or environ.get("CAPTION_PROFILE") or _airflow_variable("caption_profile")
+    chosen = (chosen or "local").strip()
+    if chosen not in PROFILES:
+        raise SettingsError(
+            f"profile: {chosen!r} is not allowed; choose one of {', '.join(PROFILES)}"
+        )
+
+    layers: dict[str, Any] = {}
+    variable = _airflow_variable("caption_settings")
+    if variable:
+        try:
+            parsed = json.loads(variable)
+        except ValueError as exc:
+            raise SettingsError(f"caption_settings Variable is not valid JSON: {exc}") from exc
+        if not isinstance(parsed, dict):
+            raise SettingsError("caption_settings Variable must be a JSON object")
+        layers = _deep_merge(layers, _nest(parsed))
+    layers = _deep_merge(layers, _env_overrides(environ))
+    layers = _deep_merge(layers, _nest(overrides))
+    if "profile" in layers and layers["profile"] != chosen:
+        raise SettingsError("profile: set it with the profile argument or CAPTION_PROFILE")
+
+    if chosen == "local":
+        data_root = str(layers.get("data_root") or f"file://{REPO_ROOT / 'data'}")
+        base = _local_defaults(data_root)
+    else:
+        base = _gcp_defaults()
+        required = {
+            "gcp_project": layers.get("gcp_project"),
+            "bq_dataset": layers.get("bq_dataset"),
+            "dataflow.temp_location": layers.get("dataflow", {}).get("temp_location"),
+        }
+        missing = [name for name, value in required.items() if not value]
+        if missing:
+            raise SettingsError(
+                f"profile 'gcp' requires {', '.join(missing)}; set them as keyword "
+                "arguments, CAPTION_<NAME> environment variables (nested with __, e.g. "
+                "CAPTION_DATAFLOW__TEMP_LOCATION) or in the caption_settings Airflow Variable"
+            )
+        data_root = layers.get("data_root")
+        if not data_root and layers.get("dataflow", {}).get("temp_location"):
+            # default run folder: beside the temp location's bucket
+            bucket = str(layers["dataflow"]["temp_location"]).split("/")[2]
+            data_root = f"gs://{bucket}/captioning"
+        if data_root:
+            base["data_root"] = str(data_root)
+    merged = _deep_merge(base, layers)
+    if merged.get("data_root"):
+        merged["data_root"] = str(merged["data_root"]).rstrip("/")
+        merged.setdefault("source_uri", f"{merged['data_root']}/sample_images")
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise SettingsError(_format_validation_error(exc)) from None
+
+
+def run_key(run_id: str) -> str:
+    """Filesystem- and table-safe slug of an Airflow run id (see docs/CONTRACTS.md).
+
+    Lowercase ``[a-z0-9_]``, at most 64 characters, then ``_`` and 8 hex digits of
+    the run id's SHA-256 so two run ids that slug alike never collide.
+    """
+    slug = re.sub(r"[^a-z0-9_]+", "_", run_id.lower()).strip("_")[:64].rstrip("_") or "run"
+    digest = hashlib.sha256(run_id.encode("utf-8")).hexdigest()[:8]
+    return f"{slug}_{digest}"
+
+
+def run_folder(settings: Settings, run_id: str) -> str:
+    """URI of the folder that holds everything of one run (manifest, job output)."""
+    return f"{settings.data_root.rstrip('/')}/runs/{run_key(run_id)}"
+
+
+def manifest_uri(settings: Settings, run_id: str) -> str:
+    """URI of the run's manifest (JSON Lines)."""
+    return f"{run_folder(settings, run_id)}/manifest.jsonl"
+
+
+def staging_prefix(run_id: str) -> str:
+    """BigQuery staging table prefix of a run (tables ``PREFIX_captions`` ...)."""
+    return validate_identifier(f"stg_{run_key(run_id)}")
+
+
+def job_output(settings: Settings, run_id: str) -> str:
+    """The job's ``--output``: the run's output folder, or ``bq://P.D.PREFIX``."""
+    if settings.warehouse == "bigquery":
+        return f"bq://{settings.gcp_project}.{settings.bq_dataset}.{staging_prefix(run_id)}"
+    return f"{run_folder(settings, run_id)}/output"

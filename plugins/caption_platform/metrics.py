@@ -1,0 +1,230 @@
+"""Build the run's pipeline_runs row (contract) from what the job actually used.
+
+Local runs: the job's ``run_summary.json`` (wall/CPU time, peak RSS, counters).
+Dataflow runs: the job resource and its job-level metrics (``TotalVcpuTime`` ...).
+Cost comes from :mod:`caption_platform.cost_model`, GPU time included. A run that did
+not finish is recorded with its final state and cost so far, but no throughput or
+cost-per-image is claimed for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from caption_platform.cost_model import PriceTable, Resources, estimate_cost
+
+if TYPE_CHECKING:
+    from caption_platform.config import Settings
+
+DONE = "JOB_STATE_DONE"
+DEAD_LETTER_COUNTERS = ("dead_letter_read", "dead_letter_decode", "dead_letter_inference")
+_SYSTEM_ORIGIN = "dataflow/v1b3"
+_STEP_KEYS = ("step", "original_name", "output_user_name", "execution_step")
+
+
+def _parse_time(value: Any) -> datetime | None:
+    """RFC 3339 / ISO-8601 (Dataflow uses nanoseconds and 'Z') to an aware datetime."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    text = str(value).replace("Z", "+00:00")
+    if "." in text:  # trim fractional seconds beyond microseconds
+        head, _, rest = text.partition(".")
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        text = f"{head}.{rest[:min(digits, 6)]}{rest[digits:]}"
+    parsed = datetime.fromisoformat(text)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _throughput_and_unit_cost(
+    captioned: int | None, seconds: float | None, cost: float, finished: bool
+) -> tuple[float | None, float | None]:
+    if not finished or not captioned:
+        return None, None
+    per_s = captioned / seconds if seconds else None
+    return per_s, cost / captioned * 1000.0
+
+
+def run_row_from_summary(
+    summary: dict[str, Any],
+    *,
+    run_id: str,
+    dag_id: str,
+    images_in: int,
+    prices: PriceTable | None = None,
+    job_id: str | None = None,
+) -> dict[str, Any]:
+    """pipeline_runs row for a local run from the job's ``run_summary.json``.
+
+    vCPU-hours are the process CPU time; memory GB-hours are peak RSS x wall time
+    (an upper bound); no GPU. images/s = captioned / the job's own wall time.
+    """
+    prices = prices or PriceTable()
+    counters = summary.get("counters") or {}
+    settings = summary.get("settings") or {}
+    wall_s = float(summary.get("wall_s") or 0.0)
+    captioned = int(counters.get("captioned", 0))
+    failed = sum(int(counters.get(k, 0)) for k in DEAD_LETTER_COUNTERS)
+    resources = Resources(
+        vcpu_hours=float(summary.get("cpu_s") or 0.0) / 3600.0,
+        memory_gb_hours=float(summary.get("peak_rss_mb") or 0.0) / 1024.0 * wall_s / 3600.0,
+    )
+    cost = estimate_cost(resources, prices)
+    state = str(summary.get("final_state") or DONE)
+    per_s, per_1k = _throughput_and_unit_cost(captioned, wall_s, cost.total, state == DONE)
+    return {
+        "run_id": run_id,
+        "dag_id": dag_id,
+        "beam_sdk_version": summary.get("beam_sdk_version"),
+        "runner": summary.get("runner", "DirectRunner"),
+        "job_id": job_id,
+        "started_at": _parse_time(summary.get("started_at")),
+        "finished_at": _parse_time(summary.get("finished_at")),
+        "runtime_s": wall_s,
+        "images_in": int(images_in),
+        "images_captioned": captioned,
+        "images_failed": failed,
+        "images_per_s": per_s,
+        "vcpu_hours": resources.vcpu_hours,
+        "memory_gb_hours": resources.memory_gb_hours,
+        "gpu_hours": 0.0,
+        "gpu_type": None,
+        "machine_type": "local",
+        "num_workers_max": 1,
+        "blip_batch_size": settings.get("blip_batch_size"),
+        "clip_batch_size": settings.get("clip_batch_size"),
+        "num_captions": settings.get("num_captions"),
+        "estimated_cost_usd": cost.total,
+        "cost_per_1k_images_usd": per_1k,
+        "pricing_as_of": prices.as_of,
+        "final_state": state,
+        "error": None if state == DONE else summary.get("error"),
+    }
+
+
+def job_metric(metrics: Iterable[dict[str, Any]], name: str, *, origin: str = _SYSTEM_ORIGIN) -> float | None:
+    """A job-level, committed (non-tentative) metric value, or None if absent.
+
+    Dataflow reports some metrics twice, tentative and committed (``context.tentative``);
+    per-step entries carry a ``step``-like context key and are skipped for system
+    metrics. For user counters (``origin='user'``) the committed per-step values are
+    summed.
+    """
+    values: list[float] = []
+    for entry in metrics:
+        meta = entry.get("name") or {}
+        if meta.get("name") != name or meta.get("origin") != origin:
+            continue
+        context = meta.get("context") or {}
+        if str(context.get("tentative", "")).lower() == "true":
+            continue
+        if origin == _SYSTEM_ORIGIN and any(k in context for k in _STEP_KEYS):
+            continue
+        scalar = entry.get("scalar")
+        if scalar is None:
+            continue
+        values.append(float(scalar))
+    if not values:
+        return None
+    return sum(values) if origin != _SYSTEM_ORIGIN else max(values)
+
+
+def resources_from_dataflow(metrics: list[dict[str, Any]], gpu_type: str | None) -> Resources:
+    """Resources from Dataflow job metrics (units converted to hours and GB)."""
+
+    def get(name: str) -> float:
+        return job_metric(metrics, name) or 0.0
+
+    gpu_hours = get("TotalGpuTime") / 3600.0
+    return Resources(
+        vcpu_hours=get("TotalVcpuTime") / 3600.0,  # vCPU-seconds
+        memory_gb_hours=get("TotalMemoryUsage") / 1024.0 / 3600.0,  # MB-seconds
+        gpu_hours=gpu_hours,  # GPU-seconds
+        gpu_type=gpu_type if gpu_hours else None,
+        pd_gb_hours=get("TotalPdUsage") / 3600.0,  # GB-seconds
+        ssd_gb_hours=get("TotalSsdUsage") / 3600.0,  # GB-seconds
+        shuffle_gb=get("TotalShuffleDataProcessed") / 1e9,  # bytes
+    )
+
+
+def run_row_from_dataflow(
+    job: dict[str, Any],
+    metrics: list[dict[str, Any]],
+    *,
+    run_id: str,
+    dag_id: str,
+    images_in: int,
+    machine_type: str,
+    gpu_type: str | None,
+    num_workers_max: int,
+    settings: Settings | None = None,
+    prices: PriceTable | None = None,
+    images_captioned: int | None = None,
+    images_failed: int | None = None,
+) -> dict[str, Any]:
+    """pipeline_runs row from a Dataflow job resource and its job metrics list.
+
+    ``images_captioned``/``images_failed`` default to the job's user counters
+    (``captioned``, ``dead_letter_*``); pass warehouse counts to override.
+    """
+    prices = prices or PriceTable()
+    if settings is not None and settings.pricing:
+        prices = prices.with_overrides(settings.pricing)
+    state = str(job.get("currentState") or "JOB_STATE_UNKNOWN")
+    started = _parse_time(job.get("startTime") or job.get("createTime"))
+    finished = _parse_time(job.get("currentStateTime"))
+    runtime_s = (finished - started).total_seconds() if started and finished else None
+    if images_captioned is None:
+        counted = job_metric(metrics, "captioned", origin="user")
+        images_captioned = None if counted is None else int(counted)
+    if images_failed is None:
+        parts = [job_metric(metrics, k, origin="user") for k in DEAD_LETTER_COUNTERS]
+        known = [p for p in parts if p is not None]
+        images_failed = int(sum(known)) if known else None
+    resources = resources_from_dataflow(metrics, gpu_type)
+    cost = estimate_cost(resources, prices)
+    per_s, per_1k = _throughput_and_unit_cost(images_captioned, runtime_s, cost.total, state == DONE)
+    caption = settings.caption if settings is not None else None
+    return {
+        "run_id": run_id,
+        "dag_id": dag_id,
+        "beam_sdk_version": ((job.get("jobMetadata") or {}).get("sdkVersion") or {}).get("version"),
+        "runner": "DataflowRunner",
+        "job_id": job.get("id"),
+        "started_at": started,
+        "finished_at": finished,
+        "runtime_s": runtime_s,
+        "images_in": int(images_in),
+        "images_captioned": images_captioned,
+        "images_failed": images_failed,
+        "images_per_s": per_s,
+        "vcpu_hours": resources.vcpu_hours,
+        "memory_gb_hours": resources.memory_gb_hours,
+        "gpu_hours": resources.gpu_hours,
+        "gpu_type": gpu_type,
+        "machine_type": machine_type,
+        "num_workers_max": int(num_workers_max),
+        "blip_batch_size": caption.blip_batch_size if caption else None,
+        "clip_batch_size": caption.clip_batch_size if caption else None,
+        "num_captions": caption.num_captions if caption else None,
+        "estimated_cost_usd": cost.total,
+        "cost_per_1k_images_usd": per_1k,
+        "pricing_as_of": prices.as_of,
+        "final_state": state,
+        "error": None if state == DONE else f"Dataflow job ended in {state}",
+    }
+
+
+def fetch_dataflow_job_resources(
+    job_id: str, project: str, location: str, gcp_conn_id: str = "google_cloud_default"
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The Dataflow job resource and its metrics list, through the provider's DataflowHook."""
+    from airflow.providers.google.cloud.hooks.dataflow import DataflowHook
+
+    hook = DataflowHook(gcp_conn_id=gcp_conn_id)
+    job = hook.get_job(job_id=job_id, project_id=project, location=location)
+    response = hook.fetch_job_metrics_by_id(job_id=job_id, project_id=project, location=location)
+    return job, list(response.get("metrics") or [])

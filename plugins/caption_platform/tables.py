@@ -1,0 +1,127 @@
+"""Column declarations of the four warehouse tables, in BigQuery standard SQL types.
+
+captions and dead_letters come from the job's single declaration
+(``captioning.schema``), so the warehouse can never drift from what the job writes.
+pipeline_runs and manifests belong to the Airflow side and are declared here.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+from types import ModuleType
+from typing import Any
+
+from caption_platform.config import REPO_ROOT
+
+CAPTIONS = "captions"
+DEAD_LETTERS = "dead_letters"
+PIPELINE_RUNS = "pipeline_runs"
+MANIFESTS = "manifests"
+TABLE_KINDS = (CAPTIONS, DEAD_LETTERS, PIPELINE_RUNS, MANIFESTS)
+
+#: contract: run metrics row, plus final_state and error (see ARCHITECTURE.md).
+PIPELINE_RUNS_COLUMNS: dict[str, str] = {
+    "run_id": "STRING",
+    "dag_id": "STRING",
+    "beam_sdk_version": "STRING",
+    "runner": "STRING",
+    "job_id": "STRING",
+    "started_at": "TIMESTAMP",
+    "finished_at": "TIMESTAMP",
+    "runtime_s": "FLOAT64",
+    "images_in": "INT64",
+    "images_captioned": "INT64",
+    "images_failed": "INT64",
+    "images_per_s": "FLOAT64",
+    "vcpu_hours": "FLOAT64",
+    "memory_gb_hours": "FLOAT64",
+    "gpu_hours": "FLOAT64",
+    "gpu_type": "STRING",
+    "machine_type": "STRING",
+    "num_workers_max": "INT64",
+    "blip_batch_size": "INT64",
+    "clip_batch_size": "INT64",
+    "num_captions": "INT64",
+    "estimated_cost_usd": "FLOAT64",
+    "cost_per_1k_images_usd": "FLOAT64",
+    "pricing_as_of": "DATE",
+    "final_state": "STRING",
+    "error": "STRING",
+}
+
+MANIFESTS_COLUMNS: dict[str, str] = {
+    "run_id": "STRING",
+    "image_id": "STRING",
+    "uri": "STRING",
+    "size_bytes": "INT64",
+}
+
+_LEGACY_TO_STANDARD = {
+    "STRING": "STRING",
+    "FLOAT": "FLOAT64",
+    "FLOAT64": "FLOAT64",
+    "INTEGER": "INT64",
+    "INT64": "INT64",
+    "TIMESTAMP": "TIMESTAMP",
+    "BOOLEAN": "BOOL",
+    "BOOL": "BOOL",
+    "DATE": "DATE",
+}
+
+
+@functools.cache
+def job_schema() -> ModuleType:
+    """The job's ``captioning.schema`` module.
+
+    Imported normally when the Beam job package is installed; otherwise loaded from
+    ``beam_jobs/captioning/schema.py`` in this repository (it is pure Python, so this
+    pulls in neither Beam, torch nor pyarrow).
+    """
+    try:
+        return importlib.import_module("captioning.schema")
+    except ImportError:
+        pass
+    path = REPO_ROOT / "beam_jobs" / "captioning" / "schema.py"
+    spec = importlib.util.spec_from_file_location("caption_platform._job_schema", path)
+    if spec is None or spec.loader is None or not path.exists():
+        raise ImportError(
+            "captioning.schema is neither installed nor found at "
+            f"{path}; install the beam_jobs package next to Airflow"
+        )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _standard_type(field: Any) -> str:
+    if field.type == "RECORD":
+        inner = ", ".join(f"{f.name} {_standard_type(f)}" for f in field.fields)
+        base = f"STRUCT<{inner}>"
+    else:
+        base = _LEGACY_TO_STANDARD[field.type]
+    return f"ARRAY<{base}>" if field.mode == "REPEATED" else base
+
+
+@functools.cache
+def columns(kind: str) -> dict[str, str]:
+    """Column name -> BigQuery standard SQL type for a table kind (ordered)."""
+    if kind == PIPELINE_RUNS:
+        return dict(PIPELINE_RUNS_COLUMNS)
+    if kind == MANIFESTS:
+        return dict(MANIFESTS_COLUMNS)
+    if kind in (CAPTIONS, DEAD_LETTERS):
+        fields = job_schema().FIELDS[kind]
+        return {f.name: _standard_type(f) for f in fields}
+    raise ValueError(f"table kind {kind!r} is unknown; choose one of {', '.join(TABLE_KINDS)}")
+
+
+def bigquery_schema_fields(kind: str) -> list[dict[str, Any]]:
+    """A BigQuery load-job schema (``[{"name", "type", "mode"}]``) for flat tables."""
+    out = []
+    for name, sql_type in columns(kind).items():
+        if "<" in sql_type:
+            raise ValueError(f"{kind}.{name}: nested types are not supported here")
+        out.append({"name": name, "type": sql_type, "mode": "NULLABLE"})
+    return out

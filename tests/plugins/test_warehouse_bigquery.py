@@ -1,0 +1,179 @@
+"""BigQuery engine: only the BigQueryHook edge is faked; we check what we send and
+how we read real-shaped answers (google.cloud.bigquery Row objects)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from google.cloud.bigquery import Row
+
+from caption_platform.config import SettingsError, load_settings, run_key
+from caption_platform.warehouse import BigQueryWarehouse, get_warehouse
+
+RUN = "scheduled__2026-01-02T00:00:00+00:00"
+
+
+def _rows(*dicts: dict[str, Any]) -> list[Row]:
+    if not dicts:
+        return []
+    names = list(dicts[0])
+    return [Row(tuple(d[n] for n in names), {n: i for i, n in enumerate(names)}) for d in dicts]
+
+
+@dataclass
+class FakeJob:
+    rows: list[Row] = field(default_factory=list)
+    num_dml_affected_rows: int | None = None
+
+    def result(self) -> list[Row]:
+        return self.rows
+
+
+class FakeHook:
+    """Records insert_job calls; answers with real-shaped rows chosen by the SQL text."""
+
+    def __init__(self, answers: dict[str, FakeJob] | None = None) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.answers = answers or {}
+
+    def insert_job(self, configuration: dict, project_id: str, location: str | None = None,
+                   **_: Any) -> FakeJob:
+        self.calls.append({"configuration": configuration, "project_id": project_id,
+                           "location": location})
+        text = configuration.get("query", {}).get("query", "")
+        for needle, job in self.answers.items():
+            if needle in text:
+                return job
+        return FakeJob()
+
+    def queries(self) -> list[dict[str, Any]]:
+        return [c["configuration"]["query"] for c in self.calls if "query" in c["configuration"]]
+
+
+def _wh(hook: FakeHook) -> BigQueryWarehouse:
+    return BigQueryWarehouse("my-proj", "caps_ds", "US", hook=hook)
+
+
+def test_ensure_tables_sends_standard_sql_ddl() -> None:
+    hook = FakeHook()
+    _wh(hook).ensure_tables()
+    queries = hook.queries()
+    assert len(queries) == 4
+    assert all(q["useLegacySql"] is False for q in queries)
+    assert all(c["project_id"] == "my-proj" and c["location"] == "US" for c in hook.calls)
+    ddl = queries[0]["query"]
+    assert ddl.startswith("CREATE TABLE IF NOT EXISTS `my-proj.caps_ds.captions` (image_id STRING")
+    assert "candidates ARRAY<STRUCT<text STRING, score FLOAT64>>" in ddl
+    assert "captioned_at TIMESTAMP" in ddl
+    assert "`my-proj.caps_ds.pipeline_runs`" in queries[2]["query"]
+    assert "final_state STRING, error STRING" in queries[2]["query"]
+
+
+def test_load_manifest_load_job_then_transaction() -> None:
+    hook = FakeHook({"SELECT COUNT(*) AS n": FakeJob(_rows({"n": 42}))})
+    n = _wh(hook).load_manifest(RUN, "gs://bkt/runs/x/manifest.jsonl")
+    assert n == 42
+    load = hook.calls[0]["configuration"]["load"]
+    stg = f"stg_{run_key(RUN)}_manifest"
+    assert load == {
+        "sourceUris": ["gs://bkt/runs/x/manifest.jsonl"],
+        "sourceFormat": "NEWLINE_DELIMITED_JSON",
+        "destinationTable": {"projectId": "my-proj", "datasetId": "caps_ds", "tableId": stg},
+        "schema": {"fields": [
+            {"name": "image_id", "type": "STRING", "mode": "NULLABLE"},
+            {"name": "uri", "type": "STRING", "mode": "NULLABLE"},
+            {"name": "size_bytes", "type": "INT64", "mode": "NULLABLE"},
+        ]},
+        "writeDisposition": "WRITE_TRUNCATE",
+        "createDisposition": "CREATE_IF_NEEDED",
+    }
+    script = hook.queries()[0]
+    assert script["query"].startswith("BEGIN TRANSACTION;")
+    assert "DELETE FROM `my-proj.caps_ds.manifests` WHERE run_id = @run_id" in script["query"]
+    assert f"FROM `my-proj.caps_ds.{stg}`" in script["query"]
+    assert script["query"].rstrip().endswith("COMMIT TRANSACTION;")
+    assert script["parameterMode"] == "NAMED"
+    assert script["queryParameters"] == [
+        {"name": "run_id", "parameterType": {"type": "STRING"}, "parameterValue": {"value": RUN}}
+    ]
+
+
+def test_publish_merges_from_staging_prefix() -> None:
+    hook = FakeHook({
+        "AS captions_staged": FakeJob(_rows({"captions_staged": 7, "dead_letters_staged": 2})),
+        "MERGE `my-proj.caps_ds.captions`": FakeJob(num_dml_affected_rows=7),
+        "MERGE `my-proj.caps_ds.dead_letters`": FakeJob(num_dml_affected_rows=3),
+    })
+    result = _wh(hook).publish(RUN, "bq://other-proj.stage_ds.stg_abc")
+    assert result.to_dict() == {"captions_staged": 7, "dead_letters_staged": 2,
+                                "captions_merged": 7, "dead_letters_merged": 3}
+    texts = [q["query"] for q in hook.queries()]
+    # staging tables are created if FILE_LOADS wrote no rows of a kind
+    assert texts[0].startswith("CREATE TABLE IF NOT EXISTS `other-proj.stage_ds.stg_abc_captions`")
+    assert texts[1].startswith(
+        "CREATE TABLE IF NOT EXISTS `other-proj.stage_ds.stg_abc_dead_letters`")
+    merge = next(t for t in texts if "MERGE `my-proj.caps_ds.captions`" in t)
+    assert "USING (\n  SELECT * FROM `other-proj.stage_ds.stg_abc_captions`" in merge
+    assert "ON T.image_id = S.image_id" in merge
+    assert "WHEN NOT MATCHED THEN INSERT (image_id, uri, caption" in merge
+    assert all(q["useLegacySql"] is False for q in hook.queries())
+
+
+def test_publish_rejects_unsafe_prefix() -> None:
+    with pytest.raises(SettingsError):
+        _wh(FakeHook()).publish(RUN, "stg`; DROP TABLE x; --")
+
+
+def test_validate_parses_real_shaped_rows() -> None:
+    hook = FakeHook({
+        "AS dead_lettered": FakeJob(_rows({"manifest": 3, "captioned": 1, "dead_lettered": 1})),
+        "QUALIFY": FakeJob(_rows(
+            {"kind": "missing", "image_id": "id2", "total": 1},
+            {"kind": "extra", "image_id": "id9", "total": 4},
+        )),
+    })
+    result = _wh(hook).validate(RUN, sample_size=3)
+    assert not result.ok
+    assert result.missing_ids == ["id2"] and result.extra_ids == ["id9"]
+    assert "4 captioned/dead-lettered ids that are not in the manifest (e.g. id9)" in result.message
+    params = {p["name"]: p for p in hook.queries()[1]["queryParameters"]}
+    assert params["sample_size"]["parameterType"] == {"type": "INT64"}
+
+
+def test_record_run_types_nulls() -> None:
+    hook = FakeHook()
+    _wh(hook).record_run({"run_id": RUN, "started_at": "2026-01-02T00:00:00Z", "images_in": 3})
+    query = hook.queries()[0]
+    assert "INSERT INTO `my-proj.caps_ds.pipeline_runs` (run_id, dag_id" in query["query"]
+    params = {p["name"]: p for p in query["queryParameters"]}
+    assert params["started_at"]["parameterType"] == {"type": "TIMESTAMP"}
+    assert params["started_at"]["parameterValue"]["value"].startswith("2026-01-02 00:00:00")
+    assert params["finished_at"]["parameterType"] == {"type": "TIMESTAMP"}  # typed NULL
+    assert params["finished_at"]["parameterValue"].get("value") is None
+    assert params["images_in"]["parameterValue"] == {"value": "3"}
+    assert params["pricing_as_of"]["parameterType"] == {"type": "DATE"}
+
+
+def test_existing_ids_and_captions_read_rows() -> None:
+    hook = FakeHook({
+        "SELECT image_id FROM": FakeJob(_rows({"image_id": "a"}, {"image_id": "b"})),
+        "ORDER BY image_id LIMIT @limit": FakeJob(_rows(
+            {"image_id": "a", "caption": "x", "candidates": [{"text": "x", "score": 1.0}]})),
+    })
+    wh = _wh(hook)
+    assert list(wh.existing_image_ids()) == ["a", "b"]
+    assert list(wh.captions_for_run(RUN, 5)) == [
+        {"image_id": "a", "caption": "x", "candidates": [{"text": "x", "score": 1.0}]}]
+
+
+def test_get_warehouse_builds_hook_with_standard_sql(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT", "google-cloud-platform://")
+    settings = load_settings("gcp", gcp_project="my-proj", bq_dataset="caps_ds",
+                             dataflow__temp_location="gs://b/tmp", bq_location="EU")
+    wh = get_warehouse(settings)
+    assert isinstance(wh, BigQueryWarehouse)
+    assert (wh.project, wh.dataset, wh.location) == ("my-proj", "caps_ds", "EU")
+    hook = wh.hook  # real provider hook; no API call is made here
+    assert hook.use_legacy_sql is False and hook.location == "EU"

@@ -1,0 +1,177 @@
+"""The BigQuery SQL we ship, executed for real in DuckDB (sqlglot-transpiled)."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import pytest
+
+from caption_platform.config import load_settings
+from caption_platform.validation import ExactlyOnceError
+from caption_platform.warehouse import DuckDBWarehouse, get_warehouse
+
+RUN = "manual__2026-01-02T00:00:00+00:00"
+
+
+@pytest.fixture
+def wh(tmp_path: Path) -> DuckDBWarehouse:
+    w = DuckDBWarehouse(tmp_path / "wh.duckdb")
+    w.ensure_tables()
+    w.ensure_tables()  # idempotent
+    return w
+
+
+def _count(w: DuckDBWarehouse, table: str) -> int:
+    return int(w._query(f"SELECT COUNT(*) AS n FROM `{table}`")[0]["n"])
+
+
+def test_get_warehouse_uses_settings(tmp_path: Path) -> None:
+    w = get_warehouse(load_settings(duckdb_path=str(tmp_path / "x.duckdb"),
+                                    tables={"captions": "caps"}))
+    assert isinstance(w, DuckDBWarehouse) and w.tables.captions == "caps"
+    w.ensure_tables()
+    assert _count(w, "caps") == 0
+
+
+def test_load_manifest_replaces_run_rows(wh: DuckDBWarehouse, tmp_path: Path, helpers) -> None:
+    uri = helpers.write_manifest(tmp_path / "m.jsonl", ["a", "b", "c"])
+    assert wh.load_manifest(RUN, uri) == 3
+    assert wh.load_manifest(RUN, uri) == 3  # retried: replaced, not appended
+    assert wh.load_manifest("other", helpers.write_manifest(tmp_path / "o.jsonl", ["a"])) == 1
+    assert _count(wh, "manifests") == 4
+    assert not [t for t in wh._query("SELECT view_name FROM duckdb_views() WHERE NOT internal")]
+
+
+def test_publish_is_idempotent_and_validates(wh: DuckDBWarehouse, tmp_path: Path, helpers) -> None:
+    ids = ["id1", "id2", "id3", "id4"]
+    wh.load_manifest(RUN, helpers.write_manifest(tmp_path / "m.jsonl", ids))
+    out = helpers.write_staging(
+        tmp_path / "output",
+        [helpers.caption_row(i, RUN) for i in ids[:3]],
+        [helpers.dead_row("id4", RUN)],
+    )
+    first = wh.publish(RUN, out)
+    assert first.to_dict() == {"captions_staged": 3, "dead_letters_staged": 1,
+                               "captions_merged": 3, "dead_letters_merged": 1}
+    second = wh.publish(RUN, out)  # retried task / re-triggered run
+    assert second.captions_staged == 3
+    assert (_count(wh, "captions"), _count(wh, "dead_letters")) == (3, 1)
+    result = wh.validate(RUN).raise_if_failed()
+    assert (result.manifest, result.captioned, result.dead_lettered) == (4, 3, 1)
+    assert result.ok and "exactly-once OK" in result.message
+
+    rows = list(wh.captions_for_run(RUN, limit=2))
+    assert [r["image_id"] for r in rows] == ["id1", "id2"]
+    assert rows[0]["candidates"][0] == {"text": "a cat", "score": 0.9}
+    assert rows[0]["captioned_at"] == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert sorted(wh.existing_image_ids()) == ["id1", "id2", "id3"]
+
+
+def test_later_run_resolves_dead_letter_and_updates_caption(
+    wh: DuckDBWarehouse, tmp_path: Path, helpers
+) -> None:
+    wh.publish(RUN, helpers.write_staging(
+        tmp_path / "o1", [helpers.caption_row("id1", RUN)], [helpers.dead_row("id2", RUN)]))
+    run2 = "run2"
+    wh.load_manifest(run2, helpers.write_manifest(tmp_path / "m2.jsonl", ["id1", "id2"]))
+    wh.publish(run2, helpers.write_staging(
+        tmp_path / "o2",
+        [helpers.caption_row("id1", run2, caption="new"), helpers.caption_row("id2", run2)],
+        [],
+    ))
+    assert _count(wh, "dead_letters") == 0  # id2 is captioned now
+    assert _count(wh, "captions") == 2
+    assert list(wh.captions_for_run(run2, 10))[0]["caption"] == "new"
+    assert wh.validate(run2).ok
+
+
+def test_staged_duplicates_are_merged_once(wh: DuckDBWarehouse, tmp_path: Path, helpers) -> None:
+    wh.load_manifest(RUN, helpers.write_manifest(tmp_path / "m.jsonl", ["id1"]))
+    dup = [helpers.caption_row("id1", RUN), helpers.caption_row("id1", RUN)]
+    res = wh.publish(RUN, helpers.write_staging(tmp_path / "o", dup, []))
+    assert res.captions_staged == 2 and _count(wh, "captions") == 1
+    assert wh.validate(RUN).ok
+
+
+def test_publish_without_parquet_files_is_an_empty_run(wh: DuckDBWarehouse, tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    res = wh.publish(RUN, str(tmp_path / "out"))
+    assert (res.captions_staged, res.dead_letters_staged) == (0, 0)
+
+
+def test_validation_failures_name_ids(wh: DuckDBWarehouse, tmp_path: Path, helpers) -> None:
+    wh.load_manifest(RUN, helpers.write_manifest(tmp_path / "m.jsonl", ["id1", "id2", "id3"]))
+    # id2 missing, id9 extra, id3 both captioned and dead
+    wh.publish(RUN, helpers.write_staging(
+        tmp_path / "o",
+        [helpers.caption_row(i, RUN) for i in ("id1", "id3", "id9")],
+        [helpers.dead_row("id3", RUN)],
+    ))
+    result = wh.validate(RUN)
+    assert not result.ok
+    assert result.missing_ids == ["id2"]
+    assert result.extra_ids == ["id9"]
+    assert result.both_ids == ["id3"] and result.repeated_ids == ["id3"]
+    assert result.problem_counts == {"missing": 1, "extra": 1, "both": 1, "repeated": 1}
+    with pytest.raises(ExactlyOnceError) as err:
+        result.raise_if_failed()
+    message = str(err.value)
+    assert "manifest=3 captioned=3 dead_lettered=1" in message
+    assert "1 manifest ids with neither a caption nor a dead letter (e.g. id2)" in message
+    assert "(e.g. id9)" in message and "(e.g. id3)" in message
+
+
+def test_validation_catches_duplicate_caption_rows(wh: DuckDBWarehouse, tmp_path: Path, helpers) -> None:
+    wh.load_manifest(RUN, helpers.write_manifest(tmp_path / "m.jsonl", ["id1"]))
+    wh.publish(RUN, helpers.write_staging(tmp_path / "o", [helpers.caption_row("id1", RUN)], []))
+    assert wh.validate(RUN).ok
+    # a row that bypassed the MERGE (e.g. a manual INSERT) breaks uniqueness
+    wh._execute(["INSERT INTO `captions` SELECT * FROM `captions`"])
+    result = wh.validate(RUN)
+    assert not result.ok
+    assert result.duplicate_caption_ids == ["id1"]
+    assert "image_ids more than once in the whole captions table (e.g. id1)" in result.message
+
+
+def test_validation_sample_is_capped(wh: DuckDBWarehouse, tmp_path: Path, helpers) -> None:
+    ids = [f"id{i:02d}" for i in range(25)]
+    wh.load_manifest(RUN, helpers.write_manifest(tmp_path / "m.jsonl", ids))
+    result = wh.validate(RUN, sample_size=5)
+    assert result.missing_ids == ids[:5] and result.problem_counts["missing"] == 25
+
+
+def test_record_run_replaces_and_fetches(wh: DuckDBWarehouse) -> None:
+    row = {"run_id": RUN, "dag_id": "caption_images", "started_at": "2026-01-02T00:00:00Z",
+           "runtime_s": 10, "images_in": 4, "pricing_as_of": date(2025, 1, 1),
+           "final_state": "JOB_STATE_DONE"}
+    wh.record_run(row)
+    wh.record_run({**row, "runtime_s": 12.5})
+    wh.record_run({**row, "run_id": "older", "started_at": datetime(2025, 1, 1, tzinfo=UTC)})
+    runs = wh.fetch_runs(10)
+    assert [r["run_id"] for r in runs] == [RUN, "older"]
+    assert runs[0]["runtime_s"] == 12.5 and runs[0]["images_in"] == 4
+    assert runs[0]["pricing_as_of"] == date(2025, 1, 1)
+    assert runs[0]["started_at"] == datetime(2026, 1, 2, tzinfo=UTC)
+    with pytest.raises(ValueError, match="unknown column"):
+        wh.record_run({"run_id": "x", "bogus": 1})
+
+
+def test_waits_for_another_process_lock(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "locked.duckdb"
+    holder = subprocess.Popen([
+        sys.executable, "-c",
+        f"import duckdb, time; c = duckdb.connect({str(path)!r}); print('ok', flush=True); "
+        "time.sleep(1.5); c.close()",
+    ], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ok"
+        start = time.monotonic()
+        DuckDBWarehouse(path).ensure_tables()  # would raise "Could not set lock" at once
+        assert time.monotonic() - start > 0.2
+    finally:
+        holder.wait(timeout=30)
