@@ -123,6 +123,10 @@ REPLACE_RUN = (
 
 FETCH_RUNS = "SELECT * FROM {pipeline_runs} ORDER BY started_at DESC, run_id LIMIT @limit"
 
+DEAD_LETTERS_FOR_RUN = """
+SELECT * FROM {dead_letters} WHERE run_id = @run_id ORDER BY image_id
+"""
+
 CAPTIONS_FOR_RUN = """
 SELECT * FROM {captions} WHERE run_id = @run_id ORDER BY image_id
 """

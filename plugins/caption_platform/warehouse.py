@@ -193,6 +193,11 @@ class Warehouse(ABC):
             params["limit"] = int(limit)
         yield from self._iter_query(statement, params)
 
+    def dead_letters_for_run(self, run_id: str) -> Iterator[dict[str, Any]]:
+        """The run's dead-letter rows by image_id, streamed."""
+        statement = sql.DEAD_LETTERS_FOR_RUN.format(**self._refs())
+        yield from self._iter_query(statement, {"run_id": run_id})
+
     def fetch_runs(self, limit: int = 50) -> list[dict[str, Any]]:
         """The latest pipeline_runs rows, newest first."""
         return self._query(sql.FETCH_RUNS.format(**self._refs()), {"limit": int(limit)})
