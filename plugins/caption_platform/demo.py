@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import time
+from textwrap import shorten
 from pathlib import Path
 
 from rich.console import Console
@@ -115,9 +116,9 @@ def show_results() -> None:
         table.add_column(col, overflow="fold")
     for row in warehouse.captions_for_run(run_id, limit=None):
         cands = row["candidates"]
-        others = "\n".join(f"{c['score']:.2f}  {c['text']}" for c in cands[1:])
-        table.add_row(Path(row["uri"]).name, f"{row['caption_score']:.2f}  {row['caption']}",
-                      others)
+        others = "\n".join(f"{c['score']:.2f}  {shorten(c['text'], 48)}" for c in cands[1:])
+        best = f"{row['caption_score']:.2f}  {shorten(row['caption'], 48)}"
+        table.add_row(Path(row["uri"]).name, best, others)
     console.print(table)
 
     for dead in warehouse.dead_letters_for_run(run_id):
