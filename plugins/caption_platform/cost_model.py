@@ -33,7 +33,10 @@ class PriceTable:
     (``Settings.pricing``) when prices change or for another region.
     """
 
-    as_of: date = date(2025, 1, 1)
+    # The day these list prices were entered here (from the project's pricing brief).
+    # Check them against Google's Dataflow and GPU pricing pages and override
+    # (``pricing`` setting, including ``as_of``) when they move.
+    as_of: date = date(2026, 11, 23)
     region: str = "us-central1"
     vcpu_per_hour: float = 0.056
     memory_gb_per_hour: float = 0.003557

@@ -18,8 +18,8 @@ import re
 import subprocess
 import sys
 import time
-from textwrap import shorten
 from pathlib import Path
+from textwrap import shorten
 
 from rich.console import Console
 from rich.table import Table

@@ -1,0 +1,56 @@
+"""Caption the images of a manifest with BLIP + CLIP on Apache Beam (exactly-once).
+
+    python beam_jobs/caption_images.py --manifest URI --output URI_OR_TABLE --run_id ID \
+        [--blip_model REF] [--clip_model REF] [--num_captions N] [--decoding beam|sample] \
+        [--num_beams N] [--max_new_tokens N] [--prompt TEXT] [--blip_batch_size N] \
+        [--clip_batch_size N] [--device cpu|cuda] [Beam options such as --runner ...]
+
+Thin on purpose: parse, build, run, summarise. The pipeline lives in ``captioning``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import apache_beam as beam
+
+from captioning.options import CaptionOptions, CaptionOptionsError, settings, validate
+from captioning.pipeline import COUNTERS, DISTRIBUTIONS, build_pipeline
+from captioning.run_summary import RunClock, build_summary, human_line, write_summary
+from captioning.runner import is_local, make_runner, runner_name
+from captioning.sinks import folder_path, is_bigquery
+
+
+def run(argv: list[str] | None = None) -> dict | None:
+    """Run the job; returns the run summary for local folder output, else None."""
+    clock = RunClock()
+    options = CaptionOptions(argv)
+    opts = options.view_as(CaptionOptions)
+    validate(opts)
+    pipeline = beam.Pipeline(runner=make_runner(options), options=options)
+    build_pipeline(pipeline, opts)
+    result = pipeline.run()
+    result.wait_until_finish()
+    if is_bigquery(opts.output) or not is_local(options):
+        return None
+    summary = build_summary(run_id=opts.run_id, runner=runner_name(options), clock=clock,
+                            result=result, settings=settings(opts), counters=COUNTERS,
+                            distributions=DISTRIBUTIONS)
+    write_summary(folder_path(opts.output), summary)
+    print(human_line(summary))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        run(sys.argv[1:] if argv is None else argv)
+    except CaptionOptionsError as e:
+        print(f"caption_images.py: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""Read and decode images once, turning every failure into a dead letter instead of a crash.
+
+Both models get the decoded RGB image from here; nothing downstream re-reads or re-decodes.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from captioning.records import ManifestEntry, dead_letter
+from captioning.uris import beam_path
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+METRICS_NAMESPACE = "captioning"
+DEAD_LETTER_TAG = "dead_letters"
+
+
+class DecodedImage(NamedTuple):
+    """A manifest entry with its decoded RGB image (oriented per EXIF)."""
+
+    image_id: str
+    uri: str
+    image: Image
+    width: int
+    height: int
+
+
+class ImageTooLarge(ValueError):
+    """The object is over --max_image_bytes."""
+
+
+def read_bytes(uri: str, max_bytes: int) -> bytes:
+    """Read ``uri`` through Beam FileSystems, refusing objects larger than ``max_bytes``."""
+    with FileSystems.open(beam_path(uri), compression_type="uncompressed") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImageTooLarge(f"image is larger than --max_image_bytes={max_bytes}")
+    return data
+
+
+def _to_rgb(img: Any) -> Image:
+    """Convert any Pillow mode to 8-bit RGB; transparent pixels become white."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # Pillow clips 16/32-bit values into 0..255 on convert("L"); rescale instead.
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        hi = float(arr.max()) if arr.size else 0.0
+        scale = 255.0 / (65535.0 if mode.startswith("I;16") else (hi or 1.0))
+        arr8 = np.clip(arr * scale, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image:
+    """Decode bytes to an RGB image: first frame, EXIF-oriented, pixel limit enforced.
+
+    Raises ValueError/OSError with a readable message for anything that is not a usable
+    image (zero bytes, truncated, not an image, over the pixel limit).
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise ValueError("file is empty (0 bytes)")
+    with warnings.catch_warnings():
+        # Our own pixel limit below replaces Pillow's warning; Pillow's hard error still fires.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError as e:
+            raise ValueError("not a recognised image format") from e
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"image over the pixel limit: {e}") from e
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ValueError(
+                f"image has {width}x{height}={width * height} pixels, over "
+                f"--max_image_pixels={max_pixels} (decompression-bomb guard)"
+            )
+        if getattr(img, "is_animated", False):
+            img.seek(0)
+        try:
+            img.load()
+        except OSError as e:
+            raise ValueError(f"cannot decode image ({img.format}): {e}") from e
+        img = ImageOps.exif_transpose(img) or img
+        rgb = _to_rgb(img)
+        rgb.load()
+        return rgb
+
+
+class ReadAndDecodeFn(beam.DoFn):
+    """ManifestEntry -> DecodedImage (main) or DeadLetter (tag ``dead_letters``)."""
+
+    def __init__(self, run_id: str, max_image_bytes: int, max_image_pixels: int) -> None:
+        self._run_id = run_id
+        self._max_bytes = max_image_bytes
+        self._max_pixels = max_image_pixels
+        self._read = Metrics.counter(METRICS_NAMESPACE, "images_read")
+        self._dead_read = Metrics.counter(METRICS_NAMESPACE, "dead_letter_read")
+        self._dead_decode = Metrics.counter(METRICS_NAMESPACE, "dead_letter_decode")
+
+    def process(self, entry: ManifestEntry):  # type: ignore[override]
+        try:
+            data = read_bytes(entry.uri, self._max_bytes)
+        except Exception as e:  # noqa: BLE001 - any read failure is a dead letter
+            self._dead_read.inc()
+            yield beam.pvalue.TaggedOutput(
+                DEAD_LETTER_TAG, dead_letter(entry, self._run_id, "read", _describe(e))
+            )
+            return
+        self._read.inc()
+        try:
+            img = decode_image(data, self._max_pixels)
+        except Exception as e:  # noqa: BLE001 - any decode failure is a dead letter
+            self._dead_decode.inc()
+            yield beam.pvalue.TaggedOutput(
+                DEAD_LETTER_TAG, dead_letter(entry, self._run_id, "decode", _describe(e))
+            )
+            return
+        yield DecodedImage(entry.image_id, entry.uri, img, img.width, img.height)
+
+
+def _describe(e: BaseException) -> str:
+    """One readable line: exception type and message."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}"[:1000]

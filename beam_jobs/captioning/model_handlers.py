@@ -1,0 +1,293 @@
+"""Beam ``ModelHandler``s for BLIP (candidate captions) and CLIP (ranking them).
+
+torch and transformers are imported lazily inside methods: this module is imported when the
+pipeline is built, which must work where neither is installed (Cloud Composer).
+
+Both handlers get already-decoded RGB images (``DecodedImage``), load their model once per
+worker process (Beam's ``Shared`` hands the same model to every thread), and never lose an
+image to a failing batch: the batch is retried image by image and only the images that still
+fail come back as ``{"error": ...}`` for the pipeline to dead-letter (stage ``inference``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+
+from captioning.images import DecodedImage
+from captioning.model_refs import resolve_model_ref
+
+METRICS_NAMESPACE = "captioning"
+
+# torch's global RNG is per process: seeded sampling of one image at a time must hold it.
+_RNG_LOCK = threading.Lock()
+
+ClipExample = tuple[DecodedImage, list[str]]
+
+
+@dataclass
+class LoadedModel:
+    """A model with its processor and the device/dtype inputs must be moved to."""
+
+    model: Any
+    processor: Any
+    device: str
+    dtype: Any
+
+
+def sampling_seed(image_id: str) -> int:
+    """Deterministic 63-bit seed from the image id: reruns sample the same captions."""
+    return int(hashlib.md5(image_id.encode("utf-8")).hexdigest()[:15], 16)
+
+
+_SHARED_CROSS_CACHE_CLS: Any = None
+
+
+def _beam_search_cache(text_config: Any) -> Any:
+    """A KV cache for BLIP beam search that never reorders the cross-attention entries.
+
+    Beam search reorders the whole cache at every step (``index_select`` over batch*beams),
+    including the decoder's cross-attention keys/values over the image tokens. Those are
+    identical for all beams of one image and beams are only ever reordered within their own
+    image, so reordering them is a no-op that costs a full copy per layer per step (most of
+    generate's time on CPU with BLIP-base). Skipping it gives bit-identical results.
+    """
+    global _SHARED_CROSS_CACHE_CLS
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    if _SHARED_CROSS_CACHE_CLS is None:
+
+        class SharedCrossAttentionCache(EncoderDecoderCache):
+            def reorder_cache(self, beam_idx: Any) -> None:
+                self.self_attention_cache.reorder_cache(beam_idx)
+
+        _SHARED_CROSS_CACHE_CLS = SharedCrossAttentionCache
+    return _SHARED_CROSS_CACHE_CLS(DynamicCache(config=text_config),
+                                   DynamicCache(config=text_config))
+
+
+def _load(model_cls_name: str, processor_cls_name: str, ref: str, device: str) -> LoadedModel:
+    import torch
+    import transformers
+
+    path = resolve_model_ref(ref)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    processor = getattr(transformers, processor_cls_name).from_pretrained(path)
+    model = getattr(transformers, model_cls_name).from_pretrained(path, dtype=dtype)
+    model.to(device)
+    model.eval()
+    return LoadedModel(model, processor, device, dtype)
+
+
+def _error(e: BaseException) -> dict[str, str]:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return {"error": f"{type(e).__name__}: {msg}"[:1000]}
+
+
+def _with_fallback(
+    batch: Sequence[Any],
+    run_batch: Callable[[Sequence[Any]], list[dict[str, Any]]],
+) -> list[dict[str, Any]]:
+    """Run the whole batch; if it raises, run image by image and mark only the failures."""
+    try:
+        return run_batch(batch)
+    except Exception as e:  # noqa: BLE001 - isolate the bad image(s) below
+        if len(batch) == 1:
+            return [_error(e)]
+        out: list[dict[str, Any]] = []
+        for item in batch:
+            try:
+                out.extend(run_batch([item]))
+            except Exception as e:  # noqa: BLE001 - becomes a dead letter
+                out.append(_error(e))
+        return out
+
+
+class _BaseHandler(ModelHandler):
+    """Fixed-size batches, one model per worker process, no pickling to size batches."""
+
+    _latency_name = ""
+
+    def __init__(self, model_ref: str, *, device: str, batch_size: int,
+                 share_across_processes: bool = False) -> None:
+        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
+        self.model_ref = model_ref
+        self.device = device
+        self.batch_size = batch_size
+        self._share = share_across_processes
+        self._latency = Metrics.distribution(METRICS_NAMESPACE, self._latency_name)
+
+    def batch_elements_kwargs(self) -> Mapping[str, Any]:
+        # min == max: every batch but a bundle's last is exactly --*_batch_size images.
+        return {"min_batch_size": self.batch_size, "max_batch_size": self.batch_size}
+
+    def share_model_across_processes(self) -> bool:
+        # Off by default: Beam's Shared already gives one model per process to all threads.
+        # On for big GPU workers running several SDK processes against one accelerator.
+        return self._share
+
+    def get_num_bytes(self, batch: Sequence[Any]) -> int:
+        # The default pickles the whole batch just to measure it; images are w*h*3 bytes.
+        total = 0
+        for item in batch:
+            img = item[0] if isinstance(item, tuple) and not isinstance(item, DecodedImage) \
+                else item
+            total += int(img.width) * int(img.height) * 3
+        return total
+
+    def _timed(self, batch: Sequence[Any],
+               run_batch: Callable[[Sequence[Any]], list[dict[str, Any]]],
+               model_id: str) -> list[PredictionResult]:
+        start = time.perf_counter()
+        results = _with_fallback(batch, run_batch)
+        self._latency.update(int((time.perf_counter() - start) * 1000))
+        return [PredictionResult(example, inference, model_id)
+                for example, inference in zip(batch, results, strict=True)]
+
+
+class BlipCaptionModelHandler(_BaseHandler):
+    """DecodedImage -> ``{"candidates": [N texts]}`` (or ``{"error": ...}``)."""
+
+    _latency_name = "blip_batch_latency_ms"
+
+    def __init__(self, model_ref: str, *, num_captions: int = 3, decoding: str = "beam",
+                 num_beams: int = 5, max_new_tokens: int = 30, prompt: str | None = None,
+                 device: str = "cpu", batch_size: int = 8, top_p: float = 0.9,
+                 share_across_processes: bool = False,
+                 skip_cross_attention_reorder: bool = True) -> None:
+        super().__init__(model_ref, device=device, batch_size=batch_size,
+                         share_across_processes=share_across_processes)
+        if decoding not in ("beam", "sample"):
+            raise ValueError(f"decoding must be beam or sample, got {decoding!r}")
+        if decoding == "beam" and num_beams < num_captions:
+            raise ValueError(f"num_beams ({num_beams}) must be >= num_captions ({num_captions})")
+        self.num_captions = num_captions
+        self.decoding = decoding
+        self.num_beams = num_beams
+        self.max_new_tokens = max_new_tokens
+        self.prompt = prompt
+        self.top_p = top_p
+        self.skip_cross_attention_reorder = skip_cross_attention_reorder
+
+    def load_model(self) -> LoadedModel:
+        return _load("BlipForConditionalGeneration", "BlipProcessor", self.model_ref, self.device)
+
+    def get_metrics_namespace(self) -> str:
+        return "blip_captioning"
+
+    def run_inference(self, batch: Sequence[DecodedImage], model: LoadedModel,
+                      inference_args: dict[str, Any] | None = None
+                      ) -> Iterable[PredictionResult]:
+        return self._timed(batch, lambda items: self._caption(items, model), self.model_ref)
+
+    def _inputs(self, items: Sequence[DecodedImage], lm: LoadedModel) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"images": [it.image for it in items], "return_tensors": "pt"}
+        if self.prompt:
+            kwargs["text"] = [self.prompt] * len(items)
+        inputs = lm.processor(**kwargs)
+        out = {k: v.to(lm.device) for k, v in inputs.items() if k != "token_type_ids"}
+        out["pixel_values"] = out["pixel_values"].to(lm.dtype)
+        return out
+
+    def _caption(self, items: Sequence[DecodedImage], lm: LoadedModel) -> list[dict[str, Any]]:
+        import torch
+
+        n = self.num_captions
+        texts: list[str] = []
+        with torch.inference_mode():
+            if self.decoding == "beam":
+                # Prompt (if any) is the same for every image: no padding, so an image's
+                # beams do not depend on what else is in its batch.
+                extra: dict[str, Any] = {}
+                if self.skip_cross_attention_reorder and self.num_beams > 1:
+                    extra["past_key_values"] = _beam_search_cache(lm.model.config.text_config)
+                ids = lm.model.generate(**self._inputs(items, lm), num_beams=self.num_beams,
+                                        num_return_sequences=n, do_sample=False,
+                                        max_new_tokens=self.max_new_tokens, **extra)
+                texts = lm.processor.batch_decode(ids, skip_special_tokens=True)
+            else:
+                for item in items:
+                    inputs = self._inputs([item], lm)
+                    with _RNG_LOCK:
+                        torch.manual_seed(sampling_seed(item.image_id))
+                        ids = lm.model.generate(**inputs, do_sample=True, top_p=self.top_p,
+                                                num_beams=1, num_return_sequences=n,
+                                                max_new_tokens=self.max_new_tokens)
+                    texts.extend(lm.processor.batch_decode(ids, skip_special_tokens=True))
+        if len(texts) != n * len(items):
+            raise RuntimeError(f"BLIP returned {len(texts)} sequences for {len(items)} images")
+        return [{"candidates": [self._clean(t) for t in texts[i * n:(i + 1) * n]]}
+                for i in range(len(items))]
+
+    def _clean(self, text: str) -> str:
+        """Strip whitespace and the prompt BLIP echoes in conditional captioning."""
+        text = " ".join(text.split())
+        if self.prompt:
+            prompt = " ".join(self.prompt.split()).lower()
+            if text.lower().startswith(prompt):
+                text = text[len(prompt):].strip()
+        return text
+
+
+class ClipRankModelHandler(_BaseHandler):
+    """(DecodedImage, candidates) -> ``{"ranked": [(text, prob), ...]}`` best first.
+
+    Each image is encoded once and its candidates as one text batch (Beam's reference
+    pipeline encodes the image once per candidate); probabilities are a softmax over that
+    image's own candidates, so they sum to 1 per image.
+    """
+
+    _latency_name = "clip_batch_latency_ms"
+
+    def __init__(self, model_ref: str, *, device: str = "cpu", batch_size: int = 8,
+                 share_across_processes: bool = False) -> None:
+        super().__init__(model_ref, device=device, batch_size=batch_size,
+                         share_across_processes=share_across_processes)
+
+    def load_model(self) -> LoadedModel:
+        return _load("CLIPModel", "CLIPProcessor", self.model_ref, self.device)
+
+    def get_metrics_namespace(self) -> str:
+        return "clip_ranking"
+
+    def run_inference(self, batch: Sequence[ClipExample], model: LoadedModel,
+                      inference_args: dict[str, Any] | None = None
+                      ) -> Iterable[PredictionResult]:
+        return self._timed(batch, lambda items: self._rank(items, model), self.model_ref)
+
+    def _rank(self, items: Sequence[ClipExample], lm: LoadedModel) -> list[dict[str, Any]]:
+        import torch
+
+        texts: list[str] = []
+        spans: list[tuple[int, int]] = []
+        per_image: list[list[str]] = []
+        for _, candidates in items:
+            unique = list(dict.fromkeys(candidates))  # same text twice would split its score
+            if not unique:
+                raise ValueError("no candidate captions to rank")
+            per_image.append(unique)
+            spans.append((len(texts), len(texts) + len(unique)))
+            texts.extend(unique)
+        max_len = int(getattr(lm.model.config.text_config, "max_position_embeddings", 77))
+        tok = lm.processor.tokenizer(texts, padding=True, truncation=True, max_length=max_len,
+                                     return_tensors="pt")
+        pixels = lm.processor.image_processor(images=[img.image for img, _ in items],
+                                              return_tensors="pt")["pixel_values"]
+        with torch.inference_mode():
+            out = lm.model(input_ids=tok["input_ids"].to(lm.device),
+                           attention_mask=tok["attention_mask"].to(lm.device),
+                           pixel_values=pixels.to(lm.device, lm.dtype))
+            logits = out.logits_per_image.float().cpu()  # [images, all texts]
+        results: list[dict[str, Any]] = []
+        for i, (start, end) in enumerate(spans):
+            probs = torch.softmax(logits[i, start:end], dim=0).tolist()
+            ranked = sorted(zip(per_image[i], probs, strict=True), key=lambda ts: -ts[1])
+            results.append({"ranked": [(t, float(p)) for t, p in ranked]})
+        return results

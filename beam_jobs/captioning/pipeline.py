@@ -1,0 +1,216 @@
+"""The captioning pipeline as composite transforms: manifest -> decode -> BLIP -> CLIP -> sinks.
+
+Importable without torch/transformers (model code loads lazily on the workers).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import PredictionResult, RunInference
+from apache_beam.version import __version__ as BEAM_SDK_VERSION
+
+from captioning.images import DEAD_LETTER_TAG, DecodedImage, ReadAndDecodeFn
+from captioning.model_handlers import BlipCaptionModelHandler, ClipRankModelHandler
+from captioning.options import CaptionOptions
+from captioning.records import ManifestEntry, caption_row, dead_letter
+from captioning.sinks import WriteCaptionOutputs
+from captioning.uris import beam_path
+
+NS = "captioning"
+MAIN_TAG = "main"
+
+#: Every counter the job reports, zero-filled in run_summary.json (contract).
+COUNTERS = (
+    "manifest_rows",
+    "duplicates_dropped",
+    "images_read",
+    "captioned",
+    "dead_letter_read",
+    "dead_letter_decode",
+    "dead_letter_inference",
+)
+DISTRIBUTIONS = ("blip_batch_latency_ms", "clip_batch_latency_ms")
+
+
+class _ParseManifestFn(beam.DoFn):
+    """JSON line -> ManifestEntry; an unparseable line is a dead letter (stage read)."""
+
+    def __init__(self, run_id: str, manifest_uri: str) -> None:
+        self._run_id = run_id
+        self._manifest_uri = manifest_uri
+        self._rows = Metrics.counter(NS, "manifest_rows")
+        self._dead_read = Metrics.counter(NS, "dead_letter_read")
+
+    def process(self, line: str):  # type: ignore[override]
+        if not line.strip():
+            return
+        self._rows.inc()
+        try:
+            yield ManifestEntry.from_json(line)
+        except (ValueError, TypeError) as e:
+            self._dead_read.inc()
+            bad = ManifestEntry(image_id="", uri=self._manifest_uri)
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, dead_letter(
+                bad, self._run_id, "read", f"bad manifest line {line[:200]!r}: {e}"))
+
+
+class _KeepOnePerImageFn(beam.DoFn):
+    """(image_id, entries) -> the entry with the smallest URI; the rest are counted."""
+
+    def __init__(self) -> None:
+        self._dups = Metrics.counter(NS, "duplicates_dropped")
+
+    def process(self, keyed: tuple[str, Any]):  # type: ignore[override]
+        _, entries = keyed
+        entries = list(entries)
+        if len(entries) > 1:
+            self._dups.inc(len(entries) - 1)
+        yield min(entries, key=lambda e: e.uri)
+
+
+class ReadManifest(beam.PTransform):
+    """Manifest JSON Lines -> unique ManifestEntry per image_id (+ dead letters)."""
+
+    def __init__(self, manifest_uri: str, run_id: str) -> None:
+        super().__init__()
+        self._uri = manifest_uri
+        self._run_id = run_id
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.pvalue.DoOutputsTuple:
+        parsed = (
+            pbegin
+            | "ReadLines" >> beam.io.ReadFromText(beam_path(self._uri), validate=False)
+            | "Parse" >> beam.ParDo(_ParseManifestFn(self._run_id, self._uri)).with_outputs(
+                DEAD_LETTER_TAG, main=MAIN_TAG)
+        )
+        unique = (
+            parsed[MAIN_TAG]
+            | "KeyByImageId" >> beam.Map(lambda e: (e.image_id, e))
+            | "GroupByImageId" >> beam.GroupByKey()
+            | "KeepOne" >> beam.ParDo(_KeepOnePerImageFn())
+            # Spread images over workers before the expensive stages.
+            | "Reshuffle" >> beam.Reshuffle()
+        )
+        return {MAIN_TAG: unique, DEAD_LETTER_TAG: parsed[DEAD_LETTER_TAG]}
+
+
+class DecodeImages(beam.PTransform):
+    """ManifestEntry -> DecodedImage, once per image; failures become dead letters."""
+
+    def __init__(self, run_id: str, max_image_bytes: int, max_image_pixels: int) -> None:
+        super().__init__()
+        self._fn = ReadAndDecodeFn(run_id, max_image_bytes, max_image_pixels)
+
+    def expand(self, entries: beam.PCollection) -> dict[str, beam.PCollection]:
+        out = entries | "ReadAndDecode" >> beam.ParDo(self._fn).with_outputs(
+            DEAD_LETTER_TAG, main=MAIN_TAG)
+        return {MAIN_TAG: out[MAIN_TAG], DEAD_LETTER_TAG: out[DEAD_LETTER_TAG]}
+
+
+class _SplitBlipFn(beam.DoFn):
+    """PredictionResult -> (DecodedImage, candidates) or an inference dead letter."""
+
+    def __init__(self, run_id: str) -> None:
+        self._run_id = run_id
+        self._dead = Metrics.counter(NS, "dead_letter_inference")
+
+    def process(self, result: PredictionResult):  # type: ignore[override]
+        image: DecodedImage = result.example
+        inference = result.inference
+        if "error" in inference:
+            self._dead.inc()
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, dead_letter(
+                image, self._run_id, "inference", f"BLIP: {inference['error']}"))
+            return
+        yield image, list(inference["candidates"])
+
+
+class _ToCaptionRowFn(beam.DoFn):
+    """CLIP PredictionResult -> captions row (contract) or an inference dead letter."""
+
+    def __init__(self, run_id: str, blip_model: str, clip_model: str) -> None:
+        self._run_id = run_id
+        self._blip_model = blip_model
+        self._clip_model = clip_model
+        self._captioned = Metrics.counter(NS, "captioned")
+        self._dead = Metrics.counter(NS, "dead_letter_inference")
+
+    def process(self, result: PredictionResult):  # type: ignore[override]
+        image, _ = result.example
+        inference = result.inference
+        if "error" in inference:
+            self._dead.inc()
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, dead_letter(
+                image, self._run_id, "inference", f"CLIP: {inference['error']}"))
+            return
+        self._captioned.inc()
+        yield caption_row(
+            image_id=image.image_id, uri=image.uri, candidates=inference["ranked"],
+            width=image.width, height=image.height, blip_model=self._blip_model,
+            clip_model=self._clip_model, run_id=self._run_id,
+            beam_sdk_version=BEAM_SDK_VERSION,
+        )
+
+
+class CaptionImages(beam.PTransform):
+    """DecodedImage -> captions rows: BLIP candidates, ranked by CLIP (+ dead letters)."""
+
+    def __init__(self, blip: BlipCaptionModelHandler, clip: ClipRankModelHandler,
+                 run_id: str, blip_model: str, clip_model: str) -> None:
+        super().__init__()
+        self._blip = blip
+        self._clip = clip
+        self._run_id = run_id
+        self._blip_model = blip_model
+        self._clip_model = clip_model
+
+    def expand(self, images: beam.PCollection) -> dict[str, beam.PCollection]:
+        blip = (
+            images
+            | "BLIP" >> RunInference(self._blip)
+            | "SplitBlip" >> beam.ParDo(_SplitBlipFn(self._run_id)).with_outputs(
+                DEAD_LETTER_TAG, main=MAIN_TAG)
+        )
+        rows = (
+            blip[MAIN_TAG]
+            | "CLIP" >> RunInference(self._clip)
+            | "ToRows" >> beam.ParDo(
+                _ToCaptionRowFn(self._run_id, self._blip_model, self._clip_model)
+            ).with_outputs(DEAD_LETTER_TAG, main=MAIN_TAG)
+        )
+        dead = (blip[DEAD_LETTER_TAG], rows[DEAD_LETTER_TAG]) | "FlattenDead" >> beam.Flatten()
+        return {MAIN_TAG: rows[MAIN_TAG], DEAD_LETTER_TAG: dead}
+
+
+def model_handlers(opts: CaptionOptions) -> tuple[BlipCaptionModelHandler,
+                                                   ClipRankModelHandler]:
+    """The two handlers configured from the command line."""
+    blip = BlipCaptionModelHandler(
+        opts.blip_model, num_captions=opts.num_captions, decoding=opts.decoding,
+        num_beams=opts.num_beams, max_new_tokens=opts.max_new_tokens, prompt=opts.prompt,
+        device=opts.device, batch_size=opts.blip_batch_size)
+    clip = ClipRankModelHandler(opts.clip_model, device=opts.device,
+                                batch_size=opts.clip_batch_size)
+    return blip, clip
+
+
+def build_pipeline(pipeline: beam.Pipeline, opts: CaptionOptions) -> dict[str, Any]:
+    """Attach the whole job to ``pipeline``; returns the output PCollections and the sink."""
+    entries = pipeline | "ReadManifest" >> ReadManifest(opts.manifest, opts.run_id)
+    decoded = entries[MAIN_TAG] | "DecodeImages" >> DecodeImages(
+        opts.run_id, opts.max_image_bytes, opts.max_image_pixels)
+    blip, clip = model_handlers(opts)
+    captioned = decoded[MAIN_TAG] | "CaptionImages" >> CaptionImages(
+        blip, clip, opts.run_id, opts.blip_model, opts.clip_model)
+    dead_letters = (
+        (entries[DEAD_LETTER_TAG], decoded[DEAD_LETTER_TAG], captioned[DEAD_LETTER_TAG])
+        | "AllDeadLetters" >> beam.Flatten()
+    )
+    sink = WriteCaptionOutputs(opts.output)
+    written = {"captions": captioned[MAIN_TAG], "dead_letters": dead_letters} | (
+        "WriteOutputs" >> sink)
+    return {"captions": captioned[MAIN_TAG], "dead_letters": dead_letters, "sink": sink,
+            "written": written}

@@ -1,0 +1,42 @@
+"""Pick the runner: local runs use Beam's in-process Python runner, never Prism.
+
+In Beam 2.77 ``DirectRunner`` is ``SwitchingDirectRunner``, which first tries the Prism
+runner; Prism downloads a Go binary from GitHub on first use (a network call, and a wait,
+on an offline laptop or CI box). Its fallback after Prism is the in-process ``FnApiRunner``,
+so for ``--runner DirectRunner`` (or none) we construct that runner ourselves, the same way
+SwitchingDirectRunner does, and skip Prism altogether. Any other runner is left to Beam.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+LOCAL_RUNNER_NAMES = {"", "direct", "directrunner", "switchingdirectrunner"}
+
+
+def runner_name(options: PipelineOptions) -> str:
+    """The runner as the user named it; DirectRunner when unset (Beam's default)."""
+    name = options.view_as(StandardOptions).runner
+    if name is None:
+        return "DirectRunner"
+    return name if isinstance(name, str) else type(name).__name__
+
+
+def is_local(options: PipelineOptions) -> bool:
+    return runner_name(options).lower() in LOCAL_RUNNER_NAMES
+
+
+def make_runner(options: PipelineOptions) -> Any:
+    """An in-process FnApiRunner for local runs; None to let Beam pick the named runner."""
+    if not is_local(options):
+        return None
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    provision_info = fn_runner.ExtendedProvisionInfo(
+        beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+    return fn_runner.FnApiRunner(provision_info=provision_info)

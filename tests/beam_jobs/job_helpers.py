@@ -1,0 +1,87 @@
+"""Helpers for the Beam job tests: read outputs back, refuse network, load the job script."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0", ""}
+JOB_SCRIPT = Path(__file__).resolve().parents[2] / "beam_jobs" / "caption_images.py"
+
+
+def load_job_module() -> Any:
+    """Import beam_jobs/caption_images.py (the entry point is a script, not in a package)."""
+    import importlib.util
+    import sys
+
+    if "caption_images" in sys.modules:
+        return sys.modules["caption_images"]
+    spec = importlib.util.spec_from_file_location("caption_images", JOB_SCRIPT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["caption_images"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_table(output: Path, table: str) -> list[dict[str, Any]]:
+    """All rows of OUTPUT/table/*.parquet, read back with DuckDB as the warehouse does."""
+    import duckdb
+
+    con = duckdb.connect()
+    rel = con.sql(f"SELECT * FROM read_parquet('{output / table}/*.parquet') ORDER BY uri")
+    cols = rel.columns
+    return [dict(zip(cols, row, strict=True)) for row in rel.fetchall()]
+
+
+def read_summary(output: Path) -> dict[str, Any]:
+    return json.loads((output / "run_summary.json").read_text())
+
+
+@contextmanager
+def no_network() -> Iterator[list[str]]:
+    """Record (and refuse) every connection attempt to a non-local address."""
+    attempts: list[str] = []
+    real_connect = socket.socket.connect
+    real_connect_ex = socket.socket.connect_ex
+    real_getaddrinfo = socket.getaddrinfo
+
+    def host_of(address: Any) -> str:
+        if isinstance(address, tuple) and address:
+            return str(address[0])
+        return "unix" if isinstance(address, (str, bytes)) else str(address)
+
+    def guarded_connect(self: socket.socket, address: Any) -> Any:
+        host = host_of(address)
+        if self.family != socket.AF_UNIX and host not in LOCAL_HOSTS:
+            attempts.append(f"connect {address!r}")
+            raise OSError(f"network disabled in tests: connect to {address!r}")
+        return real_connect(self, address)
+
+    def guarded_connect_ex(self: socket.socket, address: Any) -> Any:
+        host = host_of(address)
+        if self.family != socket.AF_UNIX and host not in LOCAL_HOSTS:
+            attempts.append(f"connect_ex {address!r}")
+            raise OSError(f"network disabled in tests: connect to {address!r}")
+        return real_connect_ex(self, address)
+
+    def guarded_getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else str(host or "")
+        if name not in LOCAL_HOSTS:
+            attempts.append(f"getaddrinfo {name!r}")
+            raise socket.gaierror(f"network disabled in tests: resolve {name!r}")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    socket.socket.connect = guarded_connect  # type: ignore[method-assign]
+    socket.socket.connect_ex = guarded_connect_ex  # type: ignore[method-assign]
+    socket.getaddrinfo = guarded_getaddrinfo  # type: ignore[assignment]
+    try:
+        yield attempts
+    finally:
+        socket.socket.connect = real_connect  # type: ignore[method-assign]
+        socket.socket.connect_ex = real_connect_ex  # type: ignore[method-assign]
+        socket.getaddrinfo = real_getaddrinfo  # type: ignore[assignment]
