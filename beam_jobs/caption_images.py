@@ -42,10 +42,22 @@ def run(argv: list[str] | None = None) -> dict | None:
     return summary
 
 
+def configure_logging(argv: list[str]) -> None:
+    """INFO for the job's own progress; Beam's INFO only when it matters.
+
+    On Dataflow, Beam logs the job id at INFO and the Airflow Beam operator reads it
+    from there; locally Beam's INFO is noise, so it stays at WARNING.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if is_local(CaptionOptions(argv)):
+        logging.getLogger("apache_beam").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING)
+    argv = sys.argv[1:] if argv is None else argv
+    configure_logging(argv)
     try:
-        run(sys.argv[1:] if argv is None else argv)
+        run(argv)
     except CaptionOptionsError as e:
         print(f"caption_images.py: {e}", file=sys.stderr)
         return 2

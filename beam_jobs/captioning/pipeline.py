@@ -5,6 +5,8 @@ Importable without torch/transformers (model code loads lazily on the workers).
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import apache_beam as beam
@@ -21,6 +23,7 @@ from captioning.uris import beam_path
 
 NS = "captioning"
 MAIN_TAG = "main"
+log = logging.getLogger(__name__)
 
 #: Every counter the job reports, zero-filled in run_summary.json (contract).
 COUNTERS = (
@@ -128,6 +131,29 @@ class _SplitBlipFn(beam.DoFn):
         yield image, list(inference["candidates"])
 
 
+class _Progress:
+    """A log line every ``every_s`` seconds per worker process: long runs show they move.
+
+    Beam counters carry the exact totals (Dataflow's UI, run_summary.json); this is the
+    human-readable heartbeat in the job log (local console, Dataflow worker logs).
+    """
+
+    def __init__(self, every_s: float = 15.0) -> None:
+        self.every_s = every_s
+        self.count = 0
+        self.started = time.monotonic()
+        self.last = self.started
+
+    def tick(self) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            rate = self.count / max(now - self.started, 1e-9)
+            log.info("progress: %d images captioned by this worker (%.2f images/s)",
+                     self.count, rate)
+
+
 class _ToCaptionRowFn(beam.DoFn):
     """CLIP PredictionResult -> captions row (contract) or an inference dead letter."""
 
@@ -138,6 +164,9 @@ class _ToCaptionRowFn(beam.DoFn):
         self._captioned = Metrics.counter(NS, "captioned")
         self._dead = Metrics.counter(NS, "dead_letter_inference")
 
+    def setup(self) -> None:
+        self._progress = _Progress()
+
     def process(self, result: PredictionResult):  # type: ignore[override]
         image, _ = result.example
         inference = result.inference
@@ -147,6 +176,7 @@ class _ToCaptionRowFn(beam.DoFn):
                 image, self._run_id, "inference", f"CLIP: {inference['error']}"))
             return
         self._captioned.inc()
+        self._progress.tick()
         yield caption_row(
             image_id=image.image_id, uri=image.uri, candidates=inference["ranked"],
             width=image.width, height=image.height, blip_model=self._blip_model,

@@ -153,6 +153,7 @@ def plan_run(run_id: str, params: Mapping[str, Any]) -> dict[str, Any]:
         conn_id=settings.storage_conn_id,
     )
     loaded = warehouse.load_manifest(run_id, target)
+    warehouse.clear_staging(job_output(settings, run_id))
     log.info("manifest %s: %s (%d rows loaded)", target, stats.to_dict(), loaded)
     return {
         "run_id": run_id,

@@ -87,6 +87,12 @@ class Warehouse(ABC):
     def _unstage(self, refs: Sequence[str]) -> None:  # noqa: B027 - optional hook
         """Drop temporary staging objects (engines that create them)."""
 
+    def clear_staging(self, staging: str) -> None:  # noqa: B027 - optional hook
+        """Remove what an earlier attempt of the run left in ``staging`` (engines that need it).
+
+        The Parquet output needs nothing: the job replaces its own files atomically.
+        """
+
     # -- shared helpers ------------------------------------------------------------------
     def _table(self, kind: str) -> str:
         return self._ref(validate_identifier(getattr(self.tables, kind)))
@@ -511,17 +517,32 @@ class BigQueryWarehouse(Warehouse):
         self._insert_job(load)
         return self._ref(table)
 
-    def _stage_output(self, run_id: str, staging: str) -> tuple[str, str]:
+    def _staging_refs(self, staging: str) -> tuple[str, str]:
+        """References of the per-run staging tables (``PREFIX_captions``, ``PREFIX_dead_letters``)."""
         project, dataset, prefix = self.project, self.dataset, staging
         if staging.startswith("bq://"):
             project, dataset, prefix = staging[len("bq://") :].split(".", 2)
-        refs = []
-        for kind in (tables.CAPTIONS, tables.DEAD_LETTERS):
-            ref = self._ref(validate_identifier(f"{prefix}_{kind}"), project=project, dataset=dataset)
+        captions, dead = (
+            self._ref(validate_identifier(f"{prefix}_{kind}"), project=project, dataset=dataset)
+            for kind in (tables.CAPTIONS, tables.DEAD_LETTERS)
+        )
+        return captions, dead
+
+    def clear_staging(self, staging: str) -> None:
+        """Drop the run's staging tables before the job writes them.
+
+        FILE_LOADS runs no load job for a kind with zero rows, so WRITE_TRUNCATE alone
+        would leave an earlier attempt's rows in place on a rerun.
+        """
+        for ref in self._staging_refs(staging):
+            self._execute([f"DROP TABLE IF EXISTS {ref}"])
+
+    def _stage_output(self, run_id: str, staging: str) -> tuple[str, str]:
+        refs = self._staging_refs(staging)
+        for ref, kind in zip(refs, (tables.CAPTIONS, tables.DEAD_LETTERS), strict=True):
             # FILE_LOADS creates no table when a run has zero rows of a kind
             self._execute([_create_table(ref, kind)])
-            refs.append(ref)
-        return refs[0], refs[1]
+        return refs
 
 
 def _bq_param(name: str, value: Any, sql_type: str | None = None) -> dict[str, Any]:

@@ -90,7 +90,9 @@ def test_dag_captions_exactly_once_reruns_and_increments(local_profile: dict[str
     # candidates: num_captions of them, sorted best first, probabilities summing to 1
     for caption, score, cands in query(db, "SELECT caption, caption_score, candidates FROM captions"):
         scores = [c["score"] for c in cands]
-        assert len(cands) == 3
+        # up to num_captions distinct texts (CLIP merges candidates that decode alike)
+        assert 1 <= len(cands) <= 3
+        assert len({c["text"] for c in cands}) == len(cands)
         assert scores == sorted(scores, reverse=True)
         assert cands[0]["text"] == caption and cands[0]["score"] == score
         assert sum(scores) == pytest.approx(1.0, abs=1e-4)

@@ -177,3 +177,15 @@ def test_get_warehouse_builds_hook_with_standard_sql(monkeypatch: pytest.MonkeyP
     assert (wh.project, wh.dataset, wh.location) == ("my-proj", "caps_ds", "EU")
     hook = wh.hook  # real provider hook; no API call is made here
     assert hook.use_legacy_sql is False and hook.location == "EU"
+
+
+def test_clear_staging_drops_the_runs_staging_tables() -> None:
+    """A rerun must not see an earlier attempt's rows: FILE_LOADS skips empty kinds."""
+    hook = FakeHook()
+    _wh(hook).clear_staging("bq://my-proj.caps_ds.stg_run1")
+    assert [q["query"] for q in hook.queries()] == [
+        "DROP TABLE IF EXISTS `my-proj.caps_ds.stg_run1_captions`",
+        "DROP TABLE IF EXISTS `my-proj.caps_ds.stg_run1_dead_letters`",
+    ]
+    with pytest.raises(SettingsError):
+        _wh(hook).clear_staging("bq://my-proj.caps_ds.x`; DROP TABLE captions; --")
