@@ -112,17 +112,22 @@ def pyarrow_schema(table: str) -> Any:
     )
 
 
-def duckdb_columns(table: str) -> dict[str, str]:
-    """Column name -> DuckDB type, for the warehouse's ``CREATE TABLE``."""
-    scalar = {"STRING": "VARCHAR", "FLOAT": "DOUBLE", "INTEGER": "BIGINT",
-              "TIMESTAMP": "TIMESTAMPTZ"}
+_STANDARD_SQL = {"STRING": "STRING", "FLOAT": "FLOAT64", "INTEGER": "INT64",
+                 "TIMESTAMP": "TIMESTAMP"}
+
+
+def sql_columns(table: str) -> dict[str, str]:
+    """Column name -> BigQuery standard SQL type, for the warehouse's ``CREATE TABLE``.
+
+    The warehouse writes its DDL once in BigQuery SQL and transpiles it for DuckDB.
+    """
 
     def sql_type(field: Field) -> str:
         if field.type == "RECORD":
             inner = ", ".join(f"{f.name} {sql_type(f)}" for f in field.fields)
-            base = f"STRUCT({inner})"
+            base = f"STRUCT<{inner}>"
         else:
-            base = scalar[field.type]
-        return f"{base}[]" if field.mode == "REPEATED" else base
+            base = _STANDARD_SQL[field.type]
+        return f"ARRAY<{base}>" if field.mode == "REPEATED" else base
 
     return {f.name: sql_type(f) for f in FIELDS[table]}

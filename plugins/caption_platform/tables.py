@@ -58,19 +58,6 @@ MANIFESTS_COLUMNS: dict[str, str] = {
     "size_bytes": "INT64",
 }
 
-_LEGACY_TO_STANDARD = {
-    "STRING": "STRING",
-    "FLOAT": "FLOAT64",
-    "FLOAT64": "FLOAT64",
-    "INTEGER": "INT64",
-    "INT64": "INT64",
-    "TIMESTAMP": "TIMESTAMP",
-    "BOOLEAN": "BOOL",
-    "BOOL": "BOOL",
-    "DATE": "DATE",
-}
-
-
 @functools.cache
 def job_schema() -> ModuleType:
     """The job's ``captioning.schema`` module.
@@ -95,15 +82,6 @@ def job_schema() -> ModuleType:
     return module
 
 
-def _standard_type(field: Any) -> str:
-    if field.type == "RECORD":
-        inner = ", ".join(f"{f.name} {_standard_type(f)}" for f in field.fields)
-        base = f"STRUCT<{inner}>"
-    else:
-        base = _LEGACY_TO_STANDARD[field.type]
-    return f"ARRAY<{base}>" if field.mode == "REPEATED" else base
-
-
 @functools.cache
 def columns(kind: str) -> dict[str, str]:
     """Column name -> BigQuery standard SQL type for a table kind (ordered)."""
@@ -112,8 +90,7 @@ def columns(kind: str) -> dict[str, str]:
     if kind == MANIFESTS:
         return dict(MANIFESTS_COLUMNS)
     if kind in (CAPTIONS, DEAD_LETTERS):
-        fields = job_schema().FIELDS[kind]
-        return {f.name: _standard_type(f) for f in fields}
+        return job_schema().sql_columns(kind)
     raise ValueError(f"table kind {kind!r} is unknown; choose one of {', '.join(TABLE_KINDS)}")
 
 
