@@ -11,7 +11,6 @@ import json
 import logging
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from caption_platform.config import (
@@ -234,8 +233,13 @@ def record_metrics(
         )
     else:
         summary = read_run_summary(plan["output"])
-        if summary is None:
-            summary = {"counters": {}, "wall_s": 0.0, "final_state": "FAILED"}
+        if summary is None:  # the job died before writing it: record the failure, not a run
+            summary = {
+                "counters": {},
+                "wall_s": 0.0,
+                "final_state": "JOB_STATE_FAILED",
+                "error": "the Beam job wrote no run_summary.json (see the caption task log)",
+            }
         row = run_row_from_summary(
             summary,
             run_id=plan["run_id"],
@@ -260,7 +264,3 @@ def export_run(plan: Mapping[str, Any]) -> dict[str, Any]:
     log.info("exported %d images to %s", written, out)
     return {"uri": out, "rows": written}
 
-
-def local_path(uri: str) -> Path:
-    """Filesystem path of a file:// or plain URI (for messages a person reads)."""
-    return Path(uri.removeprefix("file://"))

@@ -1,0 +1,50 @@
+"""The DAG's steps as plain functions: what they record when the job did not finish."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from caption_platform import run_steps
+
+
+@pytest.fixture
+def local_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("CAPTION_DATA_ROOT", f"file://{tmp_path / 'data'}")
+    monkeypatch.setenv("CAPTION_DUCKDB_PATH", str(tmp_path / "wh.duckdb"))
+    monkeypatch.setenv("CAPTION_IGNORE_AIRFLOW_VARIABLES", "1")
+    return tmp_path / "wh.duckdb"
+
+
+def test_failed_job_is_recorded_as_failed_not_as_a_run(local_settings: Path) -> None:
+    from caption_platform.warehouse import get_warehouse
+
+    settings = run_steps.settings_for_run({})
+    get_warehouse(settings).ensure_tables()
+    plan = {
+        "run_id": "manual__broken",
+        "images": 5,
+        "output": f"{run_steps.run_folder(settings, 'manual__broken')}/output",  # never written
+        "params": {},
+    }
+    row = run_steps.record_metrics(plan, dag_id="caption_images")
+    assert row["final_state"] == "JOB_STATE_FAILED"
+    assert "run_summary.json" in row["error"]
+    with duckdb.connect(str(local_settings), read_only=True) as con:
+        stored = con.execute(
+            "SELECT final_state, images_in, images_per_s, cost_per_1k_images_usd "
+            "FROM pipeline_runs WHERE run_id = 'manual__broken'"
+        ).fetchall()
+    assert stored == [("JOB_STATE_FAILED", 5, None, None)]
+
+
+def test_job_options_leave_out_an_empty_prompt(local_settings: Path) -> None:
+    settings = run_steps.settings_for_run({"prompt": None, "num_captions": 2, "num_beams": 4})
+    options = run_steps.job_options(settings, "manual__x")
+    assert "prompt" not in options
+    assert options["num_captions"] == "2" and options["num_beams"] == "4"
+    assert options["output"].endswith("/output")
+    assert run_steps.static_pipeline_options(settings) == {}
+    assert run_steps.dataflow_config(settings) is None
