@@ -5,8 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Everything local runs need stays inside the project: no network, no home-directory state.
-export HF_HUB_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= $(HF_HUB_OFFLINE)
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: setup test lint demo models clean

@@ -15,7 +15,6 @@ from airflow.sdk import Asset, Param, dag, get_current_context, task
 from caption_platform import run_steps
 from caption_platform.config import load_settings
 
-DAG_ID = "caption_images"
 SETTINGS = load_settings()
 
 CAPTIONS_ASSET = Asset(
@@ -121,7 +120,7 @@ PARAMS = {
 
 
 @dag(
-    dag_id=DAG_ID,
+    dag_id=run_steps.DAG_ID,
     schedule="@daily",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
@@ -170,7 +169,7 @@ def caption_images() -> None:
     def record_metrics(run: dict) -> dict:
         ctx = get_current_context()
         job_id = ctx["ti"].xcom_pull(task_ids="caption", key="dataflow_job_id")
-        return run_steps.record_metrics(run, dag_id=DAG_ID, dataflow_job_id=job_id)
+        return run_steps.record_metrics(run, dag_id=run_steps.DAG_ID, dataflow_job_id=job_id)
 
     @task
     def export(run: dict) -> dict | None:

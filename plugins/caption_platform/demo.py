@@ -25,8 +25,8 @@ from rich.console import Console
 from rich.table import Table
 
 from caption_platform.config import REPO_ROOT, load_settings
+from caption_platform.run_steps import DAG_ID
 
-DAG_ID = "caption_images"
 console = Console()
 
 
@@ -43,10 +43,11 @@ def airflow_env() -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join(
                 p for p in (str(REPO_ROOT / "plugins"), env.get("PYTHONPATH")) if p
             ),
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
         }
     )
+    # Offline unless the caller says otherwise (real Hugging Face ids not yet cached).
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", env["HF_HUB_OFFLINE"])
     return env
 
 

@@ -26,6 +26,9 @@ from caption_platform.config import (
 
 log = logging.getLogger(__name__)
 
+#: The captioning DAG's id (dags/caption_images.py), also used by `make demo`.
+DAG_ID = "caption_images"
+
 #: The job's entry point (contract: the job's command line).
 JOB_ENTRY_POINT = REPO_ROOT / "beam_jobs" / "caption_images.py"
 
