@@ -10,10 +10,8 @@ from typing import Any
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-DEFAULT_BLIP_MODEL = "Salesforce/blip-image-captioning-base"
-DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
-DECODINGS = ("beam", "sample")
-DEVICES = ("cpu", "cuda")
+from captioning import job_defaults as D
+from captioning.job_defaults import DECODINGS, DEVICES
 
 
 class CaptionOptionsError(ValueError):
@@ -30,25 +28,25 @@ class CaptionOptions(PipelineOptions):
         parser.add_argument("--output", default=None,
                             help="Output folder URI (Parquet) or bq://PROJECT.DATASET.PREFIX.")
         parser.add_argument("--run_id", default=None, help="Run id written into every row.")
-        parser.add_argument("--blip_model", default=DEFAULT_BLIP_MODEL,
+        parser.add_argument("--blip_model", default=D.BLIP_MODEL,
                             help="BLIP model: Hugging Face id, local folder or gs:// folder.")
-        parser.add_argument("--clip_model", default=DEFAULT_CLIP_MODEL,
+        parser.add_argument("--clip_model", default=D.CLIP_MODEL,
                             help="CLIP model: Hugging Face id, local folder or gs:// folder.")
-        parser.add_argument("--num_captions", type=int, default=3,
+        parser.add_argument("--num_captions", type=int, default=D.NUM_CAPTIONS,
                             help="Candidate captions BLIP generates per image.")
-        parser.add_argument("--decoding", default="beam",
+        parser.add_argument("--decoding", default=D.DECODING,
                             help="beam (beam search) or sample (nucleus, seeded by image_id).")
-        parser.add_argument("--num_beams", type=int, default=5,
+        parser.add_argument("--num_beams", type=int, default=D.NUM_BEAMS,
                             help="Beams for beam search; must be >= --num_captions.")
-        parser.add_argument("--max_new_tokens", type=int, default=30)
+        parser.add_argument("--max_new_tokens", type=int, default=D.MAX_NEW_TOKENS)
         parser.add_argument("--prompt", default=None,
                             help="Optional text prompt for conditional captioning.")
-        parser.add_argument("--blip_batch_size", type=int, default=8)
-        parser.add_argument("--clip_batch_size", type=int, default=8)
-        parser.add_argument("--device", default="cpu", help="cpu or cuda.")
-        parser.add_argument("--max_image_bytes", type=int, default=50 * 1024 * 1024,
+        parser.add_argument("--blip_batch_size", type=int, default=D.BLIP_BATCH_SIZE)
+        parser.add_argument("--clip_batch_size", type=int, default=D.CLIP_BATCH_SIZE)
+        parser.add_argument("--device", default=D.DEVICE, help="cpu or cuda.")
+        parser.add_argument("--max_image_bytes", type=int, default=D.MAX_IMAGE_BYTES,
                             help="Images larger than this are dead-lettered at stage read.")
-        parser.add_argument("--max_image_pixels", type=int, default=89_478_485,
+        parser.add_argument("--max_image_pixels", type=int, default=D.MAX_IMAGE_PIXELS,
                             help="Decompression-bomb guard: images with more pixels are "
                                  "dead-lettered at stage decode.")
 

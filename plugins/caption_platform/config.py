@@ -19,18 +19,20 @@ import hashlib
 import json
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from caption_platform.job_package import REPO_ROOT, job_module
+
+#: The job's own defaults and allowed values (beam_jobs/captioning/job_defaults.py).
+JOB = job_module("job_defaults")
 
 PROFILES = ("local", "gcp")
 WAREHOUSES = ("duckdb", "bigquery")
 RUNNERS = ("DirectRunner", "PrismRunner", "DataflowRunner")
-DECODINGS = ("beam", "sample")
-DEVICES = ("cpu", "cuda")
+DECODINGS = JOB.DECODINGS
+DEVICES = JOB.DEVICES
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _ENV_PREFIX = "CAPTION_"
@@ -92,7 +94,7 @@ class ImageFilters(_Model):
 
     extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff")
     min_bytes: int = Field(default=0, ge=0)
-    max_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    max_bytes: int = Field(default=JOB.MAX_IMAGE_BYTES, gt=0)
 
     @field_validator("extensions", mode="before")
     @classmethod
@@ -115,14 +117,14 @@ class ImageFilters(_Model):
 class CaptionOptions(_Model):
     """Model settings passed to the Beam job (see the job's command line contract)."""
 
-    num_captions: int = Field(default=3, ge=1)
-    decoding: str = "beam"
-    num_beams: int = Field(default=5, ge=1)
-    max_new_tokens: int = Field(default=30, ge=1)
+    num_captions: int = Field(default=JOB.NUM_CAPTIONS, ge=1)
+    decoding: str = JOB.DECODING
+    num_beams: int = Field(default=JOB.NUM_BEAMS, ge=1)
+    max_new_tokens: int = Field(default=JOB.MAX_NEW_TOKENS, ge=1)
     prompt: str | None = None
-    blip_batch_size: int = Field(default=8, ge=1)
-    clip_batch_size: int = Field(default=8, ge=1)
-    device: str = "cpu"
+    blip_batch_size: int = Field(default=JOB.BLIP_BATCH_SIZE, ge=1)
+    clip_batch_size: int = Field(default=JOB.CLIP_BATCH_SIZE, ge=1)
+    device: str = JOB.DEVICE
 
     @field_validator("decoding")
     @classmethod
@@ -244,8 +246,8 @@ def _gcp_defaults() -> dict[str, Any]:
     return {
         "profile": "gcp",
         "warehouse": "bigquery",
-        "blip_model": "Salesforce/blip-image-captioning-base",
-        "clip_model": "openai/clip-vit-base-patch32",
+        "blip_model": JOB.BLIP_MODEL,
+        "clip_model": JOB.CLIP_MODEL,
         "runner": "DataflowRunner",
         "caption": {"device": "cuda"},
     }

@@ -8,12 +8,10 @@ pipeline_runs and manifests belong to the Airflow side and are declared here.
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.util
 from types import ModuleType
 from typing import Any
 
-from caption_platform.config import REPO_ROOT
+from caption_platform.job_package import job_module
 
 CAPTIONS = "captions"
 DEAD_LETTERS = "dead_letters"
@@ -58,28 +56,9 @@ MANIFESTS_COLUMNS: dict[str, str] = {
     "size_bytes": "INT64",
 }
 
-@functools.cache
 def job_schema() -> ModuleType:
-    """The job's ``captioning.schema`` module.
-
-    Imported normally when the Beam job package is installed; otherwise loaded from
-    ``beam_jobs/captioning/schema.py`` in this repository (it is pure Python, so this
-    pulls in neither Beam, torch nor pyarrow).
-    """
-    try:
-        return importlib.import_module("captioning.schema")
-    except ImportError:
-        pass
-    path = REPO_ROOT / "beam_jobs" / "captioning" / "schema.py"
-    spec = importlib.util.spec_from_file_location("caption_platform._job_schema", path)
-    if spec is None or spec.loader is None or not path.exists():
-        raise ImportError(
-            "captioning.schema is neither installed nor found at "
-            f"{path}; install the beam_jobs package next to Airflow"
-        )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The job's ``captioning.schema`` module (the captions and dead-letter columns)."""
+    return job_module("schema")
 
 
 @functools.cache
