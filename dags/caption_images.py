@@ -35,7 +35,7 @@ Profile **{SETTINGS.profile}**: runner `{SETTINGS.runner}`, warehouse `{SETTINGS
    content MD5 (identical bytes under two names are captioned once), skips images
    already captioned when `incremental` is on, writes and loads the run's manifest.
 2. **has_new_images** skips the rest when the manifest is empty.
-3. **caption** runs the Beam job (`beam_jobs/caption_images.py`): BLIP generates
+3. **caption** runs the Beam job (`{SETTINGS.job_file}`): BLIP generates
    `num_captions` candidates per image, CLIP scores them, the best wins; unreadable
    images become dead-letter rows with the stage and the reason.
 4. **publish** MERGEs the run's staged output on `image_id`: retries never add a row twice.
@@ -147,7 +147,7 @@ def caption_images() -> None:
 
     caption = BeamRunPythonPipelineOperator(
         task_id="caption",
-        py_file=str(run_steps.JOB_ENTRY_POINT),
+        py_file=SETTINGS.job_file,
         py_interpreter=run_steps.job_interpreter(SETTINGS),
         runner=SETTINGS.runner,
         default_pipeline_options=run_steps.static_pipeline_options(SETTINGS),

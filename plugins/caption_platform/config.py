@@ -177,6 +177,9 @@ class Settings(_Model):
     blip_model: str
     clip_model: str
     runner: str = "DirectRunner"
+    # The job's entry point: this checkout's by default; on Cloud Composer a copy of
+    # beam_jobs/ under the bucket's data/ folder, or a gs:// URI (the operator fetches it).
+    job_file: str = str(REPO_ROOT / "beam_jobs" / "caption_images.py")
     caption: CaptionOptions = Field(default_factory=CaptionOptions)
     dataflow: DataflowOptions = Field(default_factory=DataflowOptions)
     images: ImageFilters = Field(default_factory=ImageFilters)

@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from caption_platform.config import (
-    REPO_ROOT,
     Settings,
     SettingsError,
     job_output,
@@ -28,9 +27,6 @@ log = logging.getLogger(__name__)
 
 #: The captioning DAG's id (dags/caption_images.py), also used by `make demo`.
 DAG_ID = "caption_images"
-
-#: The job's entry point (contract: the job's command line).
-JOB_ENTRY_POINT = REPO_ROOT / "beam_jobs" / "caption_images.py"
 
 #: DAG parameters that override a model setting of the same name when not null.
 CAPTION_PARAMS = (
