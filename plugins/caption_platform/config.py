@@ -19,9 +19,17 @@ import hashlib
 import json
 import os
 import re
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from caption_platform.job_package import REPO_ROOT, job_module
 
@@ -64,6 +72,11 @@ def _choice(value: Any, allowed: tuple[str, ...]) -> str:
             f"{value!r} is not allowed; choose one of {', '.join(allowed)}"
         )
     return value
+
+
+def _one_of(allowed: tuple[str, ...]) -> AfterValidator:
+    """A field validator that accepts only ``allowed`` and says which they are."""
+    return AfterValidator(lambda value: _choice(value, allowed))
 
 
 class _Model(BaseModel):
@@ -118,23 +131,13 @@ class CaptionOptions(_Model):
     """Model settings passed to the Beam job (see the job's command line contract)."""
 
     num_captions: int = Field(default=JOB.NUM_CAPTIONS, ge=1)
-    decoding: str = JOB.DECODING
+    decoding: Annotated[str, _one_of(DECODINGS)] = JOB.DECODING
     num_beams: int = Field(default=JOB.NUM_BEAMS, ge=1)
     max_new_tokens: int = Field(default=JOB.MAX_NEW_TOKENS, ge=1)
     prompt: str | None = None
     blip_batch_size: int = Field(default=JOB.BLIP_BATCH_SIZE, ge=1)
     clip_batch_size: int = Field(default=JOB.CLIP_BATCH_SIZE, ge=1)
-    device: str = JOB.DEVICE
-
-    @field_validator("decoding")
-    @classmethod
-    def _decoding(cls, v: str) -> str:
-        return _choice(v, DECODINGS)
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        return _choice(v, DEVICES)
+    device: Annotated[str, _one_of(DEVICES)] = JOB.DEVICE
 
 
 class DataflowOptions(_Model):
@@ -163,10 +166,10 @@ class DataflowOptions(_Model):
 class Settings(_Model):
     """The whole configuration. Build it with :func:`load_settings`."""
 
-    profile: str = "local"
+    profile: Annotated[str, _one_of(PROFILES)] = "local"
     data_root: str
     source_uri: str
-    warehouse: str = "duckdb"
+    warehouse: Annotated[str, _one_of(WAREHOUSES)] = "duckdb"
     duckdb_path: str | None = None
     gcp_project: str | None = None
     bq_dataset: str | None = None
@@ -176,7 +179,7 @@ class Settings(_Model):
     tables: TableNames = Field(default_factory=TableNames)
     blip_model: str
     clip_model: str
-    runner: str = "DirectRunner"
+    runner: Annotated[str, _one_of(RUNNERS)] = "DirectRunner"
     # The job's entry point: this checkout's by default; on Cloud Composer a copy of
     # beam_jobs/ under the bucket's data/ folder, or a gs:// URI (the operator fetches it).
     job_file: str = str(REPO_ROOT / "beam_jobs" / "caption_images.py")
@@ -186,21 +189,6 @@ class Settings(_Model):
     incremental: bool = False
     max_images: int | None = Field(default=None, ge=1)
     pricing: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("profile")
-    @classmethod
-    def _profile(cls, v: str) -> str:
-        return _choice(v, PROFILES)
-
-    @field_validator("warehouse")
-    @classmethod
-    def _warehouse(cls, v: str) -> str:
-        return _choice(v, WAREHOUSES)
-
-    @field_validator("runner")
-    @classmethod
-    def _runner(cls, v: str) -> str:
-        return _choice(v, RUNNERS)
 
     @field_validator("bq_dataset")
     @classmethod
