@@ -68,8 +68,8 @@ def _compare_reference(models: dict[str, str], image_dir: Path, args: argparse.N
 
     images = []
     for path in sorted(image_dir.iterdir()):
-        img = decode_image(path.read_bytes(), 10**8)
-        images.append(DecodedImage(path.name, path.as_uri(), img, img.width, img.height))
+        img, (width, height) = decode_image(path.read_bytes(), 10**8)
+        images.append(DecodedImage(path.name, path.as_uri(), img, width, height))
     bs = args.batch_size
     out: dict[str, Any] = {}
 
@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoding", choices=("beam", "sample"), default="beam")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--image_size", type=int, nargs=2, default=(320, 240))
+    parser.add_argument("--decode_min_side", type=int, default=None,
+                        help="the job's --decode_min_side (default: the job's own default)")
     parser.add_argument("--models_dir", default=str(ROOT / "data" / "bench_models"),
                         help="where random models are built once and reused")
     parser.add_argument("--compare-reference", action="store_true", dest="compare")
@@ -142,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         "--num_beams", str(args.num_beams), "--max_new_tokens", str(args.max_new_tokens),
         "--decoding", args.decoding, "--blip_batch_size", str(args.batch_size),
         "--clip_batch_size", str(args.batch_size),
+        *(["--decode_min_side", str(args.decode_min_side)]
+          if args.decode_min_side is not None else []),
     ])
     captioned = summary["counters"]["captioned"]
     result: dict[str, Any] = {
@@ -149,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": summary["wall_s"], "cpu_s": summary["cpu_s"],
         "peak_rss_mb": summary["peak_rss_mb"],
         "images_per_s": round(captioned / summary["wall_s"], 4),
+        "image_size": list(args.image_size),
         "blip_batch_latency_ms": summary["distributions"]["blip_batch_latency_ms"],
         "settings": summary["settings"], "model_build_s": round(build_s, 1),
         "beam_sdk_version": summary["beam_sdk_version"], "cpu_count": os.cpu_count(),

@@ -21,3 +21,6 @@ CLIP_BATCH_SIZE = 8
 DEVICE = "cpu"
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
+# Decode large images only down to this shorter side: BLIP-base/large take 384 px, CLIP
+# ViT-B/32 224 px. Raise it for models with larger inputs; 0 decodes at full size.
+DECODE_MIN_SIDE = 384

@@ -49,6 +49,9 @@ class CaptionOptions(PipelineOptions):
         parser.add_argument("--max_image_pixels", type=int, default=D.MAX_IMAGE_PIXELS,
                             help="Decompression-bomb guard: images with more pixels are "
                                  "dead-lettered at stage decode.")
+        parser.add_argument("--decode_min_side", type=int, default=D.DECODE_MIN_SIDE,
+                            help="Decode large images only down to this shorter side (the "
+                                 "largest model input: 384 for BLIP-base); 0 keeps full size.")
 
 
 def validate(opts: CaptionOptions) -> None:
@@ -66,6 +69,8 @@ def validate(opts: CaptionOptions) -> None:
         value = getattr(opts, name)
         if value is None or value < 1:
             errors.append(f"--{name} must be an integer >= 1, got {value!r}")
+    if opts.decode_min_side is None or opts.decode_min_side < 0:
+        errors.append(f"--decode_min_side must be an integer >= 0, got {opts.decode_min_side!r}")
     if (opts.decoding == "beam" and opts.num_beams and opts.num_captions
             and opts.num_beams < opts.num_captions):
         errors.append(

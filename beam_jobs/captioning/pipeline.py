@@ -103,9 +103,10 @@ class ReadManifest(beam.PTransform):
 class DecodeImages(beam.PTransform):
     """ManifestEntry -> DecodedImage, once per image; failures become dead letters."""
 
-    def __init__(self, run_id: str, max_image_bytes: int, max_image_pixels: int) -> None:
+    def __init__(self, run_id: str, max_image_bytes: int, max_image_pixels: int,
+                 min_side: int = 0) -> None:
         super().__init__()
-        self._fn = ReadAndDecodeFn(run_id, max_image_bytes, max_image_pixels)
+        self._fn = ReadAndDecodeFn(run_id, max_image_bytes, max_image_pixels, min_side)
 
     def expand(self, entries: beam.PCollection) -> dict[str, beam.PCollection]:
         out = entries | "ReadAndDecode" >> beam.ParDo(self._fn).with_outputs(
@@ -231,7 +232,7 @@ def build_pipeline(pipeline: beam.Pipeline, opts: CaptionOptions) -> dict[str, A
     """Attach the whole job to ``pipeline``; returns the output PCollections and the sink."""
     entries = pipeline | "ReadManifest" >> ReadManifest(opts.manifest, opts.run_id)
     decoded = entries[MAIN_TAG] | "DecodeImages" >> DecodeImages(
-        opts.run_id, opts.max_image_bytes, opts.max_image_pixels)
+        opts.run_id, opts.max_image_bytes, opts.max_image_pixels, opts.decode_min_side)
     blip, clip = model_handlers(opts)
     captioned = decoded[MAIN_TAG] | "CaptionImages" >> CaptionImages(
         blip, clip, opts.run_id, opts.blip_model, opts.clip_model)

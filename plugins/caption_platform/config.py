@@ -138,6 +138,8 @@ class CaptionOptions(_Model):
     blip_batch_size: int = Field(default=JOB.BLIP_BATCH_SIZE, ge=1)
     clip_batch_size: int = Field(default=JOB.CLIP_BATCH_SIZE, ge=1)
     device: Annotated[str, _one_of(DEVICES)] = JOB.DEVICE
+    # Shorter side large images are decoded down to: the largest model input size.
+    decode_min_side: int = Field(default=JOB.DECODE_MIN_SIDE, ge=0)
 
 
 class DataflowOptions(_Model):

@@ -75,6 +75,7 @@ def job_options(settings: Settings, run_id: str) -> dict[str, Any]:
         "blip_batch_size": opts.blip_batch_size,
         "clip_batch_size": opts.clip_batch_size,
         "device": opts.device,
+        "decode_min_side": opts.decode_min_side,
     }
     if opts.prompt:
         options["prompt"] = opts.prompt

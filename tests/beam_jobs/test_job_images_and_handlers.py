@@ -25,7 +25,7 @@ def test_decoder_outcomes(corpus: tuple[Path, dict[str, str]]) -> None:
     for name, outcome in expected.items():
         data = (folder / name).read_bytes()
         if outcome == "ok":
-            img = decode_image(data, max_pixels=500_000)
+            img, _ = decode_image(data, max_pixels=500_000)
             assert img.mode == "RGB", name
         else:
             with pytest.raises((ValueError, OSError)):
@@ -34,16 +34,50 @@ def test_decoder_outcomes(corpus: tuple[Path, dict[str, str]]) -> None:
 
 def test_decoder_conversions_keep_content(corpus: tuple[Path, dict[str, str]]) -> None:
     folder, _ = corpus
-    rotated = decode_image((folder / "exif_rotated.jpg").read_bytes(), 10**7)
+    rotated, _ = decode_image((folder / "exif_rotated.jpg").read_bytes(), 10**7)
     assert rotated.size == (40, 80)  # stored 80x40 with Orientation=6
-    gray = decode_image((folder / "gray16.png").read_bytes(), 10**7)
+    gray, _ = decode_image((folder / "gray16.png").read_bytes(), 10**7)
     lo, hi = gray.convert("L").getextrema()
     assert hi - lo > 100, "16-bit gradient must not collapse to one value"
     gif = Image.open(folder / "animated.gif")
-    first = decode_image((folder / "animated.gif").read_bytes(), 10**7)
+    first, _ = decode_image((folder / "animated.gif").read_bytes(), 10**7)
     assert first.getpixel((0, 0)) == gif.convert("RGB").getpixel((0, 0))
-    rgba = decode_image((folder / "rgba.png").read_bytes(), 10**7)
+    rgba, _ = decode_image((folder / "rgba.png").read_bytes(), 10**7)
     assert rgba.mode == "RGB"
+
+
+def test_large_images_decode_only_as_large_as_the_models_need(tmp_path: Path) -> None:
+    """A 12-megapixel photo decodes at reduced scale; the row still reports its real size."""
+    import io
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ys, xs = np.mgrid[0:3000, 0:4000]
+    pixels = np.stack([xs * 255 // 4000, ys * 255 // 3000,
+                       rng.integers(0, 255, (3000, 4000))], axis=-1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated: 3000 wide, 4000 high
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=80, exif=exif.tobytes())
+    jpeg = buf.getvalue()
+
+    full, full_size = decode_image(jpeg, 10**8)
+    small, small_size = decode_image(jpeg, 10**8, min_side=384)
+    assert full.size == full_size == small_size == (3000, 4000)
+    assert 384 <= min(small.size) < 2 * 384 and small.width < small.height  # still portrait
+    assert small.mode == "RGB"
+    # the reduced picture is the same picture: compare against a reduced full decode
+    expected = np.asarray(full.resize(small.size, Image.Resampling.BOX), dtype=np.int16)
+    diff = np.abs(np.asarray(small, dtype=np.int16) - expected)[..., :2]  # the gradients
+    assert diff.mean() < 4
+
+    png = io.BytesIO()
+    Image.fromarray(pixels[:1600, :2000]).save(png, "PNG")
+    reduced, size = decode_image(png.getvalue(), 10**8, min_side=384)
+    assert size == (2000, 1600) and reduced.size == (500, 400)
+    small_one, size = decode_image(png.getvalue(), 10**8, min_side=2000)
+    assert small_one.size == size == (2000, 1600)  # never reduced below min_side
 
 
 def test_error_messages_are_readable(corpus: tuple[Path, dict[str, str]]) -> None:
