@@ -13,13 +13,12 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from captioning.records import ManifestEntry, dead_letter
+from captioning.records import METRICS_NAMESPACE, ManifestEntry, dead_letter, describe_error
 from captioning.uris import beam_path
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-METRICS_NAMESPACE = "captioning"
 DEAD_LETTER_TAG = "dead_letters"
 
 
@@ -156,7 +155,7 @@ class ReadAndDecodeFn(beam.DoFn):
         except Exception as e:  # noqa: BLE001 - any read failure is a dead letter
             self._dead_read.inc()
             yield beam.pvalue.TaggedOutput(
-                DEAD_LETTER_TAG, dead_letter(entry, self._run_id, "read", _describe(e))
+                DEAD_LETTER_TAG, dead_letter(entry, self._run_id, "read", describe_error(e))
             )
             return
         self._read.inc()
@@ -165,13 +164,7 @@ class ReadAndDecodeFn(beam.DoFn):
         except Exception as e:  # noqa: BLE001 - any decode failure is a dead letter
             self._dead_decode.inc()
             yield beam.pvalue.TaggedOutput(
-                DEAD_LETTER_TAG, dead_letter(entry, self._run_id, "decode", _describe(e))
+                DEAD_LETTER_TAG, dead_letter(entry, self._run_id, "decode", describe_error(e))
             )
             return
         yield DecodedImage(entry.image_id, entry.uri, img, width, height)
-
-
-def _describe(e: BaseException) -> str:
-    """One readable line: exception type and message."""
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {msg}"[:1000]

@@ -23,8 +23,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from captioning.images import DecodedImage
 from captioning.model_refs import resolve_model_ref
-
-METRICS_NAMESPACE = "captioning"
+from captioning.records import METRICS_NAMESPACE, describe_error
 
 # torch's global RNG is per process: seeded sampling of one image at a time must hold it.
 _RNG_LOCK = threading.Lock()
@@ -87,8 +86,7 @@ def _load(model_cls_name: str, processor_cls_name: str, ref: str, device: str) -
 
 
 def _error(e: BaseException) -> dict[str, str]:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return {"error": f"{type(e).__name__}: {msg}"[:1000]}
+    return {"error": describe_error(e)}
 
 
 def _with_fallback(

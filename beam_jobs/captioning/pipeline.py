@@ -17,11 +17,10 @@ from apache_beam.version import __version__ as BEAM_SDK_VERSION
 from captioning.images import DEAD_LETTER_TAG, DecodedImage, ReadAndDecodeFn
 from captioning.model_handlers import BlipCaptionModelHandler, ClipRankModelHandler
 from captioning.options import CaptionOptions
-from captioning.records import ManifestEntry, caption_row, dead_letter
+from captioning.records import METRICS_NAMESPACE, ManifestEntry, caption_row, dead_letter
 from captioning.sinks import WriteCaptionOutputs
 from captioning.uris import beam_path
 
-NS = "captioning"
 MAIN_TAG = "main"
 log = logging.getLogger(__name__)
 
@@ -44,8 +43,8 @@ class _ParseManifestFn(beam.DoFn):
     def __init__(self, run_id: str, manifest_uri: str) -> None:
         self._run_id = run_id
         self._manifest_uri = manifest_uri
-        self._rows = Metrics.counter(NS, "manifest_rows")
-        self._dead_read = Metrics.counter(NS, "dead_letter_read")
+        self._rows = Metrics.counter(METRICS_NAMESPACE, "manifest_rows")
+        self._dead_read = Metrics.counter(METRICS_NAMESPACE, "dead_letter_read")
 
     def process(self, line: str):  # type: ignore[override]
         if not line.strip():
@@ -64,7 +63,7 @@ class _KeepOnePerImageFn(beam.DoFn):
     """(image_id, entries) -> the entry with the smallest URI; the rest are counted."""
 
     def __init__(self) -> None:
-        self._dups = Metrics.counter(NS, "duplicates_dropped")
+        self._dups = Metrics.counter(METRICS_NAMESPACE, "duplicates_dropped")
 
     def process(self, keyed: tuple[str, Any]):  # type: ignore[override]
         _, entries = keyed
@@ -119,7 +118,7 @@ class _SplitBlipFn(beam.DoFn):
 
     def __init__(self, run_id: str) -> None:
         self._run_id = run_id
-        self._dead = Metrics.counter(NS, "dead_letter_inference")
+        self._dead = Metrics.counter(METRICS_NAMESPACE, "dead_letter_inference")
 
     def process(self, result: PredictionResult):  # type: ignore[override]
         image: DecodedImage = result.example
@@ -162,8 +161,8 @@ class _ToCaptionRowFn(beam.DoFn):
         self._run_id = run_id
         self._blip_model = blip_model
         self._clip_model = clip_model
-        self._captioned = Metrics.counter(NS, "captioned")
-        self._dead = Metrics.counter(NS, "dead_letter_inference")
+        self._captioned = Metrics.counter(METRICS_NAMESPACE, "captioned")
+        self._dead = Metrics.counter(METRICS_NAMESPACE, "dead_letter_inference")
 
     def setup(self) -> None:
         self._progress = _Progress()

@@ -39,6 +39,16 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+#: Beam metrics namespace of every counter and distribution the job reports.
+METRICS_NAMESPACE = "captioning"
+
+
+def describe_error(e: BaseException) -> str:
+    """One readable line for a dead letter's ``error``: exception type and first message line."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}"[:1000]
+
+
 def dead_letter(entry: Any, run_id: str, stage: str, error: str) -> dict[str, Any]:
     """A dead-letter row (contract) for anything with ``image_id`` and ``uri``."""
     return {

@@ -16,7 +16,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.version import __version__ as BEAM_SDK_VERSION
 
-NAMESPACE = "captioning"
+from captioning.records import METRICS_NAMESPACE
+
 SUMMARY_FILE = "run_summary.json"
 
 
@@ -59,7 +60,7 @@ def _value(result: Any) -> Any:
 def collect_metrics(result: Any, counters: tuple[str, ...],
                     distributions: tuple[str, ...]) -> tuple[dict[str, int], dict[str, Any]]:
     """Counters (zero-filled) and distributions of our namespace from a PipelineResult."""
-    query = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
+    query = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
     out_counters = dict.fromkeys(counters, 0)
     for c in query.get("counters", []):
         out_counters[c.key.metric.name] = out_counters.get(c.key.metric.name, 0) + int(
