@@ -94,12 +94,7 @@ class TableNames(_Model):
     @field_validator("*")
     @classmethod
     def _ident(cls, v: str) -> str:
-        if not isinstance(v, str) or not _IDENTIFIER.match(v):
-            raise ValueError(
-                f"{v!r} is not a valid identifier; use letters, digits and underscores, "
-                "starting with a letter or underscore, at most 128 characters"
-            )
-        return v
+        return validate_identifier(v)
 
 
 class ImageFilters(_Model):
@@ -195,11 +190,7 @@ class Settings(_Model):
     @field_validator("bq_dataset")
     @classmethod
     def _dataset(cls, v: str | None) -> str | None:
-        if v is not None and not _IDENTIFIER.match(v):
-            raise ValueError(
-                f"{v!r} is not a valid identifier; use letters, digits and underscores"
-            )
-        return v
+        return v if v is None else validate_identifier(v)
 
     @model_validator(mode="after")
     def _requirements(self) -> Settings:
