@@ -163,7 +163,7 @@ def plan_run(run_id: str, params: Mapping[str, Any]) -> dict[str, Any]:
         "images": loaded,
         "manifest_stats": stats.to_dict(),
         "job_options": job_options(settings, run_id),
-        "params": {k: v for k, v in params.items()},
+        "params": dict(params),
     }
 
 
