@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
-# The `captioning` package sits beside this file: a copied beam_jobs/ folder (Cloud
-# Composer's data/ folder, say) submits jobs without installing it.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# `captioning` is installed (worker image, this checkout's .venv) or sits beside this file
+# (Cloud Composer's plugins/ folder): Python puts a script's own folder on sys.path.
+import apache_beam as beam
 
-import apache_beam as beam  # noqa: E402
-
-from captioning.options import CaptionOptions, CaptionOptionsError, settings, validate  # noqa: E402
-from captioning.pipeline import COUNTERS, DISTRIBUTIONS, build_pipeline  # noqa: E402
-from captioning.run_summary import RunClock, build_summary, human_line, write_summary  # noqa: E402
-from captioning.runner import is_local, make_runner, runner_name  # noqa: E402
-from captioning.sinks import folder_path, is_bigquery  # noqa: E402
+from captioning.counters import COUNTERS, DISTRIBUTIONS
+from captioning.options import CaptionOptions, CaptionOptionsError, settings, validate
+from captioning.pipeline import build_pipeline
+from captioning.run_summary import RunClock, build_summary, human_line, write_summary
+from captioning.runner import is_local, make_runner, runner_name
+from captioning.sinks import folder_path, is_bigquery
 
 
 def run(argv: list[str] | None = None) -> dict | None:

@@ -13,7 +13,8 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from captioning.records import METRICS_NAMESPACE, ManifestEntry, dead_letter, describe_error
+from captioning.counters import NAMESPACE as METRICS_NAMESPACE
+from captioning.records import ManifestEntry, dead_letter, describe_error
 from captioning.uris import beam_path
 
 if TYPE_CHECKING:

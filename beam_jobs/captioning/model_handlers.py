@@ -21,9 +21,10 @@ from typing import Any
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+from captioning.counters import NAMESPACE as METRICS_NAMESPACE
 from captioning.images import DecodedImage
 from captioning.model_refs import resolve_model_ref
-from captioning.records import METRICS_NAMESPACE, describe_error
+from captioning.records import describe_error
 
 # torch's global RNG is per process: seeded sampling of one image at a time must hold it.
 _RNG_LOCK = threading.Lock()

@@ -14,27 +14,17 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import PredictionResult, RunInference
 from apache_beam.version import __version__ as BEAM_SDK_VERSION
 
+from captioning.counters import NAMESPACE as METRICS_NAMESPACE
 from captioning.images import DEAD_LETTER_TAG, DecodedImage, ReadAndDecodeFn
 from captioning.model_handlers import BlipCaptionModelHandler, ClipRankModelHandler
 from captioning.options import CaptionOptions
-from captioning.records import METRICS_NAMESPACE, ManifestEntry, caption_row, dead_letter
+from captioning.records import ManifestEntry, caption_row, dead_letter
 from captioning.sinks import WriteCaptionOutputs
 from captioning.uris import beam_path
 
 MAIN_TAG = "main"
 log = logging.getLogger(__name__)
 
-#: Every counter the job reports, zero-filled in run_summary.json (contract).
-COUNTERS = (
-    "manifest_rows",
-    "duplicates_dropped",
-    "images_read",
-    "captioned",
-    "dead_letter_read",
-    "dead_letter_decode",
-    "dead_letter_inference",
-)
-DISTRIBUTIONS = ("blip_batch_latency_ms", "clip_batch_latency_ms")
 
 
 class _ParseManifestFn(beam.DoFn):

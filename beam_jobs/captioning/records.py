@@ -39,10 +39,6 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-#: Beam metrics namespace of every counter and distribution the job reports.
-METRICS_NAMESPACE = "captioning"
-
-
 def describe_error(e: BaseException) -> str:
     """One readable line for a dead letter's ``error``: exception type and first message line."""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -16,9 +16,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.version import __version__ as BEAM_SDK_VERSION
 
-from captioning.records import METRICS_NAMESPACE
-
-SUMMARY_FILE = "run_summary.json"
+from captioning.counters import NAMESPACE as METRICS_NAMESPACE
+from captioning.layout import SUMMARY_FILE
 
 
 def _cpu_seconds() -> float:

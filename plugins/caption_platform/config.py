@@ -15,10 +15,10 @@ instead of silently disappearing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import (
@@ -27,20 +27,19 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
-from caption_platform.job_package import REPO_ROOT, job_module
+from captioning import job_spec, layout
 
-#: The job's own defaults and allowed values (beam_jobs/captioning/job_defaults.py).
-JOB = job_module("job_defaults")
+#: The checkout (or, on Cloud Composer, the environment bucket's mount) this file lives in.
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 PROFILES = ("local", "gcp")
 WAREHOUSES = ("duckdb", "bigquery")
 RUNNERS = ("DirectRunner", "PrismRunner", "DataflowRunner")
-DECODINGS = JOB.DECODINGS
-DEVICES = JOB.DEVICES
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _ENV_PREFIX = "CAPTION_"
@@ -101,8 +100,8 @@ class ImageFilters(_Model):
     """Which listed objects count as images for the manifest."""
 
     extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff")
+    # The upper bound is the job's own max_image_bytes (settings.job), so the two agree.
     min_bytes: int = Field(default=0, ge=0)
-    max_bytes: int = Field(default=JOB.MAX_IMAGE_BYTES, gt=0)
 
     @field_validator("extensions", mode="before")
     @classmethod
@@ -113,51 +112,88 @@ class ImageFilters(_Model):
             return tuple(str(e).lower().lstrip(".") for e in v)
         return v
 
-    @model_validator(mode="after")
-    def _range(self) -> ImageFilters:
-        if self.min_bytes > self.max_bytes:
-            raise ValueError(
-                f"min_bytes ({self.min_bytes}) must not exceed max_bytes ({self.max_bytes})"
-            )
-        return self
+
+def _job_field(setting: job_spec.Setting) -> tuple[Any, Any]:
+    """A pydantic field for one job setting, with the spec's default, bounds and choices."""
+    annotation: Any = setting.kind | None if setting.nullable else setting.kind
+
+    def check(value: Any) -> Any:
+        if problems := setting.problems(value):
+            raise ValueError("; ".join(problems))
+        return value
+
+    return Annotated[annotation, AfterValidator(check)], Field(
+        default=setting.default, description=setting.help
+    )
 
 
-class CaptionOptions(_Model):
-    """Model settings passed to the Beam job (see the job's command line contract)."""
+def _job_rules(model: BaseModel) -> BaseModel:
+    problems = job_spec.problems(model.model_dump(), settings=())
+    if problems:
+        raise ValueError("; ".join(msg for _, msg in problems))
+    return model
 
-    num_captions: int = Field(default=JOB.NUM_CAPTIONS, ge=1)
-    decoding: Annotated[str, _one_of(DECODINGS)] = JOB.DECODING
-    num_beams: int = Field(default=JOB.NUM_BEAMS, ge=1)
-    max_new_tokens: int = Field(default=JOB.MAX_NEW_TOKENS, ge=1)
-    prompt: str | None = None
-    blip_batch_size: int = Field(default=JOB.BLIP_BATCH_SIZE, ge=1)
-    clip_batch_size: int = Field(default=JOB.CLIP_BATCH_SIZE, ge=1)
-    device: Annotated[str, _one_of(DEVICES)] = JOB.DEVICE
-    # Shorter side large images are decoded down to: the largest model input size.
-    decode_min_side: int = Field(default=JOB.DECODE_MIN_SIDE, ge=0)
+
+def job_settings_model(settings: tuple[job_spec.Setting, ...] | None = None) -> type[BaseModel]:
+    """The settings group ``job``, generated from the job's own declaration (job_spec)."""
+    settings = job_spec.SETTINGS if settings is None else settings
+    return create_model(
+        "JobSettings",
+        __base__=_Model,
+        __doc__="The Beam job's settings (captioning.job_spec): models, decoding, batches, limits.",
+        __validators__={"_rules": model_validator(mode="after")(_job_rules)},
+        **{s.name: _job_field(s) for s in settings},
+    )
+
+
+JobSettings = job_settings_model()
+
+
+_LABEL = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 
 
 class DataflowOptions(_Model):
-    """Dataflow worker settings (used by the ``gcp`` profile)."""
+    """Dataflow worker settings (used by the ``gcp`` profile): the GPU job's shape."""
 
     region: str = "us-central1"
     machine_type: str = "n1-standard-4"
     accelerator_type: str | None = "nvidia-tesla-t4"
     accelerator_count: int = Field(default=1, ge=0)
+    install_nvidia_driver: bool = True
+    # One SDK process per worker VM (so per GPU with one GPU a worker): the models are
+    # loaded once, not once per vCPU (Dataflow starts one process per vCPU otherwise).
+    one_sdk_process_per_gpu: bool = True
     worker_container_image: str | None = None
     temp_location: str | None = None
     staging_location: str | None = None
     max_num_workers: int = Field(default=10, ge=1)
     disk_size_gb: int = Field(default=50, ge=10)
     service_account: str | None = None
+    network: str | None = None
+    subnetwork: str | None = None  # e.g. regions/us-central1/subnetworks/NAME
+    use_public_ips: bool = True
+    labels: dict[str, str] = Field(default_factory=dict)
+    # Free the Airflow worker slot while the GPU job runs (the triggerer polls Dataflow).
+    deferrable: bool = True
+    job_name: str = "caption-images"
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not _LABEL.match(key) or (value and not _LABEL.match(value)):
+                raise ValueError(
+                    f"label {key}={value}: keys and values are lowercase letters, digits, "
+                    "- and _, starting with a letter, at most 63 characters"
+                )
+        return v
 
     def worker_accelerator(self) -> str | None:
         """Dataflow ``worker_accelerator`` service option, or None without a GPU."""
         if not self.accelerator_type or self.accelerator_count == 0:
             return None
-        return (
-            f"type:{self.accelerator_type};count:{self.accelerator_count};install-nvidia-driver"
-        )
+        driver = ";install-nvidia-driver" if self.install_nvidia_driver else ""
+        return f"type:{self.accelerator_type};count:{self.accelerator_count}{driver}"
 
 
 class Settings(_Model):
@@ -171,16 +207,16 @@ class Settings(_Model):
     gcp_project: str | None = None
     bq_dataset: str | None = None
     bq_location: str = "US"
+    # Per-run BigQuery staging tables expire by themselves if a run never publishes.
+    staging_expiration_hours: int = Field(default=72, ge=1, le=24 * 90)
     gcp_conn_id: str = "google_cloud_default"
     storage_conn_id: str | None = None
     tables: TableNames = Field(default_factory=TableNames)
-    blip_model: str
-    clip_model: str
     runner: Annotated[str, _one_of(RUNNERS)] = "DirectRunner"
-    # The job's entry point: this checkout's by default; on Cloud Composer a copy of
-    # beam_jobs/ under the bucket's data/ folder, or a gs:// URI (the operator fetches it).
-    job_file: str = str(REPO_ROOT / "beam_jobs" / "caption_images.py")
-    caption: CaptionOptions = Field(default_factory=CaptionOptions)
+    # The job's entry point: by default the caption_images.py beside the importable
+    # `captioning` package (beam_jobs/ in a checkout, plugins/ on Cloud Composer).
+    job_file: str = Field(default_factory=lambda: default_job_file())
+    job: JobSettings = Field(default_factory=JobSettings)  # type: ignore[valid-type]
     dataflow: DataflowOptions = Field(default_factory=DataflowOptions)
     images: ImageFilters = Field(default_factory=ImageFilters)
     incremental: bool = False
@@ -219,10 +255,12 @@ def _local_defaults(data_root: str) -> dict[str, Any]:
         "data_root": data_root,
         "warehouse": "duckdb",
         "duckdb_path": str(REPO_ROOT / "data" / "warehouse.duckdb"),
-        "blip_model": str(REPO_ROOT / "data" / "models" / "blip"),
-        "clip_model": str(REPO_ROOT / "data" / "models" / "clip"),
         "runner": "DirectRunner",
-        "caption": {"device": "cpu"},
+        "job": {
+            "blip_model": str(REPO_ROOT / "data" / "models" / "blip"),
+            "clip_model": str(REPO_ROOT / "data" / "models" / "clip"),
+            "device": "cpu",
+        },
     }
 
 
@@ -230,10 +268,8 @@ def _gcp_defaults() -> dict[str, Any]:
     return {
         "profile": "gcp",
         "warehouse": "bigquery",
-        "blip_model": JOB.BLIP_MODEL,
-        "clip_model": JOB.CLIP_MODEL,
         "runner": "DataflowRunner",
-        "caption": {"device": "cuda"},
+        "job": {"device": "cuda"},
     }
 
 
@@ -377,34 +413,36 @@ def load_settings(profile: str | None = None, **overrides: Any) -> Settings:
         raise SettingsError(_format_validation_error(exc)) from None
 
 
-def run_key(run_id: str) -> str:
-    """Filesystem- and table-safe slug of an Airflow run id (see docs/CONTRACTS.md).
+def default_job_file() -> str:
+    """The job's entry point: ``caption_images.py`` beside the importable ``captioning``."""
+    import captioning
 
-    Lowercase ``[a-z0-9_]``, at most 64 characters, then ``_`` and 8 hex digits of
-    the run id's SHA-256 so two run ids that slug alike never collide.
-    """
-    slug = re.sub(r"[^a-z0-9_]+", "_", run_id.lower()).strip("_")[:64].rstrip("_") or "run"
-    digest = hashlib.sha256(run_id.encode("utf-8")).hexdigest()[:8]
-    return f"{slug}_{digest}"
+    return str(Path(captioning.__file__).resolve().parent.parent / "caption_images.py")
+
+
+def run_key(run_id: str) -> str:
+    """Filesystem- and table-safe slug of an Airflow run id (``captioning.layout``)."""
+    return layout.run_key(run_id)
 
 
 def run_folder(settings: Settings, run_id: str) -> str:
     """URI of the folder that holds everything of one run (manifest, job output)."""
-    return f"{settings.data_root.rstrip('/')}/runs/{run_key(run_id)}"
+    return layout.run_folder(settings.data_root, run_id)
 
 
 def manifest_uri(settings: Settings, run_id: str) -> str:
     """URI of the run's manifest (JSON Lines)."""
-    return f"{run_folder(settings, run_id)}/manifest.jsonl"
+    return layout.manifest_uri(settings.data_root, run_id)
 
 
 def staging_prefix(run_id: str) -> str:
     """BigQuery staging table prefix of a run (tables ``PREFIX_captions`` ...)."""
-    return validate_identifier(f"stg_{run_key(run_id)}")
+    return validate_identifier(layout.staging_prefix(run_id))
 
 
 def job_output(settings: Settings, run_id: str) -> str:
     """The job's ``--output``: the run's output folder, or ``bq://P.D.PREFIX``."""
     if settings.warehouse == "bigquery":
-        return f"bq://{settings.gcp_project}.{settings.bq_dataset}.{staging_prefix(run_id)}"
-    return f"{run_folder(settings, run_id)}/output"
+        staging_prefix(run_id)
+        return layout.bigquery_output(str(settings.gcp_project), str(settings.bq_dataset), run_id)
+    return layout.output_folder(settings.data_root, run_id)

@@ -14,12 +14,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from caption_platform.cost_model import PriceTable, Resources, estimate_cost
+from captioning.counters import DEAD_LETTER_COUNTERS
 
 if TYPE_CHECKING:
     from caption_platform.config import Settings
 
 DONE = "JOB_STATE_DONE"
-DEAD_LETTER_COUNTERS = ("dead_letter_read", "dead_letter_decode", "dead_letter_inference")
 _SYSTEM_ORIGIN = "dataflow/v1b3"
 _STEP_KEYS = ("step", "original_name", "output_user_name", "execution_step")
 
@@ -187,7 +187,7 @@ def run_row_from_dataflow(
     resources = resources_from_dataflow(metrics, gpu_type)
     cost = estimate_cost(resources, prices)
     per_s, per_1k = _throughput_and_unit_cost(images_captioned, runtime_s, cost.total, state == DONE)
-    caption = settings.caption if settings is not None else None
+    caption = settings.job if settings is not None else None
     return {
         "run_id": run_id,
         "dag_id": dag_id,

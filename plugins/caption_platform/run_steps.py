@@ -22,64 +22,38 @@ from caption_platform.config import (
     run_folder,
     run_key,
 )
+from caption_platform.params import setting_overrides
+from captioning import job_spec
 
 log = logging.getLogger(__name__)
 
 #: The captioning DAG's id (dags/caption_images.py), also used by `make demo`.
 DAG_ID = "caption_images"
 
-#: DAG parameters that override a model setting of the same name when not null.
-CAPTION_PARAMS = (
-    "num_captions",
-    "decoding",
-    "num_beams",
-    "max_new_tokens",
-    "prompt",
-    "blip_batch_size",
-    "clip_batch_size",
-)
-
 
 def settings_for_run(params: Mapping[str, Any]) -> Settings:
-    """Settings with this run's parameters applied; a bad combination names what is allowed."""
-    overrides: dict[str, Any] = {}
-    caption = {k: params[k] for k in CAPTION_PARAMS if params.get(k) is not None}
-    if caption:
-        overrides["caption"] = caption
-    for key in ("source_uri", "blip_model", "clip_model", "max_images", "incremental"):
-        if params.get(key) is not None:
-            overrides[key] = params[key]
-    settings = load_settings(**overrides)
-    opts = settings.caption
-    if opts.decoding == "beam" and opts.num_beams < opts.num_captions:
-        raise SettingsError(
-            f"num_beams ({opts.num_beams}) must be >= num_captions ({opts.num_captions}) "
-            "with beam search decoding; raise num_beams or choose decoding 'sample'"
-        )
-    return settings
+    """Resolve settings with this run's parameters applied (the plan task, once per run).
+
+    Raises :class:`SettingsError` naming each wrong setting and what is allowed, including
+    combinations a trigger form cannot check (``num_beams >= num_captions`` for beam search).
+    """
+    return load_settings(**setting_overrides(params))
 
 
-def job_options(settings: Settings, run_id: str) -> dict[str, Any]:
+def settings_from_plan(plan: Mapping[str, Any]) -> Settings:
+    """The settings the plan task resolved: later tasks never read the configuration again,
+    so a Variable edited mid-run cannot change what one run does."""
+    return Settings.model_validate(plan["settings"])
+
+
+def job_options(settings: Settings, run_id: str) -> dict[str, str]:
     """The run-specific part of the job's command line (contract), as pipeline options."""
-    opts = settings.caption
-    options: dict[str, Any] = {
+    return job_spec.pipeline_options({
+        **settings.job.model_dump(),
         "manifest": manifest_uri(settings, run_id),
         "output": job_output(settings, run_id),
         "run_id": run_id,
-        "blip_model": settings.blip_model,
-        "clip_model": settings.clip_model,
-        "num_captions": opts.num_captions,
-        "decoding": opts.decoding,
-        "num_beams": opts.num_beams,
-        "max_new_tokens": opts.max_new_tokens,
-        "blip_batch_size": opts.blip_batch_size,
-        "clip_batch_size": opts.clip_batch_size,
-        "device": opts.device,
-        "decode_min_side": opts.decode_min_side,
-    }
-    if opts.prompt:
-        options["prompt"] = opts.prompt
-    return {k: str(v) for k, v in options.items()}
+    })
 
 
 def static_pipeline_options(settings: Settings) -> dict[str, Any]:
@@ -88,32 +62,40 @@ def static_pipeline_options(settings: Settings) -> dict[str, Any]:
         return {}
     df = settings.dataflow
     options: dict[str, Any] = {
-        "project": settings.gcp_project,
-        "region": df.region,
         "temp_location": df.temp_location,
         "staging_location": df.staging_location or df.temp_location,
         "machine_type": df.machine_type,
         "max_num_workers": df.max_num_workers,
         "disk_size_gb": df.disk_size_gb,
+        "network": df.network,
+        "subnetwork": df.subnetwork,
+        "labels": dict(df.labels) or None,
+        # The Beam hook turns False into --no_use_public_ips.
+        "use_public_ips": df.use_public_ips,
     }
+    experiments = ["use_runner_v2"]
     accelerator = df.worker_accelerator()
     if accelerator:
         options["dataflow_service_options"] = [f"worker_accelerator={accelerator}"]
+        if df.one_sdk_process_per_gpu:
+            experiments.append("no_use_multiple_sdk_containers")
+    options["experiments"] = experiments
     if df.worker_container_image:
         # The worker image carries Beam, torch, transformers and this job's package.
         options["sdk_container_image"] = df.worker_container_image
         options["sdk_location"] = "container"
-    if df.service_account:
-        options["service_account_email"] = df.service_account
     return {k: v for k, v in options.items() if v is not None}
 
 
 def dataflow_config(settings: Settings) -> dict[str, Any] | None:
-    """`DataflowConfiguration` kwargs for the Beam operator, or None off Dataflow."""
+    """`DataflowConfiguration` kwargs for the Beam operator, or None off Dataflow.
+
+    The operator sets ``--project``, ``--region`` and ``--service_account_email`` from it.
+    """
     if settings.runner != "DataflowRunner":
         return None
     return {
-        "job_name": "caption-images",
+        "job_name": settings.dataflow.job_name,
         "project_id": settings.gcp_project,
         "location": settings.dataflow.region,
         "gcp_conn_id": settings.gcp_conn_id,
@@ -125,6 +107,34 @@ def dataflow_config(settings: Settings) -> dict[str, Any] | None:
 def job_interpreter(settings: Settings) -> str:
     """Python that launches the job: this one locally (it has Beam and torch), python3 to submit."""
     return sys.executable if settings.runner != "DataflowRunner" else "python3"
+
+
+def launch_config(settings: Settings) -> dict[str, Any]:
+    """How the caption task launches the job (see ``operators.CaptionJobOperator``)."""
+    on_dataflow = settings.runner == "DataflowRunner"
+    return {
+        "py_file": settings.job_file,
+        "py_interpreter": job_interpreter(settings),
+        "runner": settings.runner,
+        "default_pipeline_options": static_pipeline_options(settings),
+        "dataflow_config": dataflow_config(settings),
+        "gcp_conn_id": settings.gcp_conn_id,
+        # Locally the job runs inside the task; deferring would run it in the triggerer.
+        "deferrable": on_dataflow and settings.dataflow.deferrable,
+    }
+
+
+def plan_task(run_id: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The plan task: :func:`plan_run`, but a configuration error fails at once, unretried.
+
+    Retrying cannot fix a wrong setting; it would only hide the message for minutes.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        return plan_run(run_id, params)
+    except SettingsError as exc:
+        raise AirflowFailException(f"invalid settings for this run: {exc}") from exc
 
 
 def plan_run(run_id: str, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -146,13 +156,14 @@ def plan_run(run_id: str, params: Mapping[str, Any]) -> dict[str, Any]:
         target,
         extensions=settings.images.extensions,
         min_bytes=settings.images.min_bytes,
-        max_bytes=settings.images.max_bytes,
+        max_bytes=settings.job.max_image_bytes,
         exclude_ids=exclude,
         max_images=settings.max_images,
         conn_id=settings.storage_conn_id,
     )
     loaded = warehouse.load_manifest(run_id, target)
-    warehouse.clear_staging(job_output(settings, run_id))
+    warehouse.clear_staging(job_output(settings, run_id),
+                            expiration_hours=settings.staging_expiration_hours)
     log.info("manifest %s: %s (%d rows loaded)", target, stats.to_dict(), loaded)
     return {
         "run_id": run_id,
@@ -163,6 +174,8 @@ def plan_run(run_id: str, params: Mapping[str, Any]) -> dict[str, Any]:
         "images": loaded,
         "manifest_stats": stats.to_dict(),
         "job_options": job_options(settings, run_id),
+        "launch": launch_config(settings),
+        "settings": settings.model_dump(mode="json"),
         "params": dict(params),
     }
 
@@ -171,17 +184,18 @@ def publish_run(plan: Mapping[str, Any]) -> dict[str, Any]:
     """MERGE the job's staged output into the captions and dead-letter tables."""
     from caption_platform.warehouse import get_warehouse
 
-    settings = settings_for_run(plan["params"])
-    result = get_warehouse(settings).publish(plan["run_id"], plan["output"])
+    settings = settings_from_plan(plan)
+    warehouse = get_warehouse(settings)
+    result = warehouse.publish(plan["run_id"], plan["output"])
     log.info("published %s", result.to_dict())
-    return result.to_dict()
+    return {**result.to_dict(), "table": warehouse.table_uri("captions"), "run_id": plan["run_id"]}
 
 
 def validate_run(plan: Mapping[str, Any]) -> dict[str, Any]:
     """Prove the run exactly-once; raise with counts and sample ids otherwise."""
     from caption_platform.warehouse import get_warehouse
 
-    settings = settings_for_run(plan["params"])
+    settings = settings_from_plan(plan)
     result = get_warehouse(settings).validate(plan["run_id"])
     log.info(result.message)
     result.raise_if_failed()
@@ -210,11 +224,14 @@ def record_metrics(
     )
     from caption_platform.warehouse import get_warehouse
 
-    settings = settings_for_run(plan["params"])
+    settings = settings_from_plan(plan)
     prices = prices_from_settings(settings)
     if settings.runner == "DataflowRunner":
-        if not dataflow_job_id:
-            raise RuntimeError("no Dataflow job id was recorded by the caption task")
+        if not dataflow_job_id:  # the launch failed before Dataflow accepted a job
+            row = failed_launch_row(plan, dag_id=dag_id, settings=settings, prices=prices)
+            get_warehouse(settings).record_run(row)
+            log.info("pipeline_runs row (failed launch): %s", row)
+            return _jsonable(row)
         df = settings.dataflow
         job, metrics = fetch_dataflow_job_resources(
             dataflow_job_id, settings.gcp_project or "", df.region, settings.gcp_conn_id
@@ -249,7 +266,35 @@ def record_metrics(
         )
     get_warehouse(settings).record_run(row)
     log.info("pipeline_runs row: %s", row)
+    return _jsonable(row)
+
+
+def _jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
+
+
+def failed_launch_row(
+    plan: Mapping[str, Any], *, dag_id: str, settings: Settings, prices: Any
+) -> dict[str, Any]:
+    """The pipeline_runs row of a Dataflow launch that failed before it had a job id."""
+    from caption_platform.metrics import run_row_from_dataflow
+
+    df = settings.dataflow
+    row = run_row_from_dataflow(
+        {"currentState": "JOB_STATE_FAILED"},
+        [],
+        run_id=plan["run_id"],
+        dag_id=dag_id,
+        images_in=int(plan["images"]),
+        machine_type=df.machine_type,
+        gpu_type=df.accelerator_type if df.accelerator_count else None,
+        num_workers_max=df.max_num_workers,
+        settings=settings,
+        prices=prices,
+    )
+    row["error"] = ("the Dataflow launch failed before a job id was recorded "
+                    "(see the caption task's log)")
+    return row
 
 
 def export_run(plan: Mapping[str, Any]) -> dict[str, Any]:
@@ -257,7 +302,7 @@ def export_run(plan: Mapping[str, Any]) -> dict[str, Any]:
     from caption_platform.export import export_hf_imagefolder
     from caption_platform.warehouse import get_warehouse
 
-    settings = settings_for_run(plan["params"])
+    settings = settings_from_plan(plan)
     rows = get_warehouse(settings).captions_for_run(plan["run_id"], limit=None)
     out = f"{plan['run_folder']}/hf_dataset"
     written = export_hf_imagefolder(rows, out, conn_id=settings.storage_conn_id)

@@ -10,6 +10,10 @@ tests execute this logic for real.
 from __future__ import annotations
 
 CREATE_TABLE = "CREATE TABLE IF NOT EXISTS {table} ({column_defs})"
+# BigQuery table option appended to CREATE_TABLE for per-run staging tables ({hours}: an int).
+EXPIRES_IN_HOURS = (
+    " OPTIONS (expiration_timestamp = TIMESTAMP_ADD(CURRENT_TIMESTAMP(), INTERVAL {hours} HOUR))"
+)
 
 # -- manifests ------------------------------------------------------------------------
 # Idempotent per run: the run's rows are replaced, never appended twice.

@@ -8,13 +8,12 @@ pipeline_runs and manifests belong to the Airflow side and are declared here.
 from __future__ import annotations
 
 import functools
-from types import ModuleType
 from typing import Any
 
-from caption_platform.job_package import job_module
+from captioning import schema as job_schema
 
-CAPTIONS = "captions"
-DEAD_LETTERS = "dead_letters"
+CAPTIONS = job_schema.CAPTIONS
+DEAD_LETTERS = job_schema.DEAD_LETTERS
 PIPELINE_RUNS = "pipeline_runs"
 MANIFESTS = "manifests"
 TABLE_KINDS = (CAPTIONS, DEAD_LETTERS, PIPELINE_RUNS, MANIFESTS)
@@ -56,11 +55,6 @@ MANIFESTS_COLUMNS: dict[str, str] = {
     "size_bytes": "INT64",
 }
 
-def job_schema() -> ModuleType:
-    """The job's ``captioning.schema`` module (the captions and dead-letter columns)."""
-    return job_module("schema")
-
-
 @functools.cache
 def columns(kind: str) -> dict[str, str]:
     """Column name -> BigQuery standard SQL type for a table kind (ordered)."""
@@ -69,7 +63,7 @@ def columns(kind: str) -> dict[str, str]:
     if kind == MANIFESTS:
         return dict(MANIFESTS_COLUMNS)
     if kind in (CAPTIONS, DEAD_LETTERS):
-        return job_schema().sql_columns(kind)
+        return job_schema.sql_columns(kind)
     raise ValueError(f"table kind {kind!r} is unknown; choose one of {', '.join(TABLE_KINDS)}")
 
 

@@ -87,11 +87,15 @@ class Warehouse(ABC):
     def _unstage(self, refs: Sequence[str]) -> None:  # noqa: B027 - optional hook
         """Drop temporary staging objects (engines that create them)."""
 
-    def clear_staging(self, staging: str) -> None:  # noqa: B027 - optional hook
+    def clear_staging(self, staging: str, *, expiration_hours: int = 72) -> None:  # noqa: B027
         """Remove what an earlier attempt of the run left in ``staging`` (engines that need it).
 
         The Parquet output needs nothing: the job replaces its own files atomically.
         """
+
+    @abstractmethod
+    def table_uri(self, kind: str) -> str:
+        """Where a table lives, as a URI (the captions Asset event names it)."""
 
     # -- shared helpers ------------------------------------------------------------------
     def _table(self, kind: str) -> str:
@@ -141,17 +145,16 @@ class Warehouse(ABC):
         (BigQuery: ``PREFIX`` or ``bq://PROJECT.DATASET.PREFIX``).
         """
         staged_captions, staged_dead = self._stage_output(run_id, staging)
-        try:
-            refs = self._refs(staging_captions=staged_captions, staging_dead_letters=staged_dead)
-            counts = self._query(sql.STAGED_COUNTS.format(**refs))[0]
-            captions_merged = self._execute(
-                [sql.MERGE_CAPTIONS.format(**refs, **_merge_lists(tables.CAPTIONS))]
-            )
-            dead_merged = self._execute(
-                [sql.MERGE_DEAD_LETTERS.format(**refs, **_merge_lists(tables.DEAD_LETTERS))]
-            )
-        finally:
-            self._unstage([staged_captions, staged_dead])
+        refs = self._refs(staging_captions=staged_captions, staging_dead_letters=staged_dead)
+        counts = self._query(sql.STAGED_COUNTS.format(**refs))[0]
+        captions_merged = self._execute(
+            [sql.MERGE_CAPTIONS.format(**refs, **_merge_lists(tables.CAPTIONS))]
+        )
+        dead_merged = self._execute(
+            [sql.MERGE_DEAD_LETTERS.format(**refs, **_merge_lists(tables.DEAD_LETTERS))]
+        )
+        # Only once both MERGEs committed: a retried publish still finds the staged rows.
+        self._unstage([staged_captions, staged_dead])
         return PublishResult(
             captions_staged=int(counts["captions_staged"]),
             dead_letters_staged=int(counts["dead_letters_staged"]),
@@ -302,6 +305,9 @@ class DuckDBWarehouse(Warehouse):
 
     def _ref(self, name: str, *, project: str | None = None, dataset: str | None = None) -> str:
         return f"`{validate_identifier(name)}`"
+
+    def table_uri(self, kind: str) -> str:
+        return f"duckdb://{self.path}#{getattr(self.tables, kind)}"
 
     @staticmethod
     def _bind(statement: str, params: Params | None) -> dict[str, Any]:
@@ -455,6 +461,9 @@ class BigQueryWarehouse(Warehouse):
             )
         return self._hook
 
+    def table_uri(self, kind: str) -> str:
+        return f"bigquery://{self.project}/{self.dataset}/{getattr(self.tables, kind)}"
+
     def _ref(self, name: str, *, project: str | None = None, dataset: str | None = None) -> str:
         project = project or self.project
         if not _PROJECT.match(project) or "`" in project:
@@ -528,13 +537,22 @@ class BigQueryWarehouse(Warehouse):
         )
         return captions, dead
 
-    def clear_staging(self, staging: str) -> None:
-        """Drop the run's staging tables before the job writes them.
+    def clear_staging(self, staging: str, *, expiration_hours: int = 72) -> None:
+        """Recreate the run's staging tables empty, expiring ``expiration_hours`` from now.
 
         FILE_LOADS runs no load job for a kind with zero rows, so WRITE_TRUNCATE alone
-        would leave an earlier attempt's rows in place on a rerun.
+        would leave an earlier attempt's rows in place on a rerun. The expiry removes the
+        tables of a run that never publishes; publish drops them once it has merged.
         """
-        for ref in self._staging_refs(staging):
+        hours = int(expiration_hours)
+        for ref, kind in zip(self._staging_refs(staging), (tables.CAPTIONS, tables.DEAD_LETTERS),
+                             strict=True):
+            self._execute([f"DROP TABLE IF EXISTS {ref}"])
+            self._execute([_create_table(ref, kind) + sql.EXPIRES_IN_HOURS.format(hours=hours)])
+
+    def _unstage(self, refs: Sequence[str]) -> None:
+        """Drop per-run staging tables (the manifest's after loading, the job's after publish)."""
+        for ref in refs:
             self._execute([f"DROP TABLE IF EXISTS {ref}"])
 
     def _stage_output(self, run_id: str, staging: str) -> tuple[str, str]:

@@ -4,6 +4,7 @@ trigger time, and builds the Dataflow GPU job on the gcp profile without a cloud
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -84,7 +85,9 @@ def test_dependencies_and_gate() -> None:
     ("conf", "expected"),
     [
         ({"num_captions": 0}, "num_captions: 0 is less than the minimum of 1"),
-        ({"decoding": "greedy"}, "'greedy' is not one of ['beam', 'sample']"),
+        ({"decoding": "greedy"}, "'greedy' is not one of [None, 'beam', 'sample']"),
+        ({"num_beams": 33}, "num_beams: 33 is greater than the maximum of 32"),
+        ({"prompt": "   "}, "prompt"),
         ({"source_uri": "s3://bucket/x"}, "source_uri"),
         ({"max_images": -3}, "max_images"),
         ({"blip_batch_size": "eight"}, "blip_batch_size"),
@@ -120,6 +123,111 @@ def test_beam_search_needs_enough_beams() -> None:
     assert settings_for_run({"num_captions": 4, "num_beams": 2, "decoding": "sample"})
 
 
+def test_a_wrong_combination_fails_the_plan_task_at_once_without_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from caption_platform.run_steps import plan_task
+
+    monkeypatch.setenv("CAPTION_DATA_ROOT", f"file://{tmp_path}")
+    monkeypatch.setenv("CAPTION_DUCKDB_PATH", str(tmp_path / "wh.duckdb"))
+    monkeypatch.setenv("CAPTION_IGNORE_AIRFLOW_VARIABLES", "1")
+    with pytest.raises(AirflowFailException, match=r"num_beams \(2\) must be >= num_captions"):
+        plan_task("manual__x", {"num_captions": 4, "num_beams": 2, "decoding": "beam"})
+    assert not (tmp_path / "wh.duckdb").exists()  # refused before touching anything
+
+
+def test_parsing_reads_no_airflow_variable_and_no_setting() -> None:
+    """Airflow re-parses DAG files all the time: no Variable (a DB or secrets call) at parse."""
+    code = textwrap.dedent(
+        f"""
+        import json, os
+        os.environ["CAPTION_PROFILE"] = "no-such-profile"  # would fail if settings were read
+        calls = []
+        import airflow.sdk
+        from airflow.sdk.definitions import variable
+        def spy(*a, **k):
+            calls.append(a)
+            raise KeyError(a)
+        variable.Variable.get = staticmethod(spy)
+        from airflow.dag_processing.dagbag import DagBag
+        bag = DagBag({str(DAGS_FOLDER)!r})
+        print(json.dumps({{"errors": list(bag.import_errors), "dags": sorted(bag.dags),
+                          "variable_reads": len(calls)}}))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"errors": [], "dags": ["caption_images"], "variable_reads": 0}
+
+
+def test_one_declaration_a_bound_changed_there_changes_everywhere() -> None:
+    """captioning.job_spec is the only place a job setting is declared: lower the largest
+    num_captions there and the trigger form, the job's command line and the Airflow
+    settings all refuse what they accepted before."""
+    code = textwrap.dedent(
+        f"""
+        import dataclasses, json
+        from captioning import job_spec
+        job_spec.SETTINGS = tuple(dataclasses.replace(s, maximum=7) if s.name == "num_captions"
+                                  else s for s in job_spec.SETTINGS)
+        from airflow.dag_processing.dagbag import DagBag
+        from airflow.sdk.exceptions import ParamValidationError
+        from airflow.serialization.serialized_objects import DagSerialization
+        dag = DagBag({str(DAGS_FOLDER)!r}).dags["caption_images"]
+        served = DagSerialization.from_dict(DagSerialization.to_dict(dag))  # as the API sees it
+        form = served.params.deep_merge({{"num_captions": 8}})
+        try:
+            form.validate(); form_error = None
+        except ParamValidationError as e:
+            form_error = str(e)
+        from captioning.options import CaptionOptions, CaptionOptionsError, validate
+        try:
+            validate(CaptionOptions(["--manifest", "m", "--output", "o", "--run_id", "r",
+                                     "--num_captions", "8", "--num_beams", "8"]))
+            cli_error = None
+        except CaptionOptionsError as e:
+            cli_error = str(e)
+        from caption_platform.config import SettingsError, load_settings
+        try:
+            load_settings("local", job={{"num_captions": 8, "num_beams": 8}}); settings_error = None
+        except SettingsError as e:
+            settings_error = str(e)
+        print(json.dumps({{"form": form_error, "cli": cli_error, "settings": settings_error,
+                          "schema_max": dag.params.get_param("num_captions").schema["maximum"]}}))
+        """
+    )
+    env = {**os.environ, "CAPTION_IGNORE_AIRFLOW_VARIABLES": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["schema_max"] == 7
+    assert "8 is greater than the maximum of 7" in result["form"]
+    assert "--num_captions: 8 is more than the maximum of 7" in result["cli"]
+    assert "job.num_captions: 8 is more than the maximum of 7" in result["settings"]
+
+
+def test_job_settings_are_generated_from_the_job_declaration() -> None:
+    """Each per-run job setting is a Param with the declaration's bounds; the job's options
+    carry every job setting, including the limit the manifest filters by."""
+    from caption_platform.config import load_settings
+    from caption_platform.run_steps import job_options
+    from captioning import job_spec
+
+    dag = load_dagbag().dags["caption_images"]
+    for setting in job_spec.SETTINGS:
+        if setting.per_run:
+            schema = dag.params.get_param(setting.name).schema
+            assert schema.get("minimum") == setting.minimum, setting.name
+            assert schema.get("maximum") == setting.maximum, setting.name
+        else:
+            assert setting.name not in dag.params
+    options = job_options(load_settings("local", job={"max_image_bytes": 1234}), "r1")
+    assert {s.name for s in job_spec.SETTINGS} - {"prompt"} <= set(options)
+    assert options["max_image_bytes"] == "1234"
+
+
 GCP_ENV = {
     "CAPTION_PROFILE": "gcp",
     "CAPTION_GCP_PROJECT": "my-proj",
@@ -127,58 +235,142 @@ GCP_ENV = {
     "CAPTION_DATAFLOW__TEMP_LOCATION": "gs://my-bucket/tmp",
     "CAPTION_DATAFLOW__WORKER_CONTAINER_IMAGE": "us-docker.pkg.dev/my-proj/beam/caption:2.77.0",
     "CAPTION_DATAFLOW__MACHINE_TYPE": "n1-standard-8",
+    "CAPTION_DATAFLOW__DISK_SIZE_GB": "100",
+    "CAPTION_DATAFLOW__MAX_NUM_WORKERS": "25",
+    "CAPTION_DATAFLOW__SERVICE_ACCOUNT": "caption-worker@my-proj.iam.gserviceaccount.com",
+    "CAPTION_DATAFLOW__NETWORK": "vpc-1",
+    "CAPTION_DATAFLOW__SUBNETWORK": "regions/us-central1/subnetworks/sub-1",
+    "CAPTION_DATAFLOW__USE_PUBLIC_IPS": "false",
+    "CAPTION_DATAFLOW__LABELS": '{"team": "ml-platform", "cost-center": "vision"}',
     "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT": "google-cloud-platform://",
 }
 
 
-def test_gcp_profile_builds_dataflow_gpu_job_without_cloud_calls(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def gcp_plan(monkeypatch: pytest.MonkeyPatch, params: dict | None = None) -> dict:
+    """The launch part of what the plan task returns on the gcp profile (no cloud call)."""
+    from caption_platform.run_steps import job_options, launch_config, settings_for_run
+
     for key, value in GCP_ENV.items():
         monkeypatch.setenv(key, value)
-    dag = load_dagbag().dags["caption_images"]
-    op = dag.task_dict["caption"]
-    assert op.runner == "DataflowRunner"
-    assert op.py_interpreter == "python3"
-    opts = op.default_pipeline_options
-    assert opts["dataflow_service_options"] == [
-        "worker_accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver"
-    ]
-    assert opts["sdk_container_image"] == GCP_ENV["CAPTION_DATAFLOW__WORKER_CONTAINER_IMAGE"]
-    assert opts["machine_type"] == "n1-standard-8"
-    assert opts["project"] == "my-proj"
-    assert opts["temp_location"] == "gs://my-bucket/tmp"
-    assert op.dataflow_config["project_id"] == "my-proj"
-    assert op.dataflow_config["location"] == "us-central1"
+    monkeypatch.setenv("CAPTION_IGNORE_AIRFLOW_VARIABLES", "1")
+    settings = settings_for_run(params or {})
+    run_id = "manual__2026-11-01"
+    return {"run_id": run_id, "images": 3, "settings": settings.model_dump(mode="json"),
+            "job_options": job_options(settings, run_id), "launch": launch_config(settings),
+            "params": params or {}}
 
-    # What the operator would hand to the Beam hook, with the per-run options the plan task
-    # returns through XCom in place of the template: all resolved with no API call.
-    from caption_platform.run_steps import job_options, settings_for_run
 
-    assert "xcom_pull(task_ids='plan')['job_options']" in op.pipeline_options
-    op.pipeline_options = job_options(settings_for_run({}), "manual__2026-11-01")
+def test_gcp_profile_renders_the_full_dataflow_gpu_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every option of the gcp profile reaches the command line the Beam hook would run."""
+    from airflow.providers.apache.beam.hooks.beam import beam_options_to_args
+
+    plan = gcp_plan(monkeypatch)
+    op = load_dagbag().dags["caption_images"].task_dict["caption"]
+    op.apply_plan(plan)
+    assert op.runner == "DataflowRunner" and op.py_interpreter == "python3"
+    assert op.deferrable is True  # the worker slot is freed while the GPU job runs
+    assert op.py_file.endswith("caption_images.py")
     op._cast_dataflow_config()
     is_dataflow, job_name, options, _, _ = op._init_pipeline_options(
         format_pipeline_options=True, job_name_variable_key="job_name"
     )
-    assert is_dataflow is True
-    assert job_name.startswith("caption-images")
-    assert options["region"] == "us-central1"
-    assert options["dataflow_service_options"] == opts["dataflow_service_options"]
+    assert is_dataflow is True and job_name.startswith("caption-images")
+    args = beam_options_to_args(options)
+    expected = {
+        "--project=my-proj",
+        "--region=us-central1",
+        "--temp_location=gs://my-bucket/tmp",
+        "--staging_location=gs://my-bucket/tmp",
+        "--sdk_container_image=us-docker.pkg.dev/my-proj/beam/caption:2.77.0",
+        "--sdk_location=container",
+        "--machine_type=n1-standard-8",
+        "--dataflow_service_options=worker_accelerator="
+        "type:nvidia-tesla-t4;count:1;install-nvidia-driver",
+        "--disk_size_gb=100",
+        "--max_num_workers=25",
+        "--experiments=use_runner_v2",
+        "--experiments=no_use_multiple_sdk_containers",  # one SDK process per GPU
+        "--service_account_email=caption-worker@my-proj.iam.gserviceaccount.com",
+        "--network=vpc-1",
+        "--subnetwork=regions/us-central1/subnetworks/sub-1",
+        "--no_use_public_ips",
+        "--device=cuda",
+        "--blip_model=Salesforce/blip-image-captioning-base",
+    }
+    assert expected <= set(args), expected - set(args)
+    labels = options["labels"]
+    assert labels["team"] == "ml-platform" and labels["cost-center"] == "vision"
     assert options["output"].startswith("bq://my-proj.captioning.stg_manual__2026_11_01")
-    assert options["device"] == "cuda"
-
-
-def test_gcp_job_writes_to_bigquery_staging_tables(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in GCP_ENV.items():
-        monkeypatch.setenv(key, value)
-    from caption_platform.run_steps import job_options, settings_for_run
-
-    settings = settings_for_run({"prompt": "a photo of"})
-    options = job_options(settings, "scheduled__2026-11-01T00:00:00+00:00")
-    assert options["output"].startswith("bq://my-proj.captioning.stg_scheduled__2026_11_01")
     assert options["manifest"].startswith("gs://my-bucket/captioning/runs/")
-    assert options["device"] == "cuda"
-    assert options["blip_model"] == "Salesforce/blip-image-captioning-base"
-    assert options["prompt"] == "a photo of"
-    assert "prompt" not in job_options(settings_for_run({}), "r1")
+    # the job's own parser accepts every option the DAG passes
+    from captioning.options import CaptionOptions, validate
+
+    validate(CaptionOptions([a for a in args if not a.startswith("--labels")]))
+
+
+def test_gcp_job_builds_for_the_dataflow_runner_without_torch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Composer submits the job from an environment without torch or transformers."""
+    plan = gcp_plan(monkeypatch, {"prompt": "a photo of"})
+    argv = [f"--{k}={v}" for k, v in plan["job_options"].items()]
+    code = textwrap.dedent(
+        f"""
+        import importlib.abc, json, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers"):
+                    raise ImportError("not installed on Composer: " + name)
+        sys.meta_path.insert(0, Block())
+        import apache_beam as beam
+        from captioning.options import CaptionOptions, validate
+        from captioning.pipeline import build_pipeline
+        options = CaptionOptions({argv!r} + ["--runner=DataflowRunner", "--project=my-proj",
+                                             "--region=us-central1",
+                                             "--temp_location=gs://my-bucket/tmp"])
+        validate(options.view_as(CaptionOptions))
+        pipeline = beam.Pipeline(options=options)
+        build_pipeline(pipeline, options.view_as(CaptionOptions))
+        proto = pipeline.to_runner_api()
+        names = [t.unique_name for t in proto.components.transforms.values()]
+        print(json.dumps({{"transforms": len(names),
+                          "bq": any("_ToBigQuery" in n for n in names),
+                          "heavy": [m for m in ("torch", "transformers") if m in sys.modules]}}))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["heavy"] == [] and result["bq"] is True and result["transforms"] > 10
+
+
+def test_gcp_failed_launch_is_recorded_as_a_failed_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A launch that dies before Dataflow gives a job id still leaves a pipeline_runs row."""
+    from caption_platform import run_steps, warehouse
+
+    recorded: list[dict] = []
+
+    class Recorder:
+        def record_run(self, row: dict) -> None:
+            recorded.append(row)
+
+    plan = gcp_plan(monkeypatch)
+    monkeypatch.setattr(warehouse, "get_warehouse", lambda settings: Recorder())
+    row = run_steps.record_metrics(plan, dag_id="caption_images", dataflow_job_id=None)
+    assert recorded and recorded[0]["run_id"] == plan["run_id"]
+    assert row["final_state"] == "JOB_STATE_FAILED"
+    assert "launch failed" in row["error"]
+    assert row["images_in"] == 3 and row["images_per_s"] is None
+    assert row["gpu_type"] == "nvidia-tesla-t4" and row["machine_type"] == "n1-standard-8"
+
+
+def test_local_profile_launches_in_process_not_deferred(monkeypatch: pytest.MonkeyPatch) -> None:
+    from caption_platform.run_steps import launch_config, settings_for_run
+
+    monkeypatch.setenv("CAPTION_IGNORE_AIRFLOW_VARIABLES", "1")
+    launch = launch_config(settings_for_run({}))
+    assert launch["runner"] == "DirectRunner" and launch["deferrable"] is False
+    assert launch["default_pipeline_options"] == {} and launch["dataflow_config"] is None
+    assert launch["py_interpreter"] == sys.executable

@@ -32,8 +32,8 @@ def local_profile(
         "CAPTION_DATA_ROOT": f"file://{tmp_path / 'data'}",
         "CAPTION_SOURCE_URI": f"file://{images}",
         "CAPTION_DUCKDB_PATH": str(tmp_path / "warehouse.duckdb"),
-        "CAPTION_BLIP_MODEL": tiny_models["blip"],
-        "CAPTION_CLIP_MODEL": tiny_models["clip"],
+        "CAPTION_JOB__BLIP_MODEL": tiny_models["blip"],
+        "CAPTION_JOB__CLIP_MODEL": tiny_models["clip"],
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)

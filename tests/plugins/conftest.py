@@ -53,7 +53,7 @@ def write_staging(output: Path, captions: list[dict], dead_letters: list[dict]) 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema_mod = tables.job_schema()
+    schema_mod = tables.job_schema
     for kind, rows in ((tables.CAPTIONS, captions), (tables.DEAD_LETTERS, dead_letters)):
         folder = output / kind
         folder.mkdir(parents=True, exist_ok=True)

@@ -23,11 +23,11 @@ def test_local_defaults() -> None:
     assert s.source_uri == f"{s.data_root}/sample_images"
     assert s.warehouse == "duckdb"
     assert s.duckdb_path == str(REPO_ROOT / "data" / "warehouse.duckdb")
-    assert s.blip_model == str(REPO_ROOT / "data" / "models" / "blip")
-    assert s.clip_model == str(REPO_ROOT / "data" / "models" / "clip")
+    assert s.job.blip_model == str(REPO_ROOT / "data" / "models" / "blip")
+    assert s.job.clip_model == str(REPO_ROOT / "data" / "models" / "clip")
     assert s.runner == "DirectRunner"
     assert s.images.min_bytes == 0  # zero-byte files become dead letters, not silently dropped
-    assert s.images.max_bytes == 50 * 1024 * 1024
+    assert s.job.max_image_bytes == 50 * 1024 * 1024
     assert "jpg" in s.images.extensions and "webp" in s.images.extensions
     assert s.tables.captions == "captions"
     assert s.dataflow.region == "us-central1"
@@ -42,11 +42,11 @@ def test_gcp_profile_with_requirements() -> None:
     )
     assert s.warehouse == "bigquery"
     assert s.runner == "DataflowRunner"
-    assert s.blip_model == "Salesforce/blip-image-captioning-base"
-    assert s.clip_model == "openai/clip-vit-base-patch32"
+    assert s.job.blip_model == "Salesforce/blip-image-captioning-base"
+    assert s.job.clip_model == "openai/clip-vit-base-patch32"
     assert s.gcp_conn_id == "google_cloud_default"
     assert s.data_root == "gs://bkt/captioning"
-    assert s.caption.device == "cuda"
+    assert s.job.device == "cuda"
     assert job_output(s, "manual__1").startswith("bq://my-proj.captions_ds.stg_manual__1_")
 
 
@@ -87,11 +87,11 @@ def test_env_and_variable_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
                     "dataflow": {"region": "europe-west4"}}),
     )
     monkeypatch.setenv("CAPTION_DATA_ROOT", "file:///from/env/")
-    monkeypatch.setenv("CAPTION_IMAGES__MAX_BYTES", "1000")
+    monkeypatch.setenv("CAPTION_JOB__MAX_IMAGE_BYTES", "1000")
     s = load_settings(max_images=7)
     assert s.data_root == "file:///from/env"  # env beats the Variable, trailing / trimmed
     assert s.source_uri == "file:///from/env/sample_images"
-    assert s.images.max_bytes == 1000
+    assert s.job.max_image_bytes == 1000
     assert s.max_images == 7  # kwargs win
     assert s.dataflow.region == "europe-west4"  # from the Variable
 

@@ -27,6 +27,7 @@ def test_failed_job_is_recorded_as_failed_not_as_a_run(local_settings: Path) -> 
         "run_id": "manual__broken",
         "images": 5,
         "output": f"{run_steps.run_folder(settings, 'manual__broken')}/output",  # never written
+        "settings": settings.model_dump(mode="json"),
         "params": {},
     }
     row = run_steps.record_metrics(plan, dag_id="caption_images")
@@ -48,3 +49,16 @@ def test_job_options_leave_out_an_empty_prompt(local_settings: Path) -> None:
     assert options["output"].endswith("/output")
     assert run_steps.static_pipeline_options(settings) == {}
     assert run_steps.dataflow_config(settings) is None
+
+
+def test_later_tasks_use_the_settings_the_plan_resolved(
+    local_settings: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Variable or environment edited mid-run cannot change what the rest of a run does."""
+    settings = run_steps.settings_for_run({"num_captions": 2})
+    plan = {"settings": settings.model_dump(mode="json")}
+    monkeypatch.setenv("CAPTION_DUCKDB_PATH", "/elsewhere/wh.duckdb")
+    monkeypatch.setenv("CAPTION_JOB__NUM_CAPTIONS", "9")
+    again = run_steps.settings_from_plan(plan)
+    assert again == settings
+    assert again.duckdb_path == str(local_settings) and again.job.num_captions == 2

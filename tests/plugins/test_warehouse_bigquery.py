@@ -45,6 +45,8 @@ class FakeHook:
         text = configuration.get("query", {}).get("query", "")
         for needle, job in self.answers.items():
             if needle in text:
+                if isinstance(job, Exception):  # the API answered with an error
+                    raise job
                 return job
         return FakeJob()
 
@@ -119,6 +121,19 @@ def test_publish_merges_from_staging_prefix() -> None:
     assert "ON T.image_id = S.image_id" in merge
     assert "WHEN NOT MATCHED THEN INSERT (image_id, uri, caption" in merge
     assert all(q["useLegacySql"] is False for q in hook.queries())
+    # once both MERGEs committed, the run's staging tables go
+    assert texts[-2:] == ["DROP TABLE IF EXISTS `other-proj.stage_ds.stg_abc_captions`",
+                          "DROP TABLE IF EXISTS `other-proj.stage_ds.stg_abc_dead_letters`"]
+
+
+def test_failed_merge_keeps_the_staged_rows_for_a_retry() -> None:
+    hook = FakeHook({
+        "AS captions_staged": FakeJob(_rows({"captions_staged": 7, "dead_letters_staged": 2})),
+        "MERGE `my-proj.caps_ds.captions`": RuntimeError("quota exceeded"),
+    })
+    with pytest.raises(RuntimeError, match="quota"):
+        _wh(hook).publish(RUN, "bq://my-proj.caps_ds.stg_abc")
+    assert not [q for q in hook.queries() if q["query"].startswith("DROP")]
 
 
 def test_publish_rejects_unsafe_prefix() -> None:
@@ -179,13 +194,20 @@ def test_get_warehouse_builds_hook_with_standard_sql(monkeypatch: pytest.MonkeyP
     assert hook.use_legacy_sql is False and hook.location == "EU"
 
 
-def test_clear_staging_drops_the_runs_staging_tables() -> None:
-    """A rerun must not see an earlier attempt's rows: FILE_LOADS skips empty kinds."""
+def test_clear_staging_recreates_the_runs_staging_tables_expiring() -> None:
+    """A rerun must not see an earlier attempt's rows (FILE_LOADS skips empty kinds), and a
+    run that never publishes must not leave its staging tables behind for ever."""
+    import sqlglot
+
     hook = FakeHook()
-    _wh(hook).clear_staging("bq://my-proj.caps_ds.stg_run1")
-    assert [q["query"] for q in hook.queries()] == [
-        "DROP TABLE IF EXISTS `my-proj.caps_ds.stg_run1_captions`",
-        "DROP TABLE IF EXISTS `my-proj.caps_ds.stg_run1_dead_letters`",
-    ]
+    _wh(hook).clear_staging("bq://my-proj.caps_ds.stg_run1", expiration_hours=48)
+    texts = [q["query"] for q in hook.queries()]
+    assert texts[0] == "DROP TABLE IF EXISTS `my-proj.caps_ds.stg_run1_captions`"
+    assert texts[2] == "DROP TABLE IF EXISTS `my-proj.caps_ds.stg_run1_dead_letters`"
+    for create, kind in ((texts[1], "captions"), (texts[3], "dead_letters")):
+        assert create.startswith(f"CREATE TABLE IF NOT EXISTS `my-proj.caps_ds.stg_run1_{kind}`")
+        assert create.endswith("OPTIONS (expiration_timestamp = TIMESTAMP_ADD("
+                               "CURRENT_TIMESTAMP(), INTERVAL 48 HOUR))")
+        sqlglot.parse_one(create, read="bigquery")  # valid BigQuery DDL
     with pytest.raises(SettingsError):
         _wh(hook).clear_staging("bq://my-proj.caps_ds.x`; DROP TABLE captions; --")

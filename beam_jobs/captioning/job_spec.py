@@ -1,0 +1,189 @@
+"""Every setting of the captioning job, declared once: type, default, bounds, help, rules.
+
+Pure Python (no Beam, torch, pyarrow or pydantic): the job and the Airflow side both import
+it the normal way, and everything else is generated from it:
+
+- the job's command line (:func:`add_arguments`, used by ``captioning.options``);
+- the checks both sides run (:func:`problems`: bounds, choices and the cross-field rules);
+- the DAG's trigger form (``Param`` JSON schemas from :meth:`Setting.json_schema`);
+- the Airflow settings group ``job`` (``caption_platform.config``);
+- the options the DAG passes to the job (:func:`pipeline_options`);
+- the ``settings`` block of ``run_summary.json`` (:func:`summary_settings`).
+
+Change a default or a bound here and every one of those changes with it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One option of the job (or of a DAG run) with everything needed to check and show it."""
+
+    name: str
+    kind: type  # int | str | bool
+    default: Any
+    help: str
+    minimum: int | None = None
+    maximum: int | None = None
+    choices: tuple[str, ...] = ()
+    max_length: int | None = None
+    pattern: str | None = None
+    nullable: bool = False  # None is a legal value (e.g. no prompt)
+    per_run: bool = False  # a trigger parameter of the DAG: may change from run to run
+
+    def problems(self, value: Any) -> list[str]:
+        """What is wrong with ``value`` for this setting (empty when it is allowed)."""
+        if value is None:
+            return [] if self.nullable else ["is required"]
+        if self.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            return [f"{value!r} is not an integer"]
+        if self.kind is bool and not isinstance(value, bool):
+            return [f"{value!r} is not true or false"]
+        if self.kind is str and not isinstance(value, str):
+            return [f"{value!r} is not a string"]
+        out: list[str] = []
+        if self.minimum is not None and value < self.minimum:
+            out.append(f"{value} is less than the minimum of {self.minimum}")
+        if self.maximum is not None and value > self.maximum:
+            out.append(f"{value} is more than the maximum of {self.maximum}")
+        if self.choices and value not in self.choices:
+            out.append(f"{value!r} is not allowed; choose one of {', '.join(self.choices)}")
+        if self.kind is str and not value.strip():
+            out.append("must not be blank")
+        if self.max_length is not None and isinstance(value, str) and len(value) > self.max_length:
+            out.append(f"is longer than {self.max_length} characters")
+        if self.pattern and isinstance(value, str) and not re.search(self.pattern, value):
+            out.append(f"{value!r} does not match {self.pattern}")
+        return out
+
+    def json_schema(self, *, nullable: bool | None = None) -> dict[str, Any]:
+        """JSON schema keywords for an Airflow ``Param`` (the trigger form validates them)."""
+        json_type = {int: "integer", str: "string", bool: "boolean"}[self.kind]
+        allow_null = self.nullable if nullable is None else nullable
+        schema: dict[str, Any] = {"type": ["null", json_type] if allow_null else json_type}
+        if self.minimum is not None:
+            schema["minimum"] = self.minimum
+        if self.maximum is not None:
+            schema["maximum"] = self.maximum
+        if self.choices:
+            schema["enum"] = [*([None] if allow_null else []), *self.choices]
+        if self.kind is str and not self.choices:
+            schema["minLength"] = 1
+            schema["pattern"] = self.pattern or r"\S"  # not blank
+        if self.max_length is not None:
+            schema["maxLength"] = self.max_length
+        return schema
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A check across settings; ``check`` returns the message when the values break it."""
+
+    names: tuple[str, ...]
+    check: Callable[[Mapping[str, Any]], str | None]
+
+
+def _enough_beams(v: Mapping[str, Any]) -> str | None:
+    beams, captions = v.get("num_beams"), v.get("num_captions")
+    if v.get("decoding") == "beam" and isinstance(beams, int) and isinstance(captions, int) \
+            and beams < captions:
+        return (f"num_beams ({beams}) must be >= num_captions ({captions}) with beam search "
+                "decoding; raise num_beams or choose decoding 'sample'")
+    return None
+
+
+#: What each run needs on the command line; the DAG fills these in, they are not settings.
+RUN_ARGUMENTS: tuple[Setting, ...] = (
+    Setting("manifest", str, None,
+            "URI of the manifest (JSON Lines: image_id, uri, size_bytes)."),
+    Setting("output", str, None, "Output folder URI (Parquet) or bq://PROJECT.DATASET.PREFIX."),
+    Setting("run_id", str, None, "Run id written into every row."),
+)
+
+BLIP_MODEL = "Salesforce/blip-image-captioning-base"
+CLIP_MODEL = "openai/clip-vit-base-patch32"
+
+#: The job's settings (contract: the job's command line).
+SETTINGS: tuple[Setting, ...] = (
+    Setting("blip_model", str, BLIP_MODEL,
+            "BLIP model: Hugging Face id, local folder or gs:// folder (save_pretrained layout).",
+            per_run=True),
+    Setting("clip_model", str, CLIP_MODEL,
+            "CLIP model: Hugging Face id, local folder or gs:// folder (save_pretrained layout).",
+            per_run=True),
+    Setting("num_captions", int, 3, "Candidate captions BLIP generates per image; CLIP ranks them.",
+            minimum=1, maximum=16, per_run=True),
+    Setting("decoding", str, "beam",
+            "beam: beam search; sample: nucleus sampling seeded by image_id (reruns repeat).",
+            choices=("beam", "sample"), per_run=True),
+    Setting("num_beams", int, 5, "Beams for beam search (>= num_captions).",
+            minimum=1, maximum=32, per_run=True),
+    Setting("max_new_tokens", int, 30, "Most tokens a caption may have.",
+            minimum=1, maximum=128, per_run=True),
+    Setting("prompt", str, None,
+            "Optional text prefix for conditional captioning, e.g. 'a photograph of'.",
+            max_length=200, nullable=True, per_run=True),
+    Setting("blip_batch_size", int, 8, "Images per BLIP batch.", minimum=1, maximum=256,
+            per_run=True),
+    Setting("clip_batch_size", int, 8, "Images per CLIP batch.", minimum=1, maximum=1024,
+            per_run=True),
+    Setting("device", str, "cpu", "cpu, or cuda on GPU workers (half precision).",
+            choices=("cpu", "cuda")),
+    Setting("max_image_bytes", int, 50 * 1024 * 1024,
+            "Larger files are left out of the manifest and dead-lettered at stage read.",
+            minimum=1),
+    Setting("max_image_pixels", int, 89_478_485,  # Pillow's own decompression-bomb threshold
+            "Decompression-bomb guard: images with more pixels are dead-lettered at stage decode.",
+            minimum=1),
+    Setting("decode_min_side", int, 384,
+            "Decode large images only down to this shorter side (the largest model input: 384 "
+            "for BLIP-base, 224 for CLIP ViT-B/32); 0 keeps full size.",
+            minimum=0, maximum=8192),
+)
+
+RULES: tuple[Rule, ...] = (Rule(("num_beams", "num_captions", "decoding"), _enough_beams),)
+
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}
+
+
+def problems(values: Mapping[str, Any], settings: Iterable[Setting] | None = None,
+             rules: Iterable[Rule] | None = None) -> list[tuple[str, str]]:
+    """Every ``(name, message)`` wrong in ``values``: per setting first, then the rules.
+
+    ``None`` means this module's declarations, looked up at call time.
+    """
+    settings = SETTINGS if settings is None else settings
+    rules = RULES if rules is None else rules
+    out = [(s.name, msg) for s in settings if s.name in values for msg in s.problems(values[s.name])]
+    if not out:
+        out += [(r.names[0], msg) for r in rules if (msg := r.check(values))]
+    return out
+
+
+def add_arguments(parser: Any, settings: Iterable[Setting] | None = None) -> None:
+    """Declare the settings on an argparse parser (Beam's ``_add_argparse_args``)."""
+    for s in (*RUN_ARGUMENTS, *SETTINGS) if settings is None else settings:
+        extra = f" One of: {', '.join(s.choices)}." if s.choices else ""
+        bounds = "" if s.minimum is None else f" At least {s.minimum}."
+        bounds += "" if s.maximum is None else f" At most {s.maximum}."
+        default = "" if s.default is None else f" Default: {s.default}."
+        parser.add_argument(f"--{s.name}", type=s.kind, default=s.default,
+                            help=f"{s.help}{extra}{bounds}{default}")
+
+
+def pipeline_options(values: Mapping[str, Any]) -> dict[str, str]:
+    """The job's command-line options for ``values`` (None left out), as the Beam operator takes them."""
+    names = [s.name for s in (*RUN_ARGUMENTS, *SETTINGS)]
+    return {n: str(values[n]) for n in names if values.get(n) is not None}
+
+
+def summary_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``settings`` block of run_summary.json: every job setting with its value."""
+    return {s.name: values.get(s.name, s.default) for s in SETTINGS}

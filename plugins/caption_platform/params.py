@@ -1,0 +1,59 @@
+"""The caption DAG's trigger parameters, generated from the settings' declarations.
+
+Job settings (models, decoding, batch sizes) come from the job's own declaration,
+``captioning.job_spec``, so a bound changed there changes the trigger form too. An empty
+value means "the configured default" (the ``caption_settings`` Variable, ``CAPTION_*``
+environment variables, the profile): the DAG file never reads configuration to parse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from captioning import job_spec
+from captioning.job_spec import Setting
+
+#: Run-level parameters the Airflow side owns (the job never sees them).
+RUN_PARAMETERS: tuple[Setting, ...] = (
+    Setting("source_uri", str, None,
+            "Folder or bucket prefix to caption: file://, gs:// or an absolute path.",
+            pattern=r"^(file://|gs://|/)", nullable=True),
+    Setting("max_images", int, None, "Caption at most this many images (a sample run).",
+            minimum=1, nullable=True),
+    Setting("incremental", bool, None, "Skip images that other runs already captioned.",
+            nullable=True),
+)
+#: Parameters that steer a task rather than a setting.
+EXPORT_HF = Setting("export_hf", bool, False, "Also write a Hugging Face imagefolder dataset.")
+
+PER_RUN_JOB_SETTINGS: tuple[Setting, ...] = tuple(s for s in job_spec.SETTINGS if s.per_run)
+
+
+def _param(setting: Setting, *, nullable: bool) -> Any:
+    from airflow.sdk import Param
+
+    default = None if nullable else setting.default
+    note = "" if setting.default is None else f" Job default: {setting.default}."
+    empty = " Empty: the configured default." if nullable else ""
+    return Param(default, description=f"{setting.help}{note}{empty}",
+                 **setting.json_schema(nullable=nullable))
+
+
+def dag_params(job_settings: Iterable[Setting] | None = None) -> dict[str, Any]:
+    """Params (JSON schema) for the trigger form: run parameters, job settings, export."""
+    job_settings = PER_RUN_JOB_SETTINGS if job_settings is None else job_settings
+    params = {s.name: _param(s, nullable=True) for s in (*RUN_PARAMETERS, *job_settings)}
+    params[EXPORT_HF.name] = _param(EXPORT_HF, nullable=False)
+    return params
+
+
+def setting_overrides(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a run's parameters override (null parameters keep the configured value)."""
+    overrides: dict[str, Any] = {
+        s.name: params[s.name] for s in RUN_PARAMETERS if params.get(s.name) is not None
+    }
+    job = {s.name: params[s.name] for s in PER_RUN_JOB_SETTINGS if params.get(s.name) is not None}
+    if job:
+        overrides["job"] = job
+    return overrides
