@@ -92,6 +92,7 @@ NOT_ON_COMPOSER: Mapping[str, str] = {
     "transformers": "Dataflow workers only (worker image)",
     "sqlglot": "the DuckDB warehouse only (local profile)",
     "psycopg2-binary": "Composer manages Airflow's metadata database",
+    "asyncpg": "Composer manages Airflow's metadata database",
     "tqdm": "local tooling",
     "rich": "`make demo` only",
     "matplotlib": "local reports",

@@ -5,8 +5,8 @@ corrupt file), runs the DAG through Airflow itself (`airflow dags test`, project
 AIRFLOW_HOME and SQLite metadata database), and prints the captions with their ranked
 candidates, the exactly-once validation and the metrics row. Nothing is downloaded.
 
-Real models instead of the tiny ones: `CAPTION_BLIP_MODEL=/path/or/hf-id
-CAPTION_CLIP_MODEL=... make demo` (a Hugging Face id needs the weights in the local
+Real models instead of the tiny ones: `CAPTION_JOB__BLIP_MODEL=/path/or/hf-id
+CAPTION_JOB__CLIP_MODEL=... make demo` (a Hugging Face id needs the weights in the local
 cache or network access).
 """
 
@@ -24,31 +24,11 @@ from textwrap import shorten
 from rich.console import Console
 from rich.table import Table
 
-from caption_platform.config import REPO_ROOT, load_settings
+from caption_platform.config import load_settings
+from caption_platform.local_airflow import airflow_env, write_airflow_cfg
 from caption_platform.run_steps import DAG_ID
 
 console = Console()
-
-
-def airflow_env() -> dict[str, str]:
-    """Environment for a project-local Airflow: its own home, SQLite DB, our dags/plugins."""
-    home = Path(os.environ.get("AIRFLOW_HOME", REPO_ROOT / "airflow_home"))
-    env = dict(os.environ)
-    env.update(
-        {
-            "AIRFLOW_HOME": str(home),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
-            "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO_ROOT / "plugins"),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "PYTHONPATH": os.pathsep.join(
-                p for p in (str(REPO_ROOT / "plugins"), env.get("PYTHONPATH")) if p
-            ),
-        }
-    )
-    # Offline unless the caller says otherwise (real Hugging Face ids not yet cached).
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", env["HF_HUB_OFFLINE"])
-    return env
 
 
 def _run(args: list[str], env: dict[str, str], log: Path) -> None:
@@ -62,8 +42,8 @@ def _run(args: list[str], env: dict[str, str], log: Path) -> None:
 def prepare_inputs(env: dict[str, str], log: Path) -> None:
     """Tiny models and the sample folder, where the local profile expects them."""
     settings = load_settings("local")
-    models = Path(settings.blip_model).parent
-    if Path(settings.blip_model) == models / "blip":
+    models = Path(settings.job.blip_model).parent
+    if Path(settings.job.blip_model) == models / "blip":
         console.print(f"[bold]1/3[/] tiny BLIP + CLIP models -> {models}")
         _run([sys.executable, "-m", "captioning.model_factory", "--variant", "tiny",
               "--out", str(models)], env, log)
@@ -137,6 +117,7 @@ def main() -> None:
     env = airflow_env()
     home = Path(env["AIRFLOW_HOME"])
     home.mkdir(parents=True, exist_ok=True)
+    write_airflow_cfg(home)  # so that plain `airflow` commands work on this home afterwards
     log = home / "demo.log"
     log.write_text("")
     os.environ.update({k: env[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")})
