@@ -227,15 +227,13 @@ def record_metrics(
     settings = settings_from_plan(plan)
     prices = prices_from_settings(settings)
     if settings.runner == "DataflowRunner":
-        if not dataflow_job_id:  # the launch failed before Dataflow accepted a job
-            row = failed_launch_row(plan, dag_id=dag_id, settings=settings, prices=prices)
-            get_warehouse(settings).record_run(row)
-            log.info("pipeline_runs row (failed launch): %s", row)
-            return _jsonable(row)
         df = settings.dataflow
-        job, metrics = fetch_dataflow_job_resources(
-            dataflow_job_id, settings.gcp_project or "", df.region, settings.gcp_conn_id
-        )
+        if dataflow_job_id:
+            job, metrics = fetch_dataflow_job_resources(
+                dataflow_job_id, settings.gcp_project or "", df.region, settings.gcp_conn_id
+            )
+        else:  # the launch failed before Dataflow accepted a job: still a (failed) run
+            job, metrics = {"currentState": "JOB_STATE_FAILED"}, []
         row = run_row_from_dataflow(
             job,
             metrics,
@@ -248,6 +246,9 @@ def record_metrics(
             settings=settings,
             prices=prices,
         )
+        if not dataflow_job_id:
+            row["error"] = ("the Dataflow launch failed before a job id was recorded "
+                            "(see the caption task's log)")
     else:
         summary = read_run_summary(plan["output"])
         if summary is None:  # the job died before writing it: record the failure, not a run
@@ -271,30 +272,6 @@ def record_metrics(
 
 def _jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
-
-
-def failed_launch_row(
-    plan: Mapping[str, Any], *, dag_id: str, settings: Settings, prices: Any
-) -> dict[str, Any]:
-    """The pipeline_runs row of a Dataflow launch that failed before it had a job id."""
-    from caption_platform.metrics import run_row_from_dataflow
-
-    df = settings.dataflow
-    row = run_row_from_dataflow(
-        {"currentState": "JOB_STATE_FAILED"},
-        [],
-        run_id=plan["run_id"],
-        dag_id=dag_id,
-        images_in=int(plan["images"]),
-        machine_type=df.machine_type,
-        gpu_type=df.accelerator_type if df.accelerator_count else None,
-        num_workers_max=df.max_num_workers,
-        settings=settings,
-        prices=prices,
-    )
-    row["error"] = ("the Dataflow launch failed before a job id was recorded "
-                    "(see the caption task's log)")
-    return row
 
 
 def export_run(plan: Mapping[str, Any]) -> dict[str, Any]:
