@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
 DONE = "JOB_STATE_DONE"
 _SYSTEM_ORIGIN = "dataflow/v1b3"
-_STEP_KEYS = ("step", "original_name", "output_user_name", "execution_step")
+# Context keys of per-step entries. Job-level totals carry `original_name` (for example
+# "Service-cpu_num_seconds") and no step, so `original_name` alone marks nothing.
+_STEP_KEYS = ("step", "execution_step", "output_user_name")
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -94,15 +96,23 @@ def run_row_from_summary(
         "gpu_type": None,
         "machine_type": "local",
         "num_workers_max": 1,
-        "blip_batch_size": settings.get("blip_batch_size"),
-        "clip_batch_size": settings.get("clip_batch_size"),
-        "num_captions": settings.get("num_captions"),
+        **model_settings(settings),
         "estimated_cost_usd": cost.total,
         "cost_per_1k_images_usd": per_1k,
         "pricing_as_of": prices.as_of,
         "final_state": state,
         "error": None if state == DONE else summary.get("error"),
     }
+
+
+#: The job settings a pipeline_runs row records: runs are compared by them.
+MODEL_SETTINGS = ("blip_model", "clip_model", "num_captions", "decoding", "num_beams",
+                  "max_new_tokens", "blip_batch_size", "clip_batch_size")
+
+
+def model_settings(job_settings: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`MODEL_SETTINGS` of a run, from its job settings (None where unknown)."""
+    return {name: job_settings.get(name) for name in MODEL_SETTINGS}
 
 
 def job_metric(metrics: Iterable[dict[str, Any]], name: str, *, origin: str = _SYSTEM_ORIGIN) -> float | None:
@@ -146,7 +156,7 @@ def resources_from_dataflow(metrics: list[dict[str, Any]], gpu_type: str | None)
         gpu_type=gpu_type if gpu_hours else None,
         pd_gb_hours=get("TotalPdUsage") / 3600.0,  # GB-seconds
         ssd_gb_hours=get("TotalSsdUsage") / 3600.0,  # GB-seconds
-        shuffle_gb=get("TotalShuffleDataProcessed") / 1e9,  # bytes
+        shuffle_gb=get("TotalShuffleDataProcessed"),  # GB (Service-shuffle_service_actual_gb)
     )
 
 
@@ -207,9 +217,7 @@ def run_row_from_dataflow(
         "gpu_type": gpu_type,
         "machine_type": machine_type,
         "num_workers_max": int(num_workers_max),
-        "blip_batch_size": caption.blip_batch_size if caption else None,
-        "clip_batch_size": caption.clip_batch_size if caption else None,
-        "num_captions": caption.num_captions if caption else None,
+        **model_settings(caption.model_dump() if caption else {}),
         "estimated_cost_usd": cost.total,
         "cost_per_1k_images_usd": per_1k,
         "pricing_as_of": prices.as_of,

@@ -44,14 +44,19 @@ JOB = {
                                    "sdkSupportStatus": "SUPPORTED"}},
 }
 
+# Job-level totals as Dataflow's metrics API returns them: context.original_name, no step.
 METRICS = [
-    _metric("TotalVcpuTime", 3600 * 8.0),
-    _metric("TotalVcpuTime", 99999, tentative="true"),  # ignored
-    _metric("TotalMemoryUsage", 1024 * 3600 * 30.0),  # MB-seconds -> 30 GB-h
-    _metric("TotalGpuTime", 3600 * 2.0),
-    _metric("TotalPdUsage", 3600 * 100.0),
-    _metric("TotalSsdUsage", 0),
-    _metric("TotalShuffleDataProcessed", 5e9),
+    _metric("TotalVcpuTime", 3600 * 8.0, original_name="Service-cpu_num_seconds"),
+    _metric("TotalVcpuTime", 99999, tentative="true",
+            original_name="Service-cpu_num_seconds"),  # ignored
+    _metric("TotalMemoryUsage", 1024 * 3600 * 30.0,  # MB-seconds -> 30 GB-h
+            original_name="Service-mem_mb_seconds"),
+    _metric("TotalGpuTime", 3600 * 2.0, original_name="Service-gpu_num_seconds"),
+    _metric("TotalPdUsage", 3600 * 100.0, original_name="Service-pd_gb_seconds"),
+    _metric("TotalSsdUsage", 0, original_name="Service-pd_ssd_gb_seconds"),
+    _metric("TotalShuffleDataProcessed", 5.0,  # GB
+            original_name="Service-shuffle_service_actual_gb"),
+    _metric("TotalVcpuTime", 7777, step="s1"),  # a per-step entry: not the job's total
     _metric("ElementCount", 5, step="s1", original_name="x"),
     _metric("captioned", 600, origin="user", step="s3", namespace="captioning"),
     _metric("captioned", 400, origin="user", step="s4", namespace="captioning"),
