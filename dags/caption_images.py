@@ -27,7 +27,9 @@ DOC_MD = """
    `CAPTION_*` environment, then these parameters), lists `source_uri`, keeps images by
    extension and size, de-duplicates by content MD5 (identical bytes under two names are
    captioned once), skips images already captioned when `incremental` is on, writes and
-   loads the run's manifest. A wrong setting fails here at once, with no retry.
+   loads the run's manifest, and forecasts the run's cost from recorded runs with the same
+   runner, hardware, models and settings. A wrong setting, or a forecast above
+   `max_cost_usd`, fails here at once, with no retry.
 2. **has_new_images** skips the rest when the manifest is empty.
 3. **caption** runs the Beam job (Beam's local runner, or Dataflow GPU workers, deferred to
    the triggerer while the job runs): BLIP generates `num_captions` candidates per image,
@@ -35,8 +37,9 @@ DOC_MD = """
    stage and the reason.
 4. **publish** MERGEs the run's staged output on `image_id`: retries never add a row twice.
 5. **validate** proves captioned + dead-lettered == manifest, each id exactly once.
-6. **record_metrics** writes runtime, images/s, resources and estimated cost
-   (GPU included) to `pipeline_runs`, even when the job or its launch failed.
+6. **record_metrics** writes runtime, images/s, resources, estimated cost (GPU included)
+   and the median CLIP similarity of the chosen captions to `pipeline_runs`, even when the
+   job or its launch failed.
 7. **export** (when `export_hf` is on) writes a Hugging Face imagefolder dataset.
 
 Leave a parameter empty to use the configured default. Beam search needs
@@ -63,7 +66,8 @@ def caption_images() -> None:
     @task
     def plan() -> dict:
         ctx = get_current_context()
-        return run_steps.plan_task(ctx["run_id"], ctx["params"])
+        return run_steps.plan_task(ctx["run_id"], ctx["params"],
+                                   run_kind=str(ctx["dag_run"].run_type))
 
     @task.short_circuit
     def has_new_images(run: dict) -> bool:
@@ -98,7 +102,8 @@ def caption_images() -> None:
     published = publish(run)
     checked = validate(run)
     gate >> caption >> published >> checked
-    caption >> record_metrics(run)
+    # after validate (whatever it said): the row can name the published captions' similarity
+    checked >> record_metrics(run)
     checked >> export(run)
 
 

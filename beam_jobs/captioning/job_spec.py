@@ -26,11 +26,11 @@ class Setting:
     """One option of the job (or of a DAG run) with everything needed to check and show it."""
 
     name: str
-    kind: type  # int | str | bool
+    kind: type  # int | float | str | bool
     default: Any
     help: str
-    minimum: int | None = None
-    maximum: int | None = None
+    minimum: float | None = None
+    maximum: float | None = None
     choices: tuple[str, ...] = ()
     max_length: int | None = None
     pattern: str | None = None
@@ -43,6 +43,8 @@ class Setting:
             return [] if self.nullable else ["is required"]
         if self.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
             return [f"{value!r} is not an integer"]
+        if self.kind is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+            return [f"{value!r} is not a number"]
         if self.kind is bool and not isinstance(value, bool):
             return [f"{value!r} is not true or false"]
         if self.kind is str and not isinstance(value, str):
@@ -64,7 +66,7 @@ class Setting:
 
     def json_schema(self, *, nullable: bool | None = None) -> dict[str, Any]:
         """JSON schema keywords for an Airflow ``Param`` (the trigger form validates them)."""
-        json_type = {int: "integer", str: "string", bool: "boolean"}[self.kind]
+        json_type = {int: "integer", float: "number", str: "string", bool: "boolean"}[self.kind]
         allow_null = self.nullable if nullable is None else nullable
         schema: dict[str, Any] = {"type": ["null", json_type] if allow_null else json_type}
         if self.minimum is not None:

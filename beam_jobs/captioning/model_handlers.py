@@ -236,7 +236,10 @@ class BlipCaptionModelHandler(_BaseHandler):
 
 
 class ClipRankModelHandler(_BaseHandler):
-    """(DecodedImage, candidates) -> ``{"ranked": [(text, prob), ...]}`` best first.
+    """(DecodedImage, candidates) -> ``{"ranked": [(text, prob), ...], "similarity": cos}``.
+
+    Candidates are ranked best first; ``similarity`` is the CLIP cosine similarity of the
+    best one and the image.
 
     Each image is encoded once and its candidates as one text batch (Beam's reference
     pipeline encodes the image once per candidate); probabilities are a softmax over that
@@ -284,9 +287,14 @@ class ClipRankModelHandler(_BaseHandler):
                            attention_mask=tok["attention_mask"].to(lm.device),
                            pixel_values=pixels.to(lm.device, lm.dtype))
             logits = out.logits_per_image.float().cpu()  # [images, all texts]
+            scale = float(lm.model.logit_scale.exp())  # logits = scale * cosine similarity
         results: list[dict[str, Any]] = []
         for i, (start, end) in enumerate(spans):
             probs = torch.softmax(logits[i, start:end], dim=0).tolist()
+            best = start + int(torch.argmax(logits[i, start:end]))
             ranked = sorted(zip(per_image[i], probs, strict=True), key=lambda ts: -ts[1])
-            results.append({"ranked": [(t, float(p)) for t, p in ranked]})
+            # The softmax says which candidate wins, not how well it fits: the cosine
+            # similarity of the winner and the image is comparable across runs and versions.
+            results.append({"ranked": [(t, float(p)) for t, p in ranked],
+                            "similarity": float(logits[i, best]) / scale})
         return results

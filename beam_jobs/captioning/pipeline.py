@@ -171,7 +171,7 @@ class _ToCaptionRowFn(beam.DoFn):
             image_id=image.image_id, uri=image.uri, candidates=inference["ranked"],
             width=image.width, height=image.height, blip_model=self._blip_model,
             clip_model=self._clip_model, run_id=self._run_id,
-            beam_sdk_version=BEAM_SDK_VERSION,
+            beam_sdk_version=BEAM_SDK_VERSION, similarity=inference.get("similarity"),
         )
 
 

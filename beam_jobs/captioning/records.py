@@ -68,6 +68,7 @@ def caption_row(
     clip_model: str,
     run_id: str,
     beam_sdk_version: str,
+    similarity: float | None = None,
 ) -> dict[str, Any]:
     """A captions row (contract); ``candidates`` must already be sorted best first."""
     best_text, best_score = candidates[0]
@@ -84,4 +85,5 @@ def caption_row(
         "run_id": run_id,
         "beam_sdk_version": beam_sdk_version,
         "captioned_at": utc_now(),
+        "caption_similarity": None if similarity is None else float(similarity),
     }

@@ -48,6 +48,8 @@ CAPTIONS_FIELDS: tuple[Field, ...] = (
     Field("run_id", "STRING", "REQUIRED"),
     Field("beam_sdk_version", "STRING", "REQUIRED"),
     Field("captioned_at", "TIMESTAMP", "REQUIRED"),
+    Field("caption_similarity", "FLOAT", description="CLIP cosine similarity of the chosen "
+          "caption and the image (comparable across runs, unlike caption_score)"),
 )
 
 DEAD_LETTER_FIELDS: tuple[Field, ...] = (

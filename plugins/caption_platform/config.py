@@ -217,10 +217,14 @@ class Settings(_Model):
     # `captioning` package (beam_jobs/ in a checkout, plugins/ on Cloud Composer).
     job_file: str = Field(default_factory=lambda: default_job_file())
     job: JobSettings = Field(default_factory=JobSettings)  # type: ignore[valid-type]
+    # Per-Beam-SDK-version environments of the benchmark (None: a per-user cache folder).
+    sdk_envs_root: str | None = None
     dataflow: DataflowOptions = Field(default_factory=DataflowOptions)
     images: ImageFilters = Field(default_factory=ImageFilters)
     incremental: bool = False
     max_images: int | None = Field(default=None, ge=1)
+    # Refuse to launch a run whose forecast cost (from recorded runs) is above this, in USD.
+    max_cost_usd: float | None = Field(default=None, ge=0)
     pricing: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("bq_dataset")

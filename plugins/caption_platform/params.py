@@ -23,6 +23,10 @@ RUN_PARAMETERS: tuple[Setting, ...] = (
             minimum=1, nullable=True),
     Setting("incremental", bool, None, "Skip images that other runs already captioned.",
             nullable=True),
+    Setting("max_cost_usd", float, None,
+            "Refuse to launch when the cost forecast from recorded runs (same runner, "
+            "hardware, models and settings) is above this many US dollars.",
+            minimum=0, nullable=True),
 )
 #: Parameters that steer a task rather than a setting.
 EXPORT_HF = Setting("export_hf", bool, False, "Also write a Hugging Face imagefolder dataset.")
@@ -57,3 +61,35 @@ def setting_overrides(params: Mapping[str, Any]) -> dict[str, Any]:
     if job:
         overrides["job"] = job
     return overrides
+
+
+#: The benchmark DAG's own parameters (besides max_images and the job settings).
+BENCHMARK_PARAMETERS: tuple[Setting, ...] = (
+    Setting("dataset", str, None, "Folder or bucket prefix of the benchmark images (file://, "
+            "gs:// or an absolute path). Empty: a deterministic generated set, made once.",
+            pattern=r"^(file://|gs://|/)", nullable=True),
+    Setting("repetitions", int, 3, "Runs per SDK version (the spread the flags compare with).",
+            minimum=1, maximum=20),
+    Setting("baseline", str, None, "SDK version the others are compared with. Empty: the oldest.",
+            pattern=r"^[0-9]+(\.[0-9]+)*([a-z]+[0-9]*)?$", nullable=True),
+    Setting("threshold", float, 0.10, "Relative change that counts as a regression (0.10 = 10%) "
+            "when it is also outside the spread of the repetitions.", minimum=0, maximum=10),
+    Setting("on_regression", str, "warn", "warn: log the regressions; fail: fail the run.",
+            choices=("warn", "fail")),
+)
+
+
+def benchmark_dag_params() -> dict[str, Any]:
+    """Params of the benchmark DAG: SDK versions, repetitions, dataset, flags, job settings."""
+    from airflow.sdk import Param
+
+    params = {"sdk_versions": Param(
+        None, type=["null", "array"], minItems=1, maxItems=12,
+        items={"type": "string", "pattern": r"^[0-9]+\.[0-9]+\.[0-9]+(rc[0-9]+)?$"},
+        description="Beam SDK versions to run, e.g. [\"2.75.0\", \"2.76.0\", \"2.77.0\"]. "
+                    "Empty: the pinned version and the two releases before it.")}
+    params.update({s.name: _param(s, nullable=s.nullable) for s in BENCHMARK_PARAMETERS})
+    max_images = next(s for s in RUN_PARAMETERS if s.name == "max_images")
+    params["max_images"] = _param(max_images, nullable=True)
+    params.update({s.name: _param(s, nullable=True) for s in PER_RUN_JOB_SETTINGS})
+    return params

@@ -31,13 +31,15 @@ log = logging.getLogger(__name__)
 DAG_ID = "caption_images"
 
 
-def settings_for_run(params: Mapping[str, Any]) -> Settings:
+def settings_for_run(params: Mapping[str, Any],
+                     overrides: Mapping[str, Any] | None = None) -> Settings:
     """Resolve settings with this run's parameters applied (the plan task, once per run).
 
-    Raises :class:`SettingsError` naming each wrong setting and what is allowed, including
+    ``overrides`` are settings a DAG imposes (the benchmark's own tables, say). Raises
+    :class:`SettingsError` naming each wrong setting and what is allowed, including
     combinations a trigger form cannot check (``num_beams >= num_captions`` for beam search).
     """
-    return load_settings(**setting_overrides(params))
+    return load_settings(**{**setting_overrides(params), **(overrides or {})})
 
 
 def settings_from_plan(plan: Mapping[str, Any]) -> Settings:
@@ -124,29 +126,35 @@ def launch_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def plan_task(run_id: str, params: Mapping[str, Any]) -> dict[str, Any]:
-    """The plan task: :func:`plan_run`, but a configuration error fails at once, unretried.
-
-    Retrying cannot fix a wrong setting; it would only hide the message for minutes.
-    """
+def plan_task(run_id: str, params: Mapping[str, Any], **plan_kwargs: Any) -> dict[str, Any]:
+    """The plan task: :func:`plan_run`, but a configuration error or a run over its budget
+    fails at once, unretried: retrying cannot fix either, it would only hide the message."""
     from airflow.sdk.exceptions import AirflowFailException
 
+    from caption_platform.forecast import BudgetExceeded
+
     try:
-        return plan_run(run_id, params)
+        return plan_run(run_id, params, **plan_kwargs)
     except SettingsError as exc:
         raise AirflowFailException(f"invalid settings for this run: {exc}") from exc
+    except BudgetExceeded as exc:
+        raise AirflowFailException(f"not launched: {exc}") from exc
 
 
-def plan_run(run_id: str, params: Mapping[str, Any]) -> dict[str, Any]:
+def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: str | None = None,
+             benchmark_id: str | None = None,
+             overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Build and load the run's manifest; return what later tasks need.
 
     Incremental runs skip images already captioned by *other* runs, so a retried or
     re-triggered run sees the same manifest it saw the first time.
     """
+    from caption_platform.forecast import forecast
+    from caption_platform.forecast import run_key as forecast_key
     from caption_platform.manifest import build_manifest
     from caption_platform.warehouse import get_warehouse
 
-    settings = settings_for_run(params)
+    settings = settings_for_run(params, overrides)
     warehouse = get_warehouse(settings)
     warehouse.ensure_tables()
     exclude = warehouse.existing_image_ids(exclude_run_id=run_id) if settings.incremental else None
@@ -162,6 +170,9 @@ def plan_run(run_id: str, params: Mapping[str, Any]) -> dict[str, Any]:
         conn_id=settings.storage_conn_id,
     )
     loaded = warehouse.load_manifest(run_id, target)
+    expected = forecast(warehouse.fetch_runs(limit=500), forecast_key(settings), loaded)
+    log.info(expected.message)
+    expected.check_budget(settings.max_cost_usd)
     warehouse.clear_staging(job_output(settings, run_id),
                             expiration_hours=settings.staging_expiration_hours)
     log.info("manifest %s: %s (%d rows loaded)", target, stats.to_dict(), loaded)
@@ -175,6 +186,9 @@ def plan_run(run_id: str, params: Mapping[str, Any]) -> dict[str, Any]:
         "manifest_stats": stats.to_dict(),
         "job_options": job_options(settings, run_id),
         "launch": launch_config(settings),
+        "run_kind": run_kind,
+        "benchmark_id": benchmark_id,
+        "forecast_cost_usd": expected.cost_usd,
         "settings": settings.model_dump(mode="json"),
         "params": dict(params),
     }
@@ -218,6 +232,7 @@ def record_metrics(
     """Append the run's pipeline_runs row: resources, throughput and estimated cost."""
     from caption_platform.cost_model import prices_from_settings
     from caption_platform.metrics import (
+        DONE,
         fetch_dataflow_job_resources,
         run_row_from_dataflow,
         run_row_from_summary,
@@ -265,7 +280,12 @@ def record_metrics(
             images_in=int(plan["images"]),
             prices=prices,
         )
-    get_warehouse(settings).record_run(row)
+    warehouse = get_warehouse(settings)
+    row["run_kind"] = plan.get("run_kind")
+    row["benchmark_id"] = plan.get("benchmark_id")
+    if row["final_state"] == DONE:
+        row["caption_similarity_median"] = warehouse.caption_similarity_median(plan["run_id"])
+    warehouse.record_run(row)
     log.info("pipeline_runs row: %s", row)
     return _jsonable(row)
 

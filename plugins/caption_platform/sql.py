@@ -10,6 +10,7 @@ tests execute this logic for real.
 from __future__ import annotations
 
 CREATE_TABLE = "CREATE TABLE IF NOT EXISTS {table} ({column_defs})"
+ADD_COLUMN = "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {type}"
 # BigQuery table option appended to CREATE_TABLE for per-run staging tables ({hours}: an int).
 EXPIRES_IN_HOURS = (
     " OPTIONS (expiration_timestamp = TIMESTAMP_ADD(CURRENT_TIMESTAMP(), INTERVAL {hours} HOUR))"
@@ -124,6 +125,12 @@ REPLACE_RUN = (
     "DELETE FROM {pipeline_runs} WHERE run_id = @run_id",
     "INSERT INTO {pipeline_runs} ({column_list}) VALUES ({param_list})",
 )
+
+# The median CLIP cosine similarity of a run's chosen captions (approximate on BigQuery).
+RUN_CAPTION_SIMILARITY = """
+SELECT APPROX_QUANTILES(caption_similarity, 2)[OFFSET(1)] AS median
+FROM {captions} WHERE run_id = @run_id AND caption_similarity IS NOT NULL
+"""
 
 FETCH_RUNS = "SELECT * FROM {pipeline_runs} ORDER BY started_at DESC, run_id LIMIT @limit"
 

@@ -46,6 +46,16 @@ PIPELINE_RUNS_COLUMNS: dict[str, str] = {
     "pricing_as_of": "DATE",
     "final_state": "STRING",
     "error": "STRING",
+    # what kind of run and under which benchmark (issue: per-SDK-version benchmark)
+    "run_kind": "STRING",  # scheduled | manual | benchmark | ...
+    "benchmark_id": "STRING",
+    # the model settings a run is compared by
+    "blip_model": "STRING",
+    "clip_model": "STRING",
+    "decoding": "STRING",
+    "num_beams": "INT64",
+    "max_new_tokens": "INT64",
+    "caption_similarity_median": "FLOAT64",
 }
 
 MANIFESTS_COLUMNS: dict[str, str] = {

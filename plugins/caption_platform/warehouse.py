@@ -108,9 +108,19 @@ class Warehouse(ABC):
 
     # -- operations ----------------------------------------------------------------------
     def ensure_tables(self) -> None:
-        """Create the four tables if they do not exist (never alters existing ones)."""
+        """Create the four tables if they do not exist, and add the columns a newer
+        declaration has to tables an older release created (never drops or retypes)."""
         for kind in tables.TABLE_KINDS:
             self._execute([_create_table(self._table(kind), kind)])
+            existing = self._column_names(getattr(self.tables, kind))
+            for name, sql_type in tables.columns(kind).items():
+                if name not in existing:
+                    self._execute([sql.ADD_COLUMN.format(
+                        table=self._table(kind), column=validate_identifier(name), type=sql_type)])
+
+    @abstractmethod
+    def _column_names(self, table: str) -> set[str]:
+        """The columns an existing table has (its name already validated)."""
 
     def load_manifest(self, run_id: str, manifest_uri: str) -> int:
         """Replace the run's manifest rows with the manifest file's; return the count."""
@@ -206,6 +216,12 @@ class Warehouse(ABC):
         """The run's dead-letter rows by image_id, streamed."""
         statement = sql.DEAD_LETTERS_FOR_RUN.format(**self._refs())
         yield from self._iter_query(statement, {"run_id": run_id})
+
+    def caption_similarity_median(self, run_id: str) -> float | None:
+        """Median CLIP similarity of the run's chosen captions (None without any)."""
+        rows = self._query(sql.RUN_CAPTION_SIMILARITY.format(**self._refs()), {"run_id": run_id})
+        value = rows[0]["median"] if rows else None
+        return None if value is None else float(value)
 
     def fetch_runs(self, limit: int = 50) -> list[dict[str, Any]]:
         """The latest pipeline_runs rows, newest first."""
@@ -308,6 +324,15 @@ class DuckDBWarehouse(Warehouse):
 
     def table_uri(self, kind: str) -> str:
         return f"duckdb://{self.path}#{getattr(self.tables, kind)}"
+
+    def _column_names(self, table: str) -> set[str]:
+        con = self._connect()
+        try:
+            rows = con.execute("SELECT column_name FROM information_schema.columns "
+                               "WHERE table_name = $t", {"t": table}).fetchall()
+        finally:
+            con.close()
+        return {r[0] for r in rows}
 
     @staticmethod
     def _bind(statement: str, params: Params | None) -> dict[str, Any]:
@@ -464,10 +489,15 @@ class BigQueryWarehouse(Warehouse):
     def table_uri(self, kind: str) -> str:
         return f"bigquery://{self.project}/{self.dataset}/{getattr(self.tables, kind)}"
 
+    def _column_names(self, table: str) -> set[str]:
+        dataset = validate_identifier(self.dataset)
+        columns = f"`{_project_id(self.project)}.{dataset}.INFORMATION_SCHEMA.COLUMNS`"
+        rows = self._query(f"SELECT column_name FROM {columns} WHERE table_name = @table",
+                           {"table": table})
+        return {str(r["column_name"]) for r in rows}
+
     def _ref(self, name: str, *, project: str | None = None, dataset: str | None = None) -> str:
-        project = project or self.project
-        if not _PROJECT.match(project) or "`" in project:
-            raise ValueError(f"{project!r} is not a valid project id")
+        project = _project_id(project or self.project)
         dataset = validate_identifier(dataset or self.dataset)
         return f"`{project}.{dataset}.{validate_identifier(name)}`"
 
@@ -561,6 +591,13 @@ class BigQueryWarehouse(Warehouse):
             # FILE_LOADS creates no table when a run has zero rows of a kind
             self._execute([_create_table(ref, kind)])
         return refs
+
+
+def _project_id(project: str) -> str:
+    """``project`` if it is a valid Google Cloud project id (it is pasted into SQL), else raise."""
+    if not _PROJECT.match(project) or "`" in project:
+        raise ValueError(f"{project!r} is not a valid project id")
+    return project
 
 
 def _bq_param(name: str, value: Any, sql_type: str | None = None) -> dict[str, Any]:

@@ -72,7 +72,8 @@ def test_bigquery_schema_matches_contract() -> None:
     fields = {f["name"]: f for f in schema.bigquery_schema("captions")["fields"]}
     assert list(fields) == ["image_id", "uri", "caption", "caption_score", "candidates",
                             "width", "height", "blip_model", "clip_model", "run_id",
-                            "beam_sdk_version", "captioned_at"]
+                            "beam_sdk_version", "captioned_at", "caption_similarity"]
+    assert fields["caption_similarity"]["mode"] == "NULLABLE"  # added later: old rows lack it
     assert fields["candidates"]["mode"] == "REPEATED"
     assert [(f["name"], f["type"]) for f in fields["candidates"]["fields"]] == [
         ("text", "STRING"), ("score", "FLOAT")]

@@ -54,6 +54,9 @@ def test_candidates_ranked_best_first_probabilities_sum_to_one(happy: dict[str, 
         assert math.isclose(sum(scores), 1.0, rel_tol=1e-5)
         assert row["caption"] == row["candidates"][0]["text"]
         assert row["caption_score"] == scores[0]
+        # the winner's CLIP cosine similarity with its image (not the softmax share)
+        assert -1.0 <= row["caption_similarity"] <= 1.0
+        assert row["caption_similarity"] != row["caption_score"]
         assert row["caption"].strip(), "tiny BLIP must still produce text"
         assert (row["width"], row["height"]) == (96, 72)
         assert row["run_id"] == "happy-1" and row["beam_sdk_version"] == "2.77.0"

@@ -58,19 +58,40 @@ def _wh(hook: FakeHook) -> BigQueryWarehouse:
     return BigQueryWarehouse("my-proj", "caps_ds", "US", hook=hook)
 
 
-def test_ensure_tables_sends_standard_sql_ddl() -> None:
-    hook = FakeHook()
+# pipeline_runs columns newer than the first release (blip_model and clip_model are older
+# columns of captions, so the one INFORMATION_SCHEMA answer below already lists them)
+NEW_RUN_COLUMNS = ("run_kind", "benchmark_id", "decoding", "num_beams", "max_new_tokens",
+                   "caption_similarity_median")
+
+
+def test_ensure_tables_sends_standard_sql_ddl_and_adds_missing_columns() -> None:
+    """Tables an older release created get the columns added since, nothing else."""
+    from caption_platform import tables
+
+    older = sorted({c for kind in tables.TABLE_KINDS for c in tables.columns(kind)}
+                   - set(NEW_RUN_COLUMNS))
+    hook = FakeHook({"INFORMATION_SCHEMA.COLUMNS": FakeJob(_rows(
+        *({"column_name": c} for c in older)))})
     _wh(hook).ensure_tables()
     queries = hook.queries()
-    assert len(queries) == 4
+    creates = [q["query"] for q in queries if q["query"].startswith("CREATE")]
+    assert len(creates) == 4
     assert all(q["useLegacySql"] is False for q in queries)
     assert all(c["project_id"] == "my-proj" and c["location"] == "US" for c in hook.calls)
-    ddl = queries[0]["query"]
+    ddl = creates[0]
     assert ddl.startswith("CREATE TABLE IF NOT EXISTS `my-proj.caps_ds.captions` (image_id STRING")
     assert "candidates ARRAY<STRUCT<text STRING, score FLOAT64>>" in ddl
     assert "captioned_at TIMESTAMP" in ddl
-    assert "`my-proj.caps_ds.pipeline_runs`" in queries[2]["query"]
-    assert "final_state STRING, error STRING" in queries[2]["query"]
+    assert "`my-proj.caps_ds.pipeline_runs`" in creates[2]
+    assert "final_state STRING, error STRING" in creates[2]
+    looked_up = [q for q in queries if "INFORMATION_SCHEMA" in q["query"]]
+    assert looked_up[0]["query"].startswith(
+        "SELECT column_name FROM `my-proj.caps_ds.INFORMATION_SCHEMA.COLUMNS`")
+    alters = [q["query"] for q in queries if q["query"].startswith("ALTER")]
+    assert alters == [
+        f"ALTER TABLE `my-proj.caps_ds.pipeline_runs` ADD COLUMN IF NOT EXISTS {c} "
+        f"{tables.columns('pipeline_runs')[c]}" for c in NEW_RUN_COLUMNS
+    ]
 
 
 def test_load_manifest_load_job_then_transaction() -> None:

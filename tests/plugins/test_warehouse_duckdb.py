@@ -175,3 +175,25 @@ def test_waits_for_another_process_lock(tmp_path: Path) -> None:
         assert time.monotonic() - start > 0.2
     finally:
         holder.wait(timeout=30)
+
+
+def test_tables_of_an_older_release_get_the_new_columns(tmp_path: Path) -> None:
+    """A warehouse created before a column existed keeps working: ensure_tables adds it."""
+    import duckdb
+
+    path = tmp_path / "old.duckdb"
+    with duckdb.connect(str(path)) as con:
+        con.execute("CREATE TABLE pipeline_runs (run_id VARCHAR, dag_id VARCHAR, "
+                    "runtime_s DOUBLE, final_state VARCHAR)")
+        con.execute("INSERT INTO pipeline_runs VALUES ('old-run', 'caption_images', 1.5, "
+                    "'JOB_STATE_DONE')")
+    w = DuckDBWarehouse(path)
+    w.ensure_tables()
+    w.ensure_tables()  # idempotent
+    w.record_run({"run_id": "new-run", "dag_id": "caption_images", "run_kind": "benchmark",
+                  "benchmark_id": "b1", "num_beams": 5, "caption_similarity_median": 0.31})
+    with duckdb.connect(str(path), read_only=True) as con:
+        rows = con.execute("SELECT run_id, runtime_s, run_kind, num_beams, "
+                           "caption_similarity_median FROM pipeline_runs ORDER BY run_id"
+                           ).fetchall()
+    assert rows == [("new-run", None, "benchmark", 5, 0.31), ("old-run", 1.5, None, None, None)]
