@@ -1,0 +1,608 @@
+"""An environment that runs the captioning job on Beam SDK version V.
+
+Why: the per-SDK-version benchmark must run *the same job* (same code, same torch and
+transformers pins) on several Apache Beam releases, and record the version the job itself
+reports. Locally that means one virtual environment per version:
+
+- the version the running interpreter already has is used as it is (no venv, no download:
+  the tests and the default benchmark run rely on this);
+- any other version gets ``ROOT/beam-V/``: ``python -m venv``, then ``pip install`` of the
+  job's requirements file with only the ``apache-beam`` line replaced by
+  ``apache-beam[gcp]==V`` (every other pin is read from that file, never copied here), then
+  the job package with ``--no-deps`` (its own metadata pins the project's Beam version);
+- a marker file holding a hash of the inputs (version, derived pins, Python) makes the next
+  call reuse the environment at once; a second fingerprint, of the job package's sources,
+  only reinstalls the job package (seconds) when the job code changed;
+- a lock file per version keeps two processes (two mapped Airflow tasks) from building the
+  same environment at once; the second waits, then reuses;
+- after a build the environment's own Python must report ``apache_beam.__version__ == V``
+  and import ``captioning.pipeline``, ``torch`` and ``transformers``; otherwise it is failed.
+
+A build that fails (no such release, a resolution conflict, a timeout) returns an
+:class:`SdkEnv` with ``status="failed"`` and the tail of pip's output, never raises for it,
+and leaves nothing marked ready: one broken version must not stop the others. A version
+string that is not a plain PEP 440 release (or carries shell metacharacters) is refused with
+``ValueError`` before any command runs; commands are argv lists, never a shell.
+
+Installer: pip, on purpose. This machine keeps a CPU build of the pinned torch on disk where
+pip finds it (``PIP_FIND_LINKS``); uv and poetry do not look there and would download a
+multi-GB CUDA build per environment. pip's wheel cache (``~/.cache/pip``) is shared by all
+environments by default, so only the first build downloads; each environment still holds
+its own unpacked copy, and its disk use is reported.
+
+Module top imports only the standard library: the Airflow side imports this at task time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_REQUIREMENTS = PROJECT_ROOT / "beam_jobs" / "requirements.txt"
+DEFAULT_JOB_PACKAGE = PROJECT_ROOT / "beam_jobs"
+DEFAULT_JOB_FILE = DEFAULT_JOB_PACKAGE / "caption_images.py"
+DEFAULT_TIMEOUT_S = 1800.0
+BEAM_PROJECT = "apache-beam"
+MARKER = "sdk_env.json"
+# Bump when the way an environment is built changes, so old ones are rebuilt.
+LAYOUT_VERSION = 1
+ERROR_TAIL_LINES = 25
+ERROR_TAIL_CHARS = 4000  # pip can print every release on one line; XCom/JSON stay small
+
+# A public PEP 440 release, pre- or post-release: digits, dots and a few fixed letters.
+# Anything else (local labels, epochs, wildcards, spaces, ';', '$', '/') is refused: the
+# string becomes a directory name and a pip requirement.
+_VERSION_RE = re.compile(r"^\d+(\.\d+){0,3}((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?$")
+_NAME_RE = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?")
+_VERIFY_PREFIX = "SDK_ENV_VERIFY "
+# Run by the environment's own Python, outside the checkout: what the job will import.
+_VERIFY_CODE = """\
+import importlib.metadata as md, json
+import apache_beam
+import captioning.pipeline
+import torch, transformers
+from transformers import BlipForConditionalGeneration, CLIPModel
+def v(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+names = ("torch", "transformers", "pillow", "numpy", "pyarrow", "caption-beam-job")
+print("SDK_ENV_VERIFY " + json.dumps({"apache_beam": apache_beam.__version__,
+                                      "packages": {n: v(n) for n in names}}))
+"""
+
+
+@dataclass
+class SdkEnv:
+    """Where the captioning job runs for one Beam SDK version, and whether it can.
+
+    ``status`` is ``"failed"`` (with ``error``) when the environment could not be built;
+    ``beam_version_reported`` is what that environment's ``apache_beam`` says, not what was
+    asked for. Paths are strings so the object goes to JSON / XCom as it is.
+    """
+
+    version: str
+    path: str
+    python: str
+    status: Literal["ok", "failed"]
+    error: str | None = None
+    beam_version_reported: str | None = None
+    current_interpreter: bool = False
+    reused: bool = False
+    build_s: float | None = None
+    disk_bytes: int | None = None
+    packages: dict[str, str | None] = field(default_factory=dict)
+    log: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Versions and requirements
+
+
+def check_version(version: str) -> str:
+    """Return ``version`` stripped if it is a plain PEP 440 release, else raise ValueError."""
+    if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
+        raise ValueError(
+            f"not a Beam SDK version: {version!r} (expected a PEP 440 release such as "
+            "2.76.0 or 2.77.0rc1; no spaces, extras, ranges or shell characters)")
+    return version
+
+
+def _key(version: str) -> tuple:
+    """Sort/compare key for versions :func:`check_version` accepts (no packaging needed)."""
+    m = re.match(r"^([\d.]+)(?:(a|b|rc)(\d+))?(?:\.post(\d+))?(?:\.dev(\d+))?$", version)
+    if not m:
+        raise ValueError(f"not a Beam SDK version: {version!r}")
+    release = [int(p) for p in m.group(1).split(".")]
+    while len(release) > 1 and release[-1] == 0:
+        release.pop()
+    pre = (" abrc".index(m.group(2)), int(m.group(3))) if m.group(2) else (9, 0)
+    dev = int(m.group(5)) if m.group(5) is not None else 1 << 62
+    if m.group(5) is not None and not m.group(2) and m.group(4) is None:
+        pre = (-1, 0)  # 2.77.0.dev1 sorts before 2.77.0a1
+    return (tuple(release), pre, int(m.group(4) or -1), dev)
+
+
+def same_version(a: str, b: str) -> bool:
+    """PEP 440 equality of two release strings (``2.77`` == ``2.77.0``; local labels ignored)."""
+    return _key(check_version(a.split("+", 1)[0])) == _key(check_version(b.split("+", 1)[0]))
+
+
+def installed_beam_version() -> str | None:
+    """The apache-beam version of the running interpreter, read without importing Beam."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(BEAM_PROJECT)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_requirements(path: str | os.PathLike[str]) -> list[str]:
+    """Requirement lines of a requirements file; ``-r`` includes followed (relative to the
+    including file, as pip does); comments and blank lines dropped. Other pip options are
+    refused: an environment's inputs must be what its hash covers."""
+    path = Path(path)
+    lines: list[str] = []
+    for raw in path.read_text().splitlines():
+        line = re.sub(r"(^|\s)#.*$", "", raw).strip()
+        if not line:
+            continue
+        if line.startswith(("-r ", "--requirement ")):
+            lines += read_requirements(path.parent / line.split(None, 1)[1].strip())
+        elif line.startswith("-"):
+            raise ValueError(f"{path}: unsupported pip option line {line!r}")
+        else:
+            lines.append(line)
+    return lines
+
+
+def derive_requirements(requirements: Sequence[str], version: str) -> list[str]:
+    """The job's requirement lines with the apache-beam line replaced by ``apache-beam[X]==V``.
+
+    Only that line changes: torch, transformers, pillow... keep the project's pins, so the
+    versions differ in Beam alone. The line's extras are kept (``[gcp]`` when it has none).
+    """
+    version = check_version(version)
+    out: list[str] = []
+    found = False
+    for line in requirements:
+        m = _NAME_RE.match(line)
+        if m and _canonical(m.group(1)) == BEAM_PROJECT:
+            found = True
+            extras = (m.group(2) or "[gcp]").replace(" ", "")
+            out.append(f"{BEAM_PROJECT}{extras}=={version}")
+        else:
+            out.append(line.strip())
+    if not found:
+        raise ValueError("the job's requirements name no apache-beam line to replace")
+    return out
+
+
+def pinned_beam_version(requirements: str | os.PathLike[str] = DEFAULT_REQUIREMENTS) -> str:
+    """The Beam version the job's requirements file pins with ``==``."""
+    for line in read_requirements(requirements):
+        m = _NAME_RE.match(line)
+        if m and _canonical(m.group(1)) == BEAM_PROJECT:
+            pin = re.search(r"==\s*([^\s;,]+)", line)
+            if pin:
+                return check_version(pin.group(1))
+    raise ValueError(f"{requirements}: no apache-beam==X pin")
+
+
+def default_versions(pinned: str, count: int = 3, *,
+                     available: Sequence[str] | None = None) -> list[str]:
+    """The pinned version and the ``count - 1`` releases before it, oldest first.
+
+    Offline and deterministic by default: Beam releases one minor version at a time
+    (2.75.0, 2.76.0, 2.77.0: patch releases are rare), so the releases before ``X.Y.Z`` are
+    taken as ``X.(Y-1).0``, ``X.(Y-2).0``... A version that turns out not to exist fails its
+    own environment only. Pass ``available`` (for example :func:`registry_versions`) to pick
+    real releases instead: the newest final release of each earlier minor version
+    (2.58.1 over 2.58.0), pre-releases ignored.
+    """
+    pinned = check_version(pinned)
+    if count < 1:
+        raise ValueError("count must be at least 1")
+    release = _key(pinned)[0]
+    major, minor = release[0], (release[1] if len(release) > 1 else 0)
+    if available is None:
+        older = [f"{major}.{minor - k}.0" for k in range(count - 1, 0, -1) if minor - k >= 0]
+        return [*older, pinned]
+    best: dict[tuple[int, int], str] = {}
+    for v in available:
+        v = v.strip()
+        if not _VERSION_RE.fullmatch(v) or re.search(r"(a|b|rc|dev)\d", v):
+            continue
+        r = _key(v)[0]
+        mm = (r[0], r[1] if len(r) > 1 else 0)
+        if mm >= (major, minor):
+            continue
+        if mm not in best or _key(v) > _key(best[mm]):
+            best[mm] = v
+    older = [best[mm] for mm in sorted(best)][-(count - 1):] if count > 1 else []
+    return [*older, pinned]
+
+
+def registry_versions(timeout_s: float = 60.0) -> list[str] | None:
+    """apache-beam releases the package index offers (``pip index versions``), newest
+    first; None when the index cannot be asked (offline, timeout, unexpected output)."""
+    try:
+        rc, output = _run([sys.executable, "-m", "pip", "index", "versions", BEAM_PROJECT],
+                          timeout_s=timeout_s)
+    except OSError:
+        return None
+    return _parse_index_versions(output) if rc == 0 else None
+
+
+def _parse_index_versions(output: str) -> list[str] | None:
+    for line in output.splitlines():
+        if line.strip().startswith("Available versions:"):
+            versions = [v.strip() for v in line.split(":", 1)[1].split(",")]
+            return [v for v in versions if _VERSION_RE.fullmatch(v)] or None
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Building
+
+
+def _python_identity() -> dict[str, str]:
+    """What the environment's binaries depend on: the interpreter that creates it."""
+    return {"implementation": platform.python_implementation(),
+            "version": ".".join(map(str, sys.version_info[:3])),
+            "machine": platform.machine(), "platform": sys.platform}
+
+
+def env_inputs(version: str, pins: Sequence[str]) -> dict[str, Any]:
+    """Everything an environment's contents follow from; its hash names a ready build."""
+    return {"layout": LAYOUT_VERSION, "beam_version": version, "requirements": list(pins),
+            "python": _python_identity()}
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _job_sources(job_package: Path) -> list[Path]:
+    """The files that make the job package: build metadata and its Python packages
+    (not model folders, build output or caches, which may be large)."""
+    files = [job_package / n for n in ("pyproject.toml", "setup.cfg", "setup.py")
+             if (job_package / n).is_file()]
+    for pkg in sorted(p for p in job_package.iterdir() if (p / "__init__.py").is_file()):
+        files += sorted(f for f in pkg.rglob("*")
+                        if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc")
+    if not any(f.name == "pyproject.toml" or f.name == "setup.py" for f in files):
+        raise ValueError(f"{job_package}: not a Python project (no pyproject.toml/setup.py)")
+    return files
+
+
+def job_fingerprint(job_package: str | os.PathLike[str]) -> str:
+    """Hash of the job package's sources: a change reinstalls the job package only."""
+    root = Path(job_package)
+    digest = hashlib.sha256()
+    for f in _job_sources(root):
+        digest.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _subprocess_env() -> dict[str, str]:
+    """The caller's environment minus what would leak the caller's packages into the new
+    environment (PYTHONPATH is plugins/ on Airflow, the checkout in tests)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")}
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    env["PIP_NO_INPUT"] = "1"
+    return env
+
+
+def _run(argv: Sequence[str], *, timeout_s: float, log: Path | None = None,
+         cwd: Path | None = None) -> tuple[int, str]:
+    """Run argv (never a shell); return (exit code, combined output). Exit code 124 on
+    timeout, after the whole process group (pip and its build backends) is killed."""
+    if timeout_s <= 0:
+        return 124, "no time left before this step"
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, text=True,
+                                cwd=cwd, env=_subprocess_env(), start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+                try:
+                    proc.wait(timeout=10)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            rc = 124
+        out.seek(0)
+        output = out.read()
+    if rc == 124:
+        output += f"\n[timed out after {timeout_s:.0f} s: {argv[:4]}]"
+    if log is not None:
+        with log.open("a") as handle:
+            handle.write(f"$ {' '.join(map(str, argv))}\n{output}\n[exit {rc}]\n")
+    return rc, output
+
+
+def _tail(output: str, lines: int = ERROR_TAIL_LINES, chars: int = ERROR_TAIL_CHARS) -> str:
+    """The end of a command's output, where pip says what went wrong."""
+    tail = "\n".join(output.rstrip().splitlines()[-lines:])
+    return tail if len(tail) <= chars else "..." + tail[-chars:]
+
+
+def disk_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes a folder takes on disk (allocated blocks; hard links counted once)."""
+    total, seen = 0, set()
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            total += getattr(st, "st_blocks", 0) * 512 or st.st_size
+    return total
+
+
+def _venv_python(path: Path) -> Path:
+    return path / "bin" / "python"
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_marker(path: Path, data: dict[str, Any]) -> None:
+    """Atomically: a reader sees no marker or a whole one, never half of one."""
+    tmp = path / f".{MARKER}.tmp"
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path / MARKER)
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path, deadline: float) -> Iterator[bool]:
+    """An exclusive lock on ``lock_path``, waited for until ``deadline``; yields whether it
+    was taken. flock is released by the kernel if the holder dies, so no stale locks."""
+    with lock_path.open("a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _from_marker(version: str, path: Path, marker: dict[str, Any], log: Path) -> SdkEnv:
+    return SdkEnv(version=version, path=str(path), python=str(_venv_python(path)),
+                  status="ok", beam_version_reported=marker.get("beam_version_reported"),
+                  reused=True, build_s=marker.get("build_s"),
+                  disk_bytes=marker.get("disk_bytes"), packages=marker.get("packages", {}),
+                  log=str(log))
+
+
+def _is_ready(path: Path, marker: dict[str, Any] | None, env_hash: str, job_hash: str) -> bool:
+    return (marker is not None and marker.get("env_hash") == env_hash
+            and marker.get("job_hash") == job_hash and _venv_python(path).exists())
+
+
+def ensure_env(version: str, root: str | os.PathLike[str], *,
+               requirements: str | os.PathLike[str] = DEFAULT_REQUIREMENTS,
+               job_package: str | os.PathLike[str] = DEFAULT_JOB_PACKAGE,
+               timeout_s: float = DEFAULT_TIMEOUT_S) -> SdkEnv:
+    """An environment that runs the captioning job on Beam ``version``: reused when ready,
+    built otherwise (see the module docstring).
+
+    Raises ValueError only for bad input (version string, requirements without an
+    apache-beam line, a job package that is not one); a build that fails comes back as
+    ``status="failed"``. ``timeout_s`` bounds the whole call, waiting for the lock included.
+    """
+    version = check_version(version)
+    installed = installed_beam_version()
+    if installed is not None and same_version(version, installed):
+        return SdkEnv(version=version, path=sys.prefix, python=sys.executable, status="ok",
+                      beam_version_reported=installed, current_interpreter=True, reused=True)
+
+    pins = derive_requirements(read_requirements(requirements), version)
+    job_package = Path(job_package).resolve()
+    job_hash = job_fingerprint(job_package)
+    env_hash = _hash(env_inputs(version, pins))
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"beam-{version}"
+    log = root / f"beam-{version}.log"
+
+    marker = _read_marker(path)
+    if _is_ready(path, marker, env_hash, job_hash):
+        return _from_marker(version, path, marker, log)
+
+    deadline = time.monotonic() + timeout_s
+    with _locked(root / f"beam-{version}.lock", deadline) as got:
+        if not got:
+            return _failed(version, path, log, f"another process holds {root}/beam-{version}"
+                           f".lock (building this environment); gave up after {timeout_s:.0f} s")
+        marker = _read_marker(path)  # another process may have built it while we waited
+        if _is_ready(path, marker, env_hash, job_hash):
+            return _from_marker(version, path, marker, log)
+        return _build(version, path, log, pins, env_hash, job_package, job_hash, marker,
+                      deadline)
+
+
+def _failed(version: str, path: Path, log: Path, error: str, **extra: Any) -> SdkEnv:
+    return SdkEnv(version=version, path=str(path), python=str(_venv_python(path)),
+                  status="failed", error=error, log=str(log), **extra)
+
+
+def _build(version: str, path: Path, log: Path, pins: list[str], env_hash: str,
+           job_package: Path, job_hash: str, marker: dict[str, Any] | None,
+           deadline: float) -> SdkEnv:
+    """Build (or, when only the job code changed, refresh) ``path``; under the lock."""
+    started = time.monotonic()
+    left = lambda: deadline - time.monotonic()  # noqa: E731
+    python = _venv_python(path)
+    refresh_job_only = (marker is not None and marker.get("env_hash") == env_hash
+                        and python.exists())
+    (path / MARKER).unlink(missing_ok=True)  # from here on, not ready until verified
+    if not refresh_job_only:
+        if path.exists() and any(path.iterdir()) and not (path / "pyvenv.cfg").exists():
+            return _failed(version, path, log, f"{path} exists and is not a virtual "
+                           "environment; not touching it")
+        shutil.rmtree(path, ignore_errors=True)
+        log.write_text(f"# environment for apache-beam {version}\n")
+        rc, out = _run([sys.executable, "-m", "venv", str(path)], timeout_s=left(), log=log)
+        if rc != 0:
+            return _cleanup_failed(version, path, log, "python -m venv failed", out)
+        reqs = path / "sdk-requirements.txt"
+        reqs.write_text("\n".join(pins) + "\n")
+        rc, out = _run([str(python), "-m", "pip", "install", "--no-input", "-r", str(reqs)],
+                       timeout_s=left(), log=log)
+        if rc != 0:
+            return _cleanup_failed(version, path, log, "pip install of the requirements "
+                                   f"with apache-beam=={version} failed", out)
+    with tempfile.TemporaryDirectory(prefix="job-", dir=path) as tmp:
+        # A copy, so the build leaves no build/ or egg-info in the caller's checkout.
+        for f in _job_sources(job_package):
+            dest = Path(tmp) / f.relative_to(job_package)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest)
+        rc, out = _run([str(python), "-m", "pip", "install", "--no-input", "--no-deps",
+                        "--force-reinstall", tmp], timeout_s=left(), log=log)
+    if rc != 0:
+        return _cleanup_failed(version, path, log, "pip install of the job package failed",
+                               out)
+    rc, out = _run([str(python), "-c", _VERIFY_CODE], timeout_s=left(), log=log, cwd=path)
+    report = next((json.loads(line[len(_VERIFY_PREFIX):]) for line in out.splitlines()
+                   if line.startswith(_VERIFY_PREFIX)), None)
+    if rc != 0 or report is None:
+        return _cleanup_failed(version, path, log, "the environment cannot import the job "
+                               "(apache_beam, captioning.pipeline, torch, transformers)", out)
+    reported = str(report.get("apache_beam"))
+    if not same_version(reported, version):
+        return _cleanup_failed(version, path, log, f"asked for apache-beam {version}, the "
+                               f"environment reports {reported}", out,
+                               beam_version_reported=reported)
+    build_s = round(time.monotonic() - started, 1)
+    if refresh_job_only and marker is not None:
+        build_s = marker.get("build_s")
+    data = {"env_hash": env_hash, "job_hash": job_hash, "beam_version_reported": reported,
+            "packages": report.get("packages", {}), "inputs": env_inputs(version, pins),
+            "build_s": build_s, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "disk_bytes": disk_bytes(path)}
+    _write_marker(path, data)
+    return SdkEnv(version=version, path=str(path), python=str(python), status="ok",
+                  beam_version_reported=reported, reused=False, build_s=build_s,
+                  disk_bytes=data["disk_bytes"], packages=data["packages"], log=str(log))
+
+
+def _cleanup_failed(version: str, path: Path, log: Path, what: str, output: str,
+                    **extra: Any) -> SdkEnv:
+    """A failed build leaves no environment behind (only its log): nothing half-built can
+    be mistaken for ready, and a broken version does not keep a GB of disk."""
+    shutil.rmtree(path, ignore_errors=True)
+    return _failed(version, path, log, f"{what}:\n{_tail(output)}", **extra)
+
+
+def job_command(env: SdkEnv, job_file: str | os.PathLike[str] = DEFAULT_JOB_FILE,
+                options: Sequence[str] = ()) -> list[str]:
+    """The argv that runs the job file with ``env``'s Python (no shell, no activation: a
+    venv's python finds its own packages; the job file's folder comes first on sys.path, so
+    the checkout's ``captioning`` is what runs in the launching process)."""
+    if not env.ok:
+        raise ValueError(f"environment for apache-beam {env.version} is not usable: "
+                         f"{env.error}")
+    return [env.python, str(job_file), *map(str, options)]
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+
+
+def default_root() -> Path:
+    """Where environments live unless told: a per-user cache, outside any checkout (one
+    set of environments serves every checkout with the same inputs)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "caption-platform" / "sdk-envs"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m caption_platform.sdk_envs",
+        description="Per-Beam-SDK-version environments for the captioning job.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ensure = sub.add_parser("ensure", help="build or reuse the environment; print it as JSON")
+    ensure.add_argument("version")
+    ensure.add_argument("--root", type=Path, default=None,
+                        help=f"folder of environments (default: {default_root()})")
+    ensure.add_argument("--requirements", type=Path, default=DEFAULT_REQUIREMENTS)
+    ensure.add_argument("--job-package", type=Path, default=DEFAULT_JOB_PACKAGE)
+    ensure.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
+    versions = sub.add_parser("versions", help="default SDK versions to benchmark, as JSON")
+    versions.add_argument("--pinned", default=None,
+                          help="default: the apache-beam pin of the job's requirements")
+    versions.add_argument("--count", type=int, default=3)
+    versions.add_argument("--registry", action="store_true",
+                          help="pick real releases from the package index (network)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "ensure":
+            env = ensure_env(args.version, args.root or default_root(),
+                             requirements=args.requirements, job_package=args.job_package,
+                             timeout_s=args.timeout)
+            print(json.dumps(env.to_dict(), indent=2))
+            return 0 if env.ok else 1
+        pinned = args.pinned or pinned_beam_version()
+        available = registry_versions() if args.registry else None
+        print(json.dumps(default_versions(pinned, args.count, available=available)))
+        return 0
+    except ValueError as exc:
+        print(f"sdk_envs: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

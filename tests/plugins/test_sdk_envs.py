@@ -1,0 +1,419 @@
+"""Per-Beam-SDK-version environments: fast and offline.
+
+The installed version reuses the running interpreter for real (no venv, no download); the
+build path runs against a fake command runner (``sdk_envs._run``) that plays venv, pip and
+the verification step, so the marker, hash, lock and failure logic is exercised end to end
+without the network.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from caption_platform import sdk_envs
+from caption_platform.sdk_envs import SdkEnv
+
+PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
+INSTALLED = sdk_envs.installed_beam_version()
+OTHER = "2.70.0"
+
+
+@pytest.fixture
+def job(tmp_path: Path) -> tuple[Path, Path]:
+    """A small job package and requirements file in the shape of beam_jobs/."""
+    pkg = tmp_path / "job"
+    (pkg / "captioning").mkdir(parents=True)
+    (pkg / "pyproject.toml").write_text("[project]\nname = 'caption-beam-job'\n")
+    (pkg / "captioning" / "__init__.py").write_text("")
+    (pkg / "captioning" / "pipeline.py").write_text("X = 1\n")
+    (pkg / "models").mkdir()
+    (pkg / "models" / "weights.bin").write_bytes(b"large")
+    reqs = tmp_path / "requirements.txt"
+    reqs.write_text("# the stack\napache-beam[gcp]==2.77.0\ntorch==2.13.0  # cpu here\n"
+                    "transformers==5.24.0\npillow>=12.1.1,<13\n")
+    return pkg, reqs
+
+
+class FakeRunner:
+    """Stands in for venv/pip/python: records argv, creates the venv's python, reports
+    ``reports`` as apache_beam.__version__, fails the step whose argv contains ``fail_on``."""
+
+    def __init__(self, reports: str | None = None, fail_on: str | None = None) -> None:
+        self.calls: list[list[str]] = []
+        self.reports = reports
+        self.fail_on = fail_on
+
+    def __call__(self, argv, *, timeout_s, log=None, cwd=None):
+        argv = [str(a) for a in argv]
+        self.calls.append(argv)
+        if self.fail_on and any(self.fail_on in a for a in argv):
+            return 1, "Collecting apache-beam\nERROR: No matching distribution found"
+        if argv[1:3] == ["-m", "venv"]:
+            python = Path(argv[3]) / "bin" / "python"
+            python.parent.mkdir(parents=True)
+            python.write_text("#!fake\n")
+            (Path(argv[3]) / "pyvenv.cfg").write_text("home = /usr\n")
+            return 0, ""
+        if argv[1] == "-c":
+            payload = {"apache_beam": self.reports, "packages": {"torch": "2.13.0+cpu"}}
+            return 0, "noise\n" + sdk_envs._VERIFY_PREFIX + json.dumps(payload) + "\n"
+        return 0, "Successfully installed"
+
+    def steps(self) -> list[str]:
+        names = []
+        for argv in self.calls:
+            if argv[1:3] == ["-m", "venv"]:
+                names.append("venv")
+            elif "--no-deps" in argv:
+                names.append("job")
+            elif "-r" in argv:
+                names.append("requirements")
+            elif argv[1] == "-c":
+                names.append("verify")
+        return names
+
+
+def _ensure(version: str, root: Path, job: tuple[Path, Path], **kw) -> SdkEnv:
+    pkg, reqs = job
+    return sdk_envs.ensure_env(version, root, requirements=reqs, job_package=pkg, **kw)
+
+
+# --- the installed version -------------------------------------------------------------
+
+
+def test_installed_version_reuses_the_running_interpreter(tmp_path, monkeypatch, job) -> None:
+    assert INSTALLED, "apache-beam must be installed in the test environment"
+
+    def no_commands(*a, **k):
+        raise AssertionError("no command may run for the installed version")
+
+    monkeypatch.setattr(sdk_envs, "_run", no_commands)
+    env = _ensure(INSTALLED, tmp_path / "envs", job)
+    assert env.ok and env.current_interpreter and env.reused
+    assert env.python == sys.executable
+    assert env.beam_version_reported == INSTALLED
+    assert not (tmp_path / "envs").exists()
+    assert sdk_envs.job_command(env, "job.py", ["--run_id", "r1"]) == [
+        sys.executable, "job.py", "--run_id", "r1"]
+
+
+def test_cli_prints_the_environment_as_json(tmp_path) -> None:
+    out = subprocess.run(
+        # --timeout: were the installed-version shortcut broken, fail fast, download nothing
+        [sys.executable, "-m", "caption_platform.sdk_envs", "ensure", INSTALLED,
+         "--root", str(tmp_path), "--timeout", "3"],
+        capture_output=True, text=True, env={"PYTHONPATH": str(PLUGINS), "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["status"] == "ok" and data["version"] == INSTALLED
+    assert data["python"] == sys.executable and data["current_interpreter"] is True
+
+
+def test_cli_refuses_a_bad_version_with_exit_2(tmp_path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "caption_platform.sdk_envs", "ensure", "2.76.0;id",
+         "--root", str(tmp_path)],
+        capture_output=True, text=True, env={"PYTHONPATH": str(PLUGINS), "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 2
+    assert "not a Beam SDK version" in out.stderr and out.stdout == ""
+
+
+def test_import_is_light() -> None:
+    code = ("import sys, caption_platform.sdk_envs\n"
+            "print(sorted(m for m in ('apache_beam', 'torch', 'transformers', 'packaging',"
+            " 'airflow') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={"PYTHONPATH": str(PLUGINS), "PATH": "/usr/bin:/bin"})
+    assert out.stdout.strip() == "[]"
+
+
+# --- refusing bad input before anything runs -------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [
+    "", "latest", "2.76.0; rm -rf /", "2.76.0 --index-url http://x", "../2.76.0", "2.76.*",
+    ">=2.76", "2.76.0+cpu", "1!2.76.0", "$(id)", "2.76.0\n", "v2.76.0", "2.76.0 ",
+    " 2.76.0", None, 2.76,
+])
+def test_bad_versions_are_refused_before_any_command(bad, tmp_path, monkeypatch, job) -> None:
+    fake = FakeRunner(reports="2.76.0")
+    monkeypatch.setattr(sdk_envs, "_run", fake)
+    with pytest.raises(ValueError, match="not a Beam SDK version"):
+        _ensure(bad, tmp_path / "envs", job)
+    assert fake.calls == [] and not (tmp_path / "envs").exists()
+
+
+@pytest.mark.parametrize("good", ["2.76.0", "2.77.0rc1", "2.58.1", "3.0", "2.77.0.dev1"])
+def test_plain_releases_are_accepted(good) -> None:
+    assert sdk_envs.check_version(good) == good
+
+
+def test_same_version_is_pep440_equality() -> None:
+    assert sdk_envs.same_version("2.77", "2.77.0")
+    assert sdk_envs.same_version("2.13.0+cpu", "2.13.0")
+    assert not sdk_envs.same_version("2.77.0rc1", "2.77.0")
+    assert not sdk_envs.same_version("2.76.0", "2.77.0")
+
+
+# --- requirements ------------------------------------------------------------------------
+
+
+def test_derivation_replaces_only_apache_beam(job) -> None:
+    _, reqs = job
+    lines = sdk_envs.read_requirements(reqs)
+    assert lines == ["apache-beam[gcp]==2.77.0", "torch==2.13.0", "transformers==5.24.0",
+                     "pillow>=12.1.1,<13"]
+    derived = sdk_envs.derive_requirements(lines, "2.76.0")
+    assert derived == ["apache-beam[gcp]==2.76.0", "torch==2.13.0", "transformers==5.24.0",
+                       "pillow>=12.1.1,<13"]
+
+
+def test_derivation_keeps_extras_and_normalises_the_name() -> None:
+    assert sdk_envs.derive_requirements(["Apache_Beam[gcp,dataframe] >= 2.70", "six"],
+                                        "2.71.0") == ["apache-beam[gcp,dataframe]==2.71.0",
+                                                      "six"]
+    assert sdk_envs.derive_requirements(["apache-beam==2.77.0"], "2.75.0") == [
+        "apache-beam[gcp]==2.75.0"]
+    assert sdk_envs.derive_requirements(["apache-beam-extra==1.0", "apache-beam==2.77.0"],
+                                        "2.75.0")[0] == "apache-beam-extra==1.0"
+
+
+def test_derivation_needs_an_apache_beam_line() -> None:
+    with pytest.raises(ValueError, match="no apache-beam line"):
+        sdk_envs.derive_requirements(["torch==2.13.0"], "2.76.0")
+
+
+def test_project_requirements_give_the_pinned_version() -> None:
+    pinned = sdk_envs.pinned_beam_version()
+    assert sdk_envs.same_version(pinned, INSTALLED)
+    derived = sdk_envs.derive_requirements(
+        sdk_envs.read_requirements(sdk_envs.DEFAULT_REQUIREMENTS), "2.76.0")
+    assert "apache-beam[gcp]==2.76.0" in derived
+    assert any(line.startswith("torch==") for line in derived)
+    assert any(line.startswith("transformers==") for line in derived)
+
+
+def test_requirements_follow_includes_and_refuse_other_options(tmp_path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "job.txt").write_text("apache-beam==2.77.0\n")
+    (tmp_path / "all.txt").write_text("-r sub/job.txt\nduckdb==1.0  # db\n")
+    assert sdk_envs.read_requirements(tmp_path / "all.txt") == ["apache-beam==2.77.0",
+                                                                 "duckdb==1.0"]
+    (tmp_path / "bad.txt").write_text("--index-url http://example\napache-beam==2.77.0\n")
+    with pytest.raises(ValueError, match="unsupported pip option"):
+        sdk_envs.read_requirements(tmp_path / "bad.txt")
+
+
+# --- default versions --------------------------------------------------------------------
+
+
+def test_default_versions_offline_decrement_the_minor_version() -> None:
+    assert sdk_envs.default_versions("2.77.0") == ["2.75.0", "2.76.0", "2.77.0"]
+    assert sdk_envs.default_versions("2.77.1", 2) == ["2.76.0", "2.77.1"]
+    assert sdk_envs.default_versions("3.1.0", 4) == ["3.0.0", "3.1.0"]
+    assert sdk_envs.default_versions("2.77.0", 1) == ["2.77.0"]
+
+
+def test_default_versions_from_a_release_list_take_real_releases() -> None:
+    available = ["2.77.0", "2.76.0rc2", "2.59.0", "2.58.0", "2.58.1", "2.57.0", "2.60.0"]
+    assert sdk_envs.default_versions("2.60.0", 3, available=available) == [
+        "2.58.1", "2.59.0", "2.60.0"]
+    # a minor release that never happened is skipped, not invented
+    assert sdk_envs.default_versions("2.60.0", 3, available=["2.60.0", "2.59.0", "2.57.0"]) \
+        == ["2.57.0", "2.59.0", "2.60.0"]
+
+
+def test_registry_output_is_parsed_and_failure_is_none(monkeypatch) -> None:
+    output = ("WARNING: experimental\napache-beam (2.77.0)\n"
+              "Available versions: 2.77.0, 2.76.0, 2.58.1, 0.6.0, 0.1.dev0+g1;rm\n")
+    monkeypatch.setattr(sdk_envs, "_run", lambda argv, **k: (0, output))
+    assert sdk_envs.registry_versions() == ["2.77.0", "2.76.0", "2.58.1", "0.6.0"]
+    monkeypatch.setattr(sdk_envs, "_run", lambda argv, **k: (1, "ERROR: network"))
+    assert sdk_envs.registry_versions() is None
+
+
+def test_default_versions_refuse_nonsense() -> None:
+    with pytest.raises(ValueError):
+        sdk_envs.default_versions("2.77.0", 0)
+    with pytest.raises(ValueError):
+        sdk_envs.default_versions("main")
+
+
+# --- building, the marker and reuse (fake runner) ----------------------------------------
+
+
+def test_build_runs_venv_pip_job_verify_then_reuses_from_the_marker(tmp_path, monkeypatch,
+                                                                     job) -> None:
+    fake = FakeRunner(reports=OTHER)
+    monkeypatch.setattr(sdk_envs, "_run", fake)
+    env = _ensure(OTHER, tmp_path, job)
+    assert env.ok and not env.reused and not env.current_interpreter, env.error
+    assert env.beam_version_reported == OTHER
+    assert env.path == str(tmp_path / f"beam-{OTHER}")
+    assert env.python == str(tmp_path / f"beam-{OTHER}" / "bin" / "python")
+    assert env.disk_bytes and env.disk_bytes > 0
+    assert fake.steps() == ["venv", "requirements", "job", "verify"]
+    reqs = (tmp_path / f"beam-{OTHER}" / "sdk-requirements.txt").read_text().split()
+    assert reqs[0] == f"apache-beam[gcp]=={OTHER}" and "torch==2.13.0" in reqs
+    # the job package was installed from a copy holding its sources, not its model folder
+    job_call = next(c for c in fake.calls if "--no-deps" in c)
+    assert Path(job_call[-1]).parent == tmp_path / f"beam-{OTHER}"
+    marker = json.loads((tmp_path / f"beam-{OTHER}" / sdk_envs.MARKER).read_text())
+    assert marker["beam_version_reported"] == OTHER
+
+    fake.calls.clear()
+    again = _ensure(OTHER, tmp_path, job)
+    assert again.ok and again.reused and fake.calls == []
+    assert again.python == env.python and again.packages == {"torch": "2.13.0+cpu"}
+    assert sdk_envs.job_command(again, "beam_jobs/caption_images.py", ["--run_id", "x"]) == [
+        env.python, "beam_jobs/caption_images.py", "--run_id", "x"]
+
+
+def test_a_changed_pin_rebuilds_and_changed_job_code_reinstalls_only_the_job(
+        tmp_path, monkeypatch, job) -> None:
+    pkg, reqs = job
+    fake = FakeRunner(reports=OTHER)
+    monkeypatch.setattr(sdk_envs, "_run", fake)
+    assert _ensure(OTHER, tmp_path, job).ok
+
+    fake.calls.clear()
+    (pkg / "captioning" / "pipeline.py").write_text("X = 2\n")
+    refreshed = _ensure(OTHER, tmp_path, job)
+    assert refreshed.ok and fake.steps() == ["job", "verify"]
+
+    fake.calls.clear()
+    (pkg / "models" / "weights.bin").write_bytes(b"other weights")  # not job code
+    assert _ensure(OTHER, tmp_path, job).reused and fake.calls == []
+
+    fake.calls.clear()
+    reqs.write_text(reqs.read_text().replace("transformers==5.24.0", "transformers==5.25.0"))
+    rebuilt = _ensure(OTHER, tmp_path, job)
+    assert rebuilt.ok and fake.steps() == ["venv", "requirements", "job", "verify"]
+
+
+def test_a_marker_for_other_inputs_is_not_reused(tmp_path, monkeypatch, job) -> None:
+    path = tmp_path / f"beam-{OTHER}"
+    (path / "bin").mkdir(parents=True)
+    (path / "bin" / "python").write_text("")
+    (path / "pyvenv.cfg").write_text("")
+    pkg, reqs = job
+    pins = sdk_envs.derive_requirements(sdk_envs.read_requirements(reqs), OTHER)
+    good = {"env_hash": sdk_envs._hash(sdk_envs.env_inputs(OTHER, pins)),
+            "job_hash": sdk_envs.job_fingerprint(pkg), "beam_version_reported": OTHER}
+    (path / sdk_envs.MARKER).write_text(json.dumps(good))
+    fake = FakeRunner(reports=OTHER)
+    monkeypatch.setattr(sdk_envs, "_run", fake)
+    assert _ensure(OTHER, tmp_path, job).reused and fake.calls == []
+
+    other_python = sdk_envs.env_inputs(OTHER, pins)
+    other_python["python"]["version"] = "3.12.0"
+    (path / sdk_envs.MARKER).write_text(json.dumps({**good,
+                                                    "env_hash": sdk_envs._hash(other_python)}))
+    env = _ensure(OTHER, tmp_path, job)
+    assert env.ok and not env.reused and fake.steps()[0] == "venv"
+
+
+@pytest.mark.parametrize("fail_on", ["venv", "-r", "--no-deps"])
+def test_a_failed_build_is_reported_and_leaves_nothing_ready(fail_on, tmp_path, monkeypatch,
+                                                             job) -> None:
+    monkeypatch.setattr(sdk_envs, "_run", FakeRunner(reports=OTHER, fail_on=fail_on))
+    env = _ensure(OTHER, tmp_path, job)
+    assert env.status == "failed" and not env.ok
+    assert "No matching distribution found" in env.error
+    assert not (tmp_path / f"beam-{OTHER}").exists()
+    with pytest.raises(ValueError, match="not usable"):
+        sdk_envs.job_command(env, "job.py", [])
+    # the next call tries again (and here succeeds): a failure is not cached
+    monkeypatch.setattr(sdk_envs, "_run", FakeRunner(reports=OTHER))
+    assert _ensure(OTHER, tmp_path, job).ok
+
+
+def test_an_environment_reporting_another_beam_version_fails(tmp_path, monkeypatch, job) -> None:
+    monkeypatch.setattr(sdk_envs, "_run", FakeRunner(reports="2.77.0"))
+    env = _ensure(OTHER, tmp_path, job)
+    assert env.status == "failed" and env.beam_version_reported == "2.77.0"
+    assert "reports 2.77.0" in env.error
+    assert not (tmp_path / f"beam-{OTHER}" / sdk_envs.MARKER).exists()
+
+
+def test_verification_that_cannot_import_fails(tmp_path, monkeypatch, job) -> None:
+    fake = FakeRunner(reports=OTHER)
+
+    def broken_verify(argv, **kw):
+        if argv[1] == "-c":
+            return 1, "ModuleNotFoundError: No module named 'captioning'"
+        return fake(argv, **kw)
+
+    monkeypatch.setattr(sdk_envs, "_run", broken_verify)
+    env = _ensure(OTHER, tmp_path, job)
+    assert env.status == "failed" and "No module named 'captioning'" in env.error
+
+
+def test_a_folder_that_is_not_a_venv_is_left_alone(tmp_path, monkeypatch, job) -> None:
+    precious = tmp_path / f"beam-{OTHER}" / "notes.txt"
+    precious.parent.mkdir()
+    precious.write_text("mine")
+    monkeypatch.setattr(sdk_envs, "_run", FakeRunner(reports=OTHER))
+    env = _ensure(OTHER, tmp_path, job)
+    assert env.status == "failed" and "not a virtual environment" in env.error
+    assert precious.read_text() == "mine"
+
+
+def test_a_held_lock_makes_the_second_builder_wait_then_give_up(tmp_path, monkeypatch,
+                                                                job) -> None:
+    fake = FakeRunner(reports=OTHER)
+    monkeypatch.setattr(sdk_envs, "_run", fake)
+    with (tmp_path / f"beam-{OTHER}.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        env = _ensure(OTHER, tmp_path, job, timeout_s=0.3)
+    assert env.status == "failed" and ".lock" in env.error and fake.calls == []
+    assert _ensure(OTHER, tmp_path, job).ok  # released: the build goes ahead
+
+
+def test_the_lock_is_exclusive(tmp_path) -> None:
+    lock = tmp_path / "beam-x.lock"
+    with sdk_envs._locked(lock, time.monotonic() + 5) as first:
+        assert first
+        with sdk_envs._locked(lock, time.monotonic() + 0.2) as second:
+            assert not second
+    with sdk_envs._locked(lock, time.monotonic() + 0.2) as third:
+        assert third
+
+
+def test_run_times_out_and_kills_the_process_group(tmp_path) -> None:
+    """pip starts build backends of its own: a timeout must end them too."""
+    pidfile = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time\n"
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+            "time.sleep(60)\n")
+    started = time.monotonic()
+    rc, out = sdk_envs._run([sys.executable, "-c", code], timeout_s=1.5, log=tmp_path / "log")
+    assert rc == 124 and "timed out" in out
+    assert time.monotonic() - started < 8
+    assert "[exit 124]" in (tmp_path / "log").read_text()
+    stat = Path(f"/proc/{pidfile.read_text()}/stat")
+    for _ in range(50):  # killed; gone once init reaps it
+        if not stat.exists() or stat.read_text().split(")")[-1].split()[0] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the grandchild outlived the timeout")
+    rc, out = sdk_envs._run([sys.executable, "-c", "print('hi')"], timeout_s=30)
+    assert (rc, out.strip()) == (0, "hi")
+
+
+def test_the_error_is_the_end_of_the_output_and_bounded() -> None:
+    output = "\n".join(f"line {i}" for i in range(100)) + "\nERROR: " + "v, " * 5000
+    tail = sdk_envs._tail(output)
+    assert len(tail) <= sdk_envs.ERROR_TAIL_CHARS + 3 and tail.endswith("v,")
+    assert sdk_envs._tail("a\nb\nc", lines=2) == "b\nc"
