@@ -28,7 +28,6 @@ import secrets
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+from airflow_services import free_port, tail, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PLUGINS = REPO_ROOT / "plugins"
@@ -111,12 +111,6 @@ def write_warehouse(path: Path) -> list[dict[str, Any]]:
 
 
 # -- processes ------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def stop_group(proc: subprocess.Popen, grace: float = 15) -> None:
     """SIGTERM to the process group ``proc`` leads, then SIGKILL; bounded."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
@@ -129,27 +123,6 @@ def stop_group(proc: subprocess.Popen, grace: float = 15) -> None:
         with contextlib.suppress(ProcessLookupError):  # leftovers of the group
             os.killpg(proc.pid, signal.SIGKILL)
         return
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str,
-             describe: Callable[[], str] = lambda: "") -> Any:
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            if result := check():
-                return result
-        except Exception as exc:  # keep polling, report the last error
-            last = exc
-        time.sleep(0.3)
-    raise TimeoutError(f"{what}: not after {timeout:.0f}s (last error: {last!r})\n{describe()}")
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as exc:
-        return str(exc)
 
 
 class Response:
@@ -242,7 +215,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
             assert proc.poll() is None, f"api-server exited with {proc.returncode}"
             return api.request("GET", "/api/v2/monitor/health").status == 200
 
-        wait_for(healthy, 90, "api-server /api/v2/monitor/health", lambda: tail(log))
+        wait_until(healthy, 90, "api-server /api/v2/monitor/health",
+                   on_timeout=lambda: tail(log))
         yield api
     finally:
         stop_group(proc)
@@ -543,12 +517,12 @@ def open_tab(browser: Chromium) -> str:
 
 def log_in(browser: Chromium, session: str, server: ApiServer) -> None:
     """Fill in Airflow's own login page (SimpleAuthManager) and sign in, as a person does."""
-    wait_for(lambda: browser.evaluate(session, "!!document.querySelector('input[name=password]')"),
-             30, "Airflow's login form")
+    wait_until(lambda: browser.evaluate(session, "!!document.querySelector('input[name=password]')"),
+               30, "Airflow's login form")
     for name, text in (("username", "admin"), ("password", server.password)):
         browser.evaluate(session, f"document.querySelector('input[name={name}]').focus(); true")
         browser.call("Input.insertText", {"text": text}, session)
-    wait_for(lambda: browser.evaluate(session, (
+    wait_until(lambda: browser.evaluate(session, (
         "(() => { const b = document.querySelector('button[type=submit]');"
         " if (!b || b.disabled) return false; b.click(); return true; })()")),
         10, "an enabled Sign in button")
@@ -575,8 +549,8 @@ def test_page_in_headless_chromium(
         state = browser.evaluate(session, PAGE_STATE)
         return state if state["metrics"] else None
 
-    state = wait_for(report_shown, 30, "the page after logging in",
-                     lambda: str(browser.evaluate(session, "location.href")))
+    state = wait_until(report_shown, 30, "the page after logging in",
+                       on_timeout=lambda: str(browser.evaluate(session, "location.href")))
     assert state["title"].startswith("Captioning performance"), state
     assert state["charts"] >= 6 and state["decoded"] == state["charts"], state
     assert all(v in state["metrics"] for v in BENCHMARK), state
@@ -618,8 +592,8 @@ def test_page_in_headless_chromium(
     def frame_tree() -> str:
         return json.dumps(browser.call("Page.getFrameTree", session=session))
 
-    inner = wait_for(framed("11 of the latest 11"), 45, "the page framed in Airflow's UI",
-                     frame_tree)
+    inner = wait_until(framed("11 of the latest 11"), 45, "the page framed in Airflow's UI",
+                       on_timeout=frame_tree)
     assert all(v in inner["metrics"] for v in BENCHMARK), inner
     shot = browser.screenshot(session, tmp_path / "performance_page_in_airflow_ui.png",
                               full_page=False)
@@ -628,12 +602,13 @@ def test_page_in_headless_chromium(
     browser.evaluate(session, "document.getElementById('filter-dag_id').value = "
                               "'caption_images'; document.querySelector('#filters form')"
                               ".submit(); true", inner["context"])
-    wait_for(framed("2 of the latest 11"), 30, "the filtered page in the UI's frame", frame_tree)
+    wait_until(framed("2 of the latest 11"), 30, "the filtered page in the UI's frame",
+               on_timeout=frame_tree)
 
     # 4. the entry in the UI's Browse menu
     browser.evaluate(session, "[...document.querySelectorAll('button')]"
                               ".find(b => b.innerText.trim() === 'Browse').click(); true")
-    entry = wait_for(lambda: [a for a in browser.evaluate(session, (
+    entry = wait_until(lambda: [a for a in browser.evaluate(session, (
         "[...document.querySelectorAll('a')].map(a => [a.innerText.trim(), "
         "a.getAttribute('href')])")) if a[0] == "Captioning performance"],
         10, "the Browse menu's entry")
