@@ -82,3 +82,32 @@ def test_benchmark_runs_each_version_and_reports(bench_profile: dict[str, Path])
     assert [row["beam_sdk_version"] for row in table] == [installed]
     html = (out / "report.html").read_text()
     assert "data:image/png;base64" in html and installed in html
+
+
+def test_on_dataflow_each_version_gets_its_worker_image_and_launcher(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the gcp profile a benchmark run launches with that version's Python (the env) and
+    the worker image tag of that version, with the deployment's Dataflow shape."""
+    from caption_platform import benchmark, run_steps
+    from caption_platform.sdk_envs import SdkEnv, job_command
+
+    for key, value in {
+        "CAPTION_PROFILE": "gcp", "CAPTION_GCP_PROJECT": "my-proj",
+        "CAPTION_BQ_DATASET": "captioning", "CAPTION_DATAFLOW__TEMP_LOCATION": "gs://b-1/tmp",
+        "CAPTION_DATAFLOW__WORKER_CONTAINER_IMAGE": "us-docker.pkg.dev/p/r/caption-worker:2.77.0",
+        "CAPTION_DATAFLOW__LABELS": '{"team": "ml"}', "CAPTION_IGNORE_AIRFLOW_VARIABLES": "1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    settings = run_steps.settings_for_run({}, benchmark.OVERRIDES)
+    assert settings.tables.captions == "benchmark_captions"  # never the production table
+    plan = {"job_options": run_steps.job_options(settings, "bench__beam_2.76.0__rep1")}
+    env = SdkEnv(version="2.76.0", path="/envs/beam-2.76.0", python="/envs/beam-2.76.0/bin/python",
+                 status="ok")
+    argv = job_command(env, settings.job_file, benchmark._launch_argv(plan, settings, "2.76.0"))
+    assert argv[0] == "/envs/beam-2.76.0/bin/python" and argv[1].endswith("caption_images.py")
+    for expected in ("--runner=DataflowRunner", "--project=my-proj", "--region=us-central1",
+                     "--sdk_container_image=us-docker.pkg.dev/p/r/caption-worker:2.76.0",
+                     "--labels=team=ml", "--device=cuda", "--job_name=caption-bench-2-76-0"):
+        assert expected in argv, expected
+    assert any(a.startswith("--output=bq://my-proj.captioning.stg_bench") for a in argv)
