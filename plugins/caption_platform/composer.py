@@ -50,8 +50,11 @@ LAYOUT: tuple[tuple[str, str], ...] = (
     ("beam_jobs/captioning", "plugins/captioning"),
     ("plugins/caption_platform", "plugins/caption_platform"),
     ("beam_jobs/caption_images.py", "plugins/caption_images.py"),
+    # the UI page "Captioning performance": a real plugin, loaded as one
+    ("plugins/caption_performance.py", "plugins/caption_performance.py"),
     # last: a new DAG file only appears once the code it imports is in place
     ("dags/caption_images.py", "dags/caption_images.py"),
+    ("dags/benchmark_beam_sdks.py", "dags/benchmark_beam_sdks.py"),
 )
 
 #: Modules of the Airflow-side library that only run on a developer's machine.
@@ -77,6 +80,7 @@ INSTALL: Mapping[str, str] = {
     "apache-beam": "the caption task builds and submits the job: the same Beam as the worker "
                    "image's SDK (the image is tagged with this pin)",
     "duckdb": "the plan task builds the manifest in an on-disk DuckDB (caption_platform.manifest)",
+    "matplotlib": "the benchmark report's charts and the Captioning performance page",
 }
 #: Requirements the Composer image already satisfies.
 FROM_IMAGE: Mapping[str, str] = {
@@ -95,7 +99,6 @@ NOT_ON_COMPOSER: Mapping[str, str] = {
     "asyncpg": "Composer manages Airflow's metadata database",
     "tqdm": "local tooling",
     "rich": "`make demo` only",
-    "matplotlib": "local reports",
     "pytest": "tests",
     "ruff": "lint",
 }

@@ -57,6 +57,9 @@ class Refuse(importlib.abc.MetaPathFinder):
         raise ModuleNotFoundError(f"No module named {name!r} (not on Cloud Composer)", name=name)
 
 
+REAL_PLUGINS = ("caption_performance",)  # loaded as a plugin on purpose (the UI page)
+
+
 def from_checkout(entry):
     p = Path(entry or ".").resolve()
     return (p == repo or repo in p.parents) and not (p == venv or venv in p.parents)
@@ -78,13 +81,14 @@ def plugin_leaks():
         file = getattr(module, "__file__", None)
         if not file or plugins not in Path(file).resolve().parents:
             continue
-        if name.partition(".")[0] not in ("caption_platform", "captioning"):
+        if name.partition(".")[0] not in ("caption_platform", "captioning", *REAL_PLUGINS):
             leaks.append(name)
     return sorted(leaks)
 
 
 try:
-    library = sorted({p.stem for p in (bundle / "plugins").rglob("*.py")} - {"__init__"})
+    library = sorted({p.stem for p in (bundle / "plugins").rglob("*.py")}
+                     - {"__init__", *REAL_PLUGINS})
     from airflow import plugins_manager
 
     plugins_manager.ensure_plugins_loaded()
@@ -201,8 +205,10 @@ def test_bundle_is_exactly_the_documented_tree(tmp_path: Path) -> None:
     tree = composer.bundle(tmp_path / "b")
     files = sorted(str(p.relative_to(tree)) for p in tree.rglob("*") if p.is_file())
     top = sorted({"/".join(f.split("/")[:2]) for f in files})
-    assert top == ["dags/caption_images.py", "plugins/.airflowignore",
-                   "plugins/caption_images.py", "plugins/caption_platform", "plugins/captioning"]
+    assert top == ["dags/benchmark_beam_sdks.py", "dags/caption_images.py",
+                   "plugins/.airflowignore", "plugins/caption_images.py",
+                   "plugins/caption_performance.py", "plugins/caption_platform",
+                   "plugins/captioning"]
     job = sorted(p.name for p in (ROOT / "beam_jobs" / "captioning").glob("*.py"))
     assert sorted(f.split("/")[-1] for f in files if f.startswith("plugins/captioning/")) == job
     library = {p.name for p in (ROOT / "plugins" / "caption_platform").glob("*.py")}
@@ -217,7 +223,7 @@ def test_bundle_is_exactly_the_documented_tree(tmp_path: Path) -> None:
 
 def test_dag_parses_from_the_bundle(composer_run: dict) -> None:
     assert composer_run["import_errors"] == {}
-    assert composer_run["dag_ids"] == ["caption_images"]
+    assert composer_run["dag_ids"] == ["benchmark_beam_sdks", "caption_images"]
     assert {"plan", "caption", "publish", "validate"} <= set(composer_run["task_ids"])
 
 
@@ -271,18 +277,21 @@ def test_pypi_packages_come_from_the_requirement_files() -> None:
     assert set(REFUSED) <= set(composer.NOT_ON_COMPOSER)
     assert BEAM_PIN in packages
     assert not [p for p in packages if p.startswith(("torch", "transformers", "apache-airflow"))]
-    assert [p.split(">")[0].split("=")[0].split("[")[0] for p in packages] == ["apache-beam", "duckdb"]
+    assert [p.split(">")[0].split("=")[0].split("[")[0] for p in packages] == [
+        "apache-beam", "duckdb", "matplotlib"]
 
 
 def test_pypi_packages_refuse_an_unclassified_requirement(tmp_path: Path) -> None:
     (tmp_path / "beam_jobs").mkdir()
     (tmp_path / "beam_jobs/requirements.txt").write_text("apache-beam[gcp]==2.77.0\ntorch==2\n")
-    (tmp_path / "requirements.txt").write_text("-r beam_jobs/requirements.txt\nduckdb>=1\n")
-    assert composer.pypi_packages(tmp_path) == ["apache-beam[gcp]==2.77.0", "duckdb>=1"]
-    (tmp_path / "requirements.txt").write_text("duckdb>=1\nnewthing\n")
+    (tmp_path / "requirements.txt").write_text(
+        "-r beam_jobs/requirements.txt\nduckdb>=1\nmatplotlib\n")
+    assert composer.pypi_packages(tmp_path) == ["apache-beam[gcp]==2.77.0", "duckdb>=1",
+                                                "matplotlib"]
+    (tmp_path / "requirements.txt").write_text("duckdb>=1\nmatplotlib\nnewthing\n")
     with pytest.raises(ValueError, match="newthing"):
         composer.pypi_packages(tmp_path)
-    (tmp_path / "requirements.txt").write_text("duckdb>=1\n")
+    (tmp_path / "requirements.txt").write_text("duckdb>=1\nmatplotlib\n")
     (tmp_path / "beam_jobs/requirements.txt").write_text("apache-beam[gcp]>=2.77\n")
     with pytest.raises(ValueError, match="pinned"):
         composer.pypi_packages(tmp_path)
@@ -363,8 +372,12 @@ def test_deploy_runs_the_documented_gcloud_commands(tmp_path: Path, gcloud) -> N
          "--recursive", "--delete-unmatched-destination-objects", "--project", "my-project"],
         ["storage", "cp", str(tree / "plugins/caption_images.py"),
          f"{bucket}/plugins/caption_images.py", "--project", "my-project"],
+        ["storage", "cp", str(tree / "plugins/caption_performance.py"),
+         f"{bucket}/plugins/caption_performance.py", "--project", "my-project"],
         ["storage", "cp", str(tree / "dags/caption_images.py"), f"{bucket}/dags/caption_images.py",
          "--project", "my-project"],
+        ["storage", "cp", str(tree / "dags/benchmark_beam_sdks.py"),
+         f"{bucket}/dags/benchmark_beam_sdks.py", "--project", "my-project"],
     ]
     pypi = calls[2]["pypi_file"].splitlines()
     assert pypi == composer.pypi_packages()
