@@ -67,7 +67,7 @@ def caption_images() -> None:
     def plan() -> dict:
         ctx = get_current_context()
         return run_steps.plan_task(ctx["run_id"], ctx["params"],
-                                   run_kind=str(ctx["dag_run"].run_type))
+                                   run_kind=ctx["dag_run"].run_type)
 
     @task.short_circuit
     def has_new_images(run: dict) -> bool:

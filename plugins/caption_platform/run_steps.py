@@ -141,7 +141,7 @@ def plan_task(run_id: str, params: Mapping[str, Any], **plan_kwargs: Any) -> dic
         raise AirflowFailException(f"not launched: {exc}") from exc
 
 
-def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: str | None = None,
+def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
              benchmark_id: str | None = None,
              overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Build and load the run's manifest; return what later tasks need.
@@ -186,7 +186,8 @@ def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: str | None = N
         "manifest_stats": stats.to_dict(),
         "job_options": job_options(settings, run_id),
         "launch": launch_config(settings),
-        "run_kind": run_kind,
+        # an Airflow DagRunType (scheduled, manual, ...) or a DAG's own kind ("benchmark")
+        "run_kind": None if run_kind is None else str(getattr(run_kind, "value", run_kind)),
         "benchmark_id": benchmark_id,
         "forecast_cost_usd": expected.cost_usd,
         "settings": settings.model_dump(mode="json"),

@@ -99,11 +99,13 @@ def test_dag_captions_exactly_once_reruns_and_increments(local_profile: dict[str
     (row,) = query(
         db,
         "SELECT images_in, images_captioned, images_failed, final_state, estimated_cost_usd,"
-        " images_per_s, runner FROM pipeline_runs WHERE run_id = ?",
+        " images_per_s, runner, run_kind, num_captions, caption_similarity_median"
+        " FROM pipeline_runs WHERE run_id = ?",
         run_id,
     )
     assert row[:4] == (7, 5, 2, "JOB_STATE_DONE")
     assert row[4] > 0 and row[5] > 0 and row[6] == "DirectRunner"
+    assert row[7] == "manual" and row[8] == 3 and -1 <= row[9] <= 1
     # Hugging Face imagefolder export
     export = next(local_profile["data"].glob("runs/*/hf_dataset/metadata.jsonl"))
     meta = [json.loads(line) for line in export.read_text().splitlines()]
