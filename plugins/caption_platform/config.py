@@ -176,6 +176,8 @@ class DataflowOptions(_Model):
     # Free the Airflow worker slot while the GPU job runs (the triggerer polls Dataflow).
     deferrable: bool = True
     job_name: str = "caption-images"
+    # Dataflow's resource totals arrive minutes after a job ends (Beam's benchmark waits 240 s).
+    metrics_wait_s: float = Field(default=300, ge=0, le=3600)
 
     @field_validator("labels")
     @classmethod
@@ -250,6 +252,21 @@ class Settings(_Model):
                 f"(set CAPTION_{missing[0].upper().replace('.', '__')} or the "
                 "caption_settings Airflow Variable)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _priced(self) -> Settings:
+        """Every run must be priceable: a misspelled price or an unpriced GPU fails here, not
+        after the GPU job has run (when its pipeline_runs row is written)."""
+        from caption_platform.cost_model import PriceTable
+
+        prices = PriceTable().with_overrides(self.pricing or None)
+        if self.runner == "DataflowRunner" and self.dataflow.worker_accelerator():
+            try:
+                prices.gpu_price(str(self.dataflow.accelerator_type))
+            except ValueError as exc:
+                raise ValueError(f"dataflow.accelerator_type has no price: {exc}; add one "
+                                 "with pricing.gpu_per_hour") from None
         return self
 
 

@@ -181,8 +181,6 @@ def run_row_from_dataflow(
     (``captioned``, ``dead_letter_*``); pass warehouse counts to override.
     """
     prices = prices or PriceTable()
-    if settings is not None and settings.pricing:
-        prices = prices.with_overrides(settings.pricing)
     state = str(job.get("currentState") or "JOB_STATE_UNKNOWN")
     started = _parse_time(job.get("startTime") or job.get("createTime"))
     finished = _parse_time(job.get("currentStateTime"))
@@ -227,12 +225,30 @@ def run_row_from_dataflow(
 
 
 def fetch_dataflow_job_resources(
-    job_id: str, project: str, location: str, gcp_conn_id: str = "google_cloud_default"
+    job_id: str, project: str, location: str, gcp_conn_id: str = "google_cloud_default",
+    *, wait_s: float = 0.0, poll_s: float = 30.0, hook: Any = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The Dataflow job resource and its metrics list, through the provider's DataflowHook."""
-    from airflow.providers.google.cloud.hooks.dataflow import DataflowHook
+    """The Dataflow job resource and its metrics list, through the provider's DataflowHook.
 
-    hook = DataflowHook(gcp_conn_id=gcp_conn_id)
+    Dataflow fills in the resource totals (``TotalVcpuTime`` ...) some minutes after a job
+    ends: with ``wait_s`` the metrics are read again every ``poll_s`` seconds until they are
+    there and stopped changing, or ``wait_s`` has passed (then the last answer is kept).
+    """
+    import time
+
+    if hook is None:
+        from airflow.providers.google.cloud.hooks.dataflow import DataflowHook
+
+        hook = DataflowHook(gcp_conn_id=gcp_conn_id)
     job = hook.get_job(job_id=job_id, project_id=project, location=location)
-    response = hook.fetch_job_metrics_by_id(job_id=job_id, project_id=project, location=location)
-    return job, list(response.get("metrics") or [])
+    deadline = time.monotonic() + wait_s
+    previous: float | None = None
+    while True:
+        response = hook.fetch_job_metrics_by_id(job_id=job_id, project_id=project,
+                                                location=location)
+        metrics = list(response.get("metrics") or [])
+        vcpu = job_metric(metrics, "TotalVcpuTime")
+        if (vcpu is not None and vcpu == previous) or time.monotonic() + poll_s > deadline:
+            return job, metrics
+        previous = vcpu
+        time.sleep(poll_s)

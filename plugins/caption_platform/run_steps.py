@@ -246,7 +246,8 @@ def record_metrics(
         df = settings.dataflow
         if dataflow_job_id:
             job, metrics = fetch_dataflow_job_resources(
-                dataflow_job_id, settings.gcp_project or "", df.region, settings.gcp_conn_id
+                dataflow_job_id, settings.gcp_project or "", df.region, settings.gcp_conn_id,
+                wait_s=df.metrics_wait_s,
             )
         else:  # the launch failed before Dataflow accepted a job: still a (failed) run
             job, metrics = {"currentState": "JOB_STATE_FAILED"}, []

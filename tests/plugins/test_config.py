@@ -116,3 +116,15 @@ def test_run_key_and_folder() -> None:
     assert run_folder(s, "r1") == f"file:///d/runs/{run_key('r1')}"
     assert manifest_uri(s, "r1").endswith("/manifest.jsonl")
     assert job_output(s, "r1") == f"file:///d/runs/{run_key('r1')}/output"
+
+
+def test_unpriceable_settings_fail_before_any_run() -> None:
+    """A misspelled price, or a GPU the price table does not know, is refused up front."""
+    gcp = {"gcp_project": "p", "bq_dataset": "d", "dataflow__temp_location": "gs://bkt/t"}
+    with pytest.raises(SettingsError, match="pricing"):
+        load_settings(pricing={"vcpu_per_hr": 0.05})
+    with pytest.raises(SettingsError, match=r"accelerator_type has no price.*nvidia-tesla-p4"):
+        load_settings("gcp", **gcp, dataflow__accelerator_type="nvidia-tesla-p4")
+    s = load_settings("gcp", **gcp, dataflow__accelerator_type="nvidia-tesla-p4",
+                      pricing={"gpu_per_hour": {"nvidia-tesla-p4": 0.6}})
+    assert s.dataflow.accelerator_type == "nvidia-tesla-p4"

@@ -151,3 +151,37 @@ def test_fetch_dataflow_job_resources_uses_hook(monkeypatch: pytest.MonkeyPatch)
     assert job is JOB and metrics == METRICS
     assert calls == [("init", "gconn"), ("get_job", "jid", "my-proj", "us-central1"),
                      ("metrics", "jid", "my-proj", "us-central1")]
+
+
+class SlowMetricsHook:
+    """DataflowHook's two calls, answering as Dataflow does after a job: totals arrive late."""
+
+    def __init__(self, answers: list[list[dict]]) -> None:
+        self.answers = answers
+        self.metric_calls = 0
+
+    def get_job(self, job_id: str, project_id: str, location: str) -> dict:
+        assert (job_id, project_id, location) == (JOB["id"], "my-proj", "us-central1")
+        return JOB
+
+    def fetch_job_metrics_by_id(self, job_id: str, project_id: str, location: str) -> dict:
+        answer = self.answers[min(self.metric_calls, len(self.answers) - 1)]
+        self.metric_calls += 1
+        return {"metrics": answer}
+
+
+def test_dataflow_metrics_are_awaited_until_the_totals_settle() -> None:
+    partial = [_metric("TotalVcpuTime", 3600.0, original_name="Service-cpu_num_seconds")]
+    hook = SlowMetricsHook([[], partial, METRICS, METRICS])
+    job, metrics = m.fetch_dataflow_job_resources(
+        JOB["id"], "my-proj", "us-central1", wait_s=5, poll_s=0.01, hook=hook)
+    assert hook.metric_calls == 4 and m.job_metric(metrics, "TotalVcpuTime") == 3600 * 8.0
+    # no waiting asked for: one read, whatever it says
+    hook = SlowMetricsHook([[], METRICS])
+    _, metrics = m.fetch_dataflow_job_resources(JOB["id"], "my-proj", "us-central1", hook=hook)
+    assert hook.metric_calls == 1 and metrics == []
+    # totals that never arrive: give up at the deadline with the last answer
+    hook = SlowMetricsHook([[]])
+    _, metrics = m.fetch_dataflow_job_resources(
+        JOB["id"], "my-proj", "us-central1", wait_s=0.05, poll_s=0.01, hook=hook)
+    assert metrics == [] and 2 <= hook.metric_calls <= 10
