@@ -78,7 +78,10 @@ def environment(version: str, bench: Mapping[str, Any]) -> dict[str, Any]:
     from caption_platform.sdk_envs import default_root, ensure_env
 
     settings = Settings.model_validate(bench["settings"])
-    env = ensure_env(version, settings.sdk_envs_root or default_root())
+    # On Dataflow the workers (the worker image of this version) run the models: the
+    # launching environment needs Beam and the job package, not torch/transformers.
+    env = ensure_env(version, settings.sdk_envs_root or default_root(),
+                     launcher_only=(settings.runner == "DataflowRunner"))
     if env.ok:
         log.info("apache-beam %s: %s (%s)", version, env.python,
                  "this interpreter" if env.current_interpreter else env.path)

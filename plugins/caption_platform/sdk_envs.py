@@ -18,6 +18,15 @@ reports. Locally that means one virtual environment per version:
 - after a build the environment's own Python must report ``apache_beam.__version__ == V``
   and import ``captioning.pipeline``, ``torch`` and ``transformers``; otherwise it is failed.
 
+Launcher-only flavour (``launcher_only=True``, for DataflowRunner): the job then runs on
+Dataflow workers, whose image of version V carries torch and transformers; the launching
+process only has to import the job and submit it (model code is imported lazily). Its
+environment, ``ROOT/beam-V-launcher/``, gets the same derived requirements minus
+:data:`LAUNCHER_EXCLUDED` (torch, a multi-GB CUDA build on PyPI, and transformers), the
+flavour is part of its marker hash, and its verify step imports ``apache_beam``,
+``captioning.pipeline`` and ``captioning.options`` only. The two flavours never share a
+folder, marker or lock. The installed-version shortcut applies to both.
+
 A build that fails (no such release, a resolution conflict, a timeout) returns an
 :class:`SdkEnv` with ``status="failed"`` and the tail of pip's output, never raises for it,
 and leaves nothing marked ready: one broken version must not stop the others. A version
@@ -66,6 +75,9 @@ MARKER = "sdk_env.json"
 LAYOUT_VERSION = 1
 ERROR_TAIL_LINES = 25
 ERROR_TAIL_CHARS = 4000  # pip can print every release on one line; XCom/JSON stay small
+# Left out of a launcher-only environment: only the Dataflow workers run the models.
+LAUNCHER_EXCLUDED = ("torch", "transformers")
+LAUNCHER_SUFFIX = "-launcher"
 
 # A public PEP 440 release, pre- or post-release: digits, dots and a few fixed letters.
 # Anything else (local labels, epochs, wildcards, spaces, ';', '$', '/') is refused: the
@@ -80,6 +92,21 @@ import apache_beam
 import captioning.pipeline
 import torch, transformers
 from transformers import BlipForConditionalGeneration, CLIPModel
+def v(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+names = ("torch", "transformers", "pillow", "numpy", "pyarrow", "caption-beam-job")
+print("SDK_ENV_VERIFY " + json.dumps({"apache_beam": apache_beam.__version__,
+                                      "packages": {n: v(n) for n in names}}))
+"""
+# A launcher-only environment: what submitting the job imports, no model libraries.
+_LAUNCHER_VERIFY_CODE = """\
+import importlib.metadata as md, json
+import apache_beam
+import captioning.pipeline
+import captioning.options
 def v(name):
     try:
         return md.version(name)
@@ -112,6 +139,7 @@ class SdkEnv:
     disk_bytes: int | None = None
     packages: dict[str, str | None] = field(default_factory=dict)
     log: str | None = None
+    launcher_only: bool = False
 
     @property
     def ok(self) -> bool:
@@ -209,6 +237,20 @@ def derive_requirements(requirements: Sequence[str], version: str) -> list[str]:
     return out
 
 
+def launcher_requirements(pins: Sequence[str]) -> list[str]:
+    """``pins`` without the lines naming a package of :data:`LAUNCHER_EXCLUDED` (names
+    compared as pip does: ``Torch``, ``torch[x]>=2`` and ``torch ; marker`` all match);
+    every other line is kept as it is."""
+    excluded = {_canonical(n) for n in LAUNCHER_EXCLUDED}
+    out = []
+    for line in pins:
+        m = _NAME_RE.match(line)
+        if m and _canonical(m.group(1)) in excluded:
+            continue
+        out.append(line)
+    return out
+
+
 def pinned_beam_version(requirements: str | os.PathLike[str] = DEFAULT_REQUIREMENTS) -> str:
     """The Beam version the job's requirements file pins with ``==``."""
     for line in read_requirements(requirements):
@@ -284,10 +326,16 @@ def _python_identity() -> dict[str, str]:
             "machine": platform.machine(), "platform": sys.platform}
 
 
-def env_inputs(version: str, pins: Sequence[str]) -> dict[str, Any]:
-    """Everything an environment's contents follow from; its hash names a ready build."""
-    return {"layout": LAYOUT_VERSION, "beam_version": version, "requirements": list(pins),
-            "python": _python_identity()}
+def env_inputs(version: str, pins: Sequence[str], *,
+               launcher_only: bool = False) -> dict[str, Any]:
+    """Everything an environment's contents follow from; its hash names a ready build.
+    The launcher flavour adds ``"flavour": "launcher"`` (absent for the full flavour, so
+    full environments built before the flavour existed keep their hash)."""
+    inputs = {"layout": LAYOUT_VERSION, "beam_version": version, "requirements": list(pins),
+              "python": _python_identity()}
+    if launcher_only:
+        inputs["flavour"] = "launcher"
+    return inputs
 
 
 def _hash(obj: Any) -> str:
@@ -418,12 +466,13 @@ def _locked(lock_path: Path, deadline: float) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _from_marker(version: str, path: Path, marker: dict[str, Any], log: Path) -> SdkEnv:
+def _from_marker(version: str, path: Path, marker: dict[str, Any], log: Path,
+                 launcher_only: bool) -> SdkEnv:
     return SdkEnv(version=version, path=str(path), python=str(_venv_python(path)),
                   status="ok", beam_version_reported=marker.get("beam_version_reported"),
                   reused=True, build_s=marker.get("build_s"),
                   disk_bytes=marker.get("disk_bytes"), packages=marker.get("packages", {}),
-                  log=str(log))
+                  log=str(log), launcher_only=launcher_only)
 
 
 def _is_ready(path: Path, marker: dict[str, Any] | None, env_hash: str, job_hash: str) -> bool:
@@ -434,9 +483,11 @@ def _is_ready(path: Path, marker: dict[str, Any] | None, env_hash: str, job_hash
 def ensure_env(version: str, root: str | os.PathLike[str], *,
                requirements: str | os.PathLike[str] = DEFAULT_REQUIREMENTS,
                job_package: str | os.PathLike[str] = DEFAULT_JOB_PACKAGE,
-               timeout_s: float = DEFAULT_TIMEOUT_S) -> SdkEnv:
+               timeout_s: float = DEFAULT_TIMEOUT_S,
+               launcher_only: bool = False) -> SdkEnv:
     """An environment that runs the captioning job on Beam ``version``: reused when ready,
-    built otherwise (see the module docstring).
+    built otherwise (see the module docstring). ``launcher_only``: an environment that only
+    launches the job on Dataflow (no torch/transformers; its own folder and marker).
 
     Raises ValueError only for bad input (version string, requirements without an
     apache-beam line, a job package that is not one); a build that fails comes back as
@@ -446,31 +497,36 @@ def ensure_env(version: str, root: str | os.PathLike[str], *,
     installed = installed_beam_version()
     if installed is not None and same_version(version, installed):
         return SdkEnv(version=version, path=sys.prefix, python=sys.executable, status="ok",
-                      beam_version_reported=installed, current_interpreter=True, reused=True)
+                      beam_version_reported=installed, current_interpreter=True, reused=True,
+                      launcher_only=launcher_only)
 
     pins = derive_requirements(read_requirements(requirements), version)
+    if launcher_only:
+        pins = launcher_requirements(pins)
     job_package = Path(job_package).resolve()
     job_hash = job_fingerprint(job_package)
-    env_hash = _hash(env_inputs(version, pins))
+    env_hash = _hash(env_inputs(version, pins, launcher_only=launcher_only))
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    path = root / f"beam-{version}"
-    log = root / f"beam-{version}.log"
+    name = f"beam-{version}{LAUNCHER_SUFFIX if launcher_only else ''}"
+    path = root / name
+    log = root / f"{name}.log"
 
     marker = _read_marker(path)
     if _is_ready(path, marker, env_hash, job_hash):
-        return _from_marker(version, path, marker, log)
+        return _from_marker(version, path, marker, log, launcher_only)
 
     deadline = time.monotonic() + timeout_s
-    with _locked(root / f"beam-{version}.lock", deadline) as got:
+    with _locked(root / f"{name}.lock", deadline) as got:
         if not got:
-            return _failed(version, path, log, f"another process holds {root}/beam-{version}"
-                           f".lock (building this environment); gave up after {timeout_s:.0f} s")
+            return _failed(version, path, log, f"another process holds {root}/{name}.lock "
+                           f"(building this environment); gave up after {timeout_s:.0f} s",
+                           launcher_only=launcher_only)
         marker = _read_marker(path)  # another process may have built it while we waited
         if _is_ready(path, marker, env_hash, job_hash):
-            return _from_marker(version, path, marker, log)
+            return _from_marker(version, path, marker, log, launcher_only)
         return _build(version, path, log, pins, env_hash, job_package, job_hash, marker,
-                      deadline)
+                      deadline, launcher_only)
 
 
 def _failed(version: str, path: Path, log: Path, error: str, **extra: Any) -> SdkEnv:
@@ -480,8 +536,9 @@ def _failed(version: str, path: Path, log: Path, error: str, **extra: Any) -> Sd
 
 def _build(version: str, path: Path, log: Path, pins: list[str], env_hash: str,
            job_package: Path, job_hash: str, marker: dict[str, Any] | None,
-           deadline: float) -> SdkEnv:
+           deadline: float, launcher_only: bool = False) -> SdkEnv:
     """Build (or, when only the job code changed, refresh) ``path``; under the lock."""
+    flavour = {"launcher_only": launcher_only}
     started = time.monotonic()
     left = lambda: deadline - time.monotonic()  # noqa: E731
     python = _venv_python(path)
@@ -491,19 +548,21 @@ def _build(version: str, path: Path, log: Path, pins: list[str], env_hash: str,
     if not refresh_job_only:
         if path.exists() and any(path.iterdir()) and not (path / "pyvenv.cfg").exists():
             return _failed(version, path, log, f"{path} exists and is not a virtual "
-                           "environment; not touching it")
+                           "environment; not touching it", **flavour)
         shutil.rmtree(path, ignore_errors=True)
-        log.write_text(f"# environment for apache-beam {version}\n")
+        log.write_text(f"# {'launcher-only ' if launcher_only else ''}environment for "
+                       f"apache-beam {version}\n")
         rc, out = _run([sys.executable, "-m", "venv", str(path)], timeout_s=left(), log=log)
         if rc != 0:
-            return _cleanup_failed(version, path, log, "python -m venv failed", out)
+            return _cleanup_failed(version, path, log, "python -m venv failed", out,
+                                   **flavour)
         reqs = path / "sdk-requirements.txt"
         reqs.write_text("\n".join(pins) + "\n")
         rc, out = _run([str(python), "-m", "pip", "install", "--no-input", "-r", str(reqs)],
                        timeout_s=left(), log=log)
         if rc != 0:
             return _cleanup_failed(version, path, log, "pip install of the requirements "
-                                   f"with apache-beam=={version} failed", out)
+                                   f"with apache-beam=={version} failed", out, **flavour)
     with tempfile.TemporaryDirectory(prefix="job-", dir=path) as tmp:
         # A copy, so the build leaves no build/ or egg-info in the caller's checkout.
         for f in _job_sources(job_package):
@@ -514,29 +573,34 @@ def _build(version: str, path: Path, log: Path, pins: list[str], env_hash: str,
                         "--force-reinstall", tmp], timeout_s=left(), log=log)
     if rc != 0:
         return _cleanup_failed(version, path, log, "pip install of the job package failed",
-                               out)
-    rc, out = _run([str(python), "-c", _VERIFY_CODE], timeout_s=left(), log=log, cwd=path)
+                               out, **flavour)
+    code = _LAUNCHER_VERIFY_CODE if launcher_only else _VERIFY_CODE
+    imports = ("apache_beam, captioning.pipeline, captioning.options" if launcher_only
+               else "apache_beam, captioning.pipeline, torch, transformers")
+    rc, out = _run([str(python), "-c", code], timeout_s=left(), log=log, cwd=path)
     report = next((json.loads(line[len(_VERIFY_PREFIX):]) for line in out.splitlines()
                    if line.startswith(_VERIFY_PREFIX)), None)
     if rc != 0 or report is None:
         return _cleanup_failed(version, path, log, "the environment cannot import the job "
-                               "(apache_beam, captioning.pipeline, torch, transformers)", out)
+                               f"({imports})", out, **flavour)
     reported = str(report.get("apache_beam"))
     if not same_version(reported, version):
         return _cleanup_failed(version, path, log, f"asked for apache-beam {version}, the "
                                f"environment reports {reported}", out,
-                               beam_version_reported=reported)
+                               beam_version_reported=reported, **flavour)
     build_s = round(time.monotonic() - started, 1)
     if refresh_job_only and marker is not None:
         build_s = marker.get("build_s")
     data = {"env_hash": env_hash, "job_hash": job_hash, "beam_version_reported": reported,
-            "packages": report.get("packages", {}), "inputs": env_inputs(version, pins),
+            "packages": report.get("packages", {}),
+            "inputs": env_inputs(version, pins, launcher_only=launcher_only),
             "build_s": build_s, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "disk_bytes": disk_bytes(path)}
     _write_marker(path, data)
     return SdkEnv(version=version, path=str(path), python=str(python), status="ok",
                   beam_version_reported=reported, reused=False, build_s=build_s,
-                  disk_bytes=data["disk_bytes"], packages=data["packages"], log=str(log))
+                  disk_bytes=data["disk_bytes"], packages=data["packages"], log=str(log),
+                  launcher_only=launcher_only)
 
 
 def _cleanup_failed(version: str, path: Path, log: Path, what: str, output: str,
@@ -581,6 +645,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ensure.add_argument("--requirements", type=Path, default=DEFAULT_REQUIREMENTS)
     ensure.add_argument("--job-package", type=Path, default=DEFAULT_JOB_PACKAGE)
     ensure.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
+    ensure.add_argument("--launcher-only", action="store_true",
+                        help="only what launches the job on Dataflow (no torch/transformers)")
     versions = sub.add_parser("versions", help="default SDK versions to benchmark, as JSON")
     versions.add_argument("--pinned", default=None,
                           help="default: the apache-beam pin of the job's requirements")
@@ -592,7 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "ensure":
             env = ensure_env(args.version, args.root or default_root(),
                              requirements=args.requirements, job_package=args.job_package,
-                             timeout_s=args.timeout)
+                             timeout_s=args.timeout, launcher_only=args.launcher_only)
             print(json.dumps(env.to_dict(), indent=2))
             return 0 if env.ok else 1
         pinned = args.pinned or pinned_beam_version()

@@ -417,3 +417,184 @@ def test_the_error_is_the_end_of_the_output_and_bounded() -> None:
     tail = sdk_envs._tail(output)
     assert len(tail) <= sdk_envs.ERROR_TAIL_CHARS + 3 and tail.endswith("v,")
     assert sdk_envs._tail("a\nb\nc", lines=2) == "b\nc"
+
+
+# --- the launcher-only flavour (DataflowRunner: the workers run the models) -------------
+
+
+def _verify_code(fake: FakeRunner) -> str:
+    return next(c[2] for c in fake.calls if c[1] == "-c")
+
+
+def test_launcher_requirements_drop_only_torch_and_transformers(job) -> None:
+    _, reqs = job
+    pins = sdk_envs.derive_requirements(sdk_envs.read_requirements(reqs), OTHER)
+    assert sdk_envs.launcher_requirements(pins) == [f"apache-beam[gcp]=={OTHER}",
+                                                    "pillow>=12.1.1,<13"]
+    # names compared as pip does; look-alikes are kept
+    assert sdk_envs.launcher_requirements(
+        ["Torch[cuda]>=2 ; sys_platform == 'linux'", "TRANSFORMERS==5.0", "torchvision==1",
+         "transformers-extra==1", "six"]) == ["torchvision==1", "transformers-extra==1", "six"]
+    # the project's own file: everything but torch and transformers is kept, as written
+    project = sdk_envs.derive_requirements(
+        sdk_envs.read_requirements(sdk_envs.DEFAULT_REQUIREMENTS), OTHER)
+    launcher = sdk_envs.launcher_requirements(project)
+    assert launcher == [p for p in project
+                        if not p.startswith(("torch==", "transformers=="))]
+    assert f"apache-beam[gcp]=={OTHER}" in launcher and len(launcher) == len(project) - 2
+
+
+def test_launcher_build_has_its_own_folder_pins_marker_and_verify(tmp_path, monkeypatch,
+                                                                  job) -> None:
+    fake = FakeRunner(reports=OTHER)
+    monkeypatch.setattr(sdk_envs, "_run", fake)
+    env = _ensure(OTHER, tmp_path, job, launcher_only=True)
+    assert env.ok and not env.reused and env.launcher_only, env.error
+    path = tmp_path / f"beam-{OTHER}-launcher"
+    assert env.path == str(path) and env.python == str(path / "bin" / "python")
+    assert env.log == str(tmp_path / f"beam-{OTHER}-launcher.log")
+    assert not (tmp_path / f"beam-{OTHER}").exists()
+    assert fake.steps() == ["venv", "requirements", "job", "verify"]
+    assert (path / "sdk-requirements.txt").read_text().split() == [
+        f"apache-beam[gcp]=={OTHER}", "pillow>=12.1.1,<13"]
+    code = _verify_code(fake)
+    assert "import captioning.pipeline" in code and "import captioning.options" in code
+    assert "import apache_beam" in code
+    assert not any(line.startswith(("import torch", "from torch", "import transformers",
+                                    "from transformers")) or ", torch" in line
+                   for line in code.splitlines())
+    marker = json.loads((path / sdk_envs.MARKER).read_text())
+    assert marker["inputs"]["flavour"] == "launcher"
+    assert marker["inputs"]["requirements"] == [f"apache-beam[gcp]=={OTHER}",
+                                                "pillow>=12.1.1,<13"]
+
+    fake.calls.clear()
+    again = _ensure(OTHER, tmp_path, job, launcher_only=True)
+    assert again.ok and again.reused and again.launcher_only and fake.calls == []
+
+
+def test_the_full_flavour_still_verifies_torch_and_transformers(tmp_path, monkeypatch,
+                                                                job) -> None:
+    fake = FakeRunner(reports=OTHER)
+    monkeypatch.setattr(sdk_envs, "_run", fake)
+    env = _ensure(OTHER, tmp_path, job)
+    assert env.ok and not env.launcher_only
+    assert "import torch, transformers" in _verify_code(fake)
+    marker = json.loads((tmp_path / f"beam-{OTHER}" / sdk_envs.MARKER).read_text())
+    assert "flavour" not in marker["inputs"]  # full environments keep their old hash
+
+
+def test_switching_flavour_never_reuses_the_other_flavours_env(tmp_path, monkeypatch,
+                                                               job) -> None:
+    fake = FakeRunner(reports=OTHER)
+    monkeypatch.setattr(sdk_envs, "_run", fake)
+    full = _ensure(OTHER, tmp_path, job)
+    assert full.ok and not full.reused
+
+    fake.calls.clear()
+    launcher = _ensure(OTHER, tmp_path, job, launcher_only=True)
+    assert launcher.ok and not launcher.reused and launcher.path != full.path
+    assert fake.steps() == ["venv", "requirements", "job", "verify"]
+
+    fake.calls.clear()  # and back: each flavour reuses its own, untouched
+    assert _ensure(OTHER, tmp_path, job).reused and fake.calls == []
+    assert _ensure(OTHER, tmp_path, job, launcher_only=True).reused and fake.calls == []
+    full_marker = json.loads((Path(full.path) / sdk_envs.MARKER).read_text())
+    launcher_marker = json.loads((Path(launcher.path) / sdk_envs.MARKER).read_text())
+    assert full_marker["env_hash"] != launcher_marker["env_hash"]
+
+
+def test_the_launcher_marker_hash_includes_the_flavour(tmp_path, monkeypatch, job) -> None:
+    """Same pins, same folder: a marker without the flavour in its hash is not reused."""
+    path = tmp_path / f"beam-{OTHER}-launcher"
+    (path / "bin").mkdir(parents=True)
+    (path / "bin" / "python").write_text("")
+    (path / "pyvenv.cfg").write_text("")
+    pkg, reqs = job
+    pins = sdk_envs.launcher_requirements(
+        sdk_envs.derive_requirements(sdk_envs.read_requirements(reqs), OTHER))
+    marker = {"job_hash": sdk_envs.job_fingerprint(pkg), "beam_version_reported": OTHER,
+              "env_hash": sdk_envs._hash(sdk_envs.env_inputs(OTHER, pins, launcher_only=True))}
+    (path / sdk_envs.MARKER).write_text(json.dumps(marker))
+    fake = FakeRunner(reports=OTHER)
+    monkeypatch.setattr(sdk_envs, "_run", fake)
+    assert _ensure(OTHER, tmp_path, job, launcher_only=True).reused and fake.calls == []
+
+    no_flavour = sdk_envs._hash(sdk_envs.env_inputs(OTHER, pins))
+    (path / sdk_envs.MARKER).write_text(json.dumps({**marker, "env_hash": no_flavour}))
+    env = _ensure(OTHER, tmp_path, job, launcher_only=True)
+    assert env.ok and not env.reused and fake.steps()[0] == "venv"
+
+
+def test_launcher_lock_is_its_own(tmp_path, monkeypatch, job) -> None:
+    fake = FakeRunner(reports=OTHER)
+    monkeypatch.setattr(sdk_envs, "_run", fake)
+    with (tmp_path / f"beam-{OTHER}.lock").open("a") as held:  # a full build in progress
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert _ensure(OTHER, tmp_path, job, launcher_only=True, timeout_s=0.3).ok
+    with (tmp_path / f"beam-{OTHER}-launcher.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        env = _ensure(OTHER, tmp_path, job, launcher_only=True, timeout_s=0.3)
+    assert env.ok and env.reused  # ready: no lock needed
+    (tmp_path / f"beam-{OTHER}-launcher" / sdk_envs.MARKER).unlink()
+    with (tmp_path / f"beam-{OTHER}-launcher.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        env = _ensure(OTHER, tmp_path, job, launcher_only=True, timeout_s=0.3)
+    assert env.status == "failed" and f"beam-{OTHER}-launcher.lock" in env.error
+
+
+def test_launcher_verify_failure_names_the_launcher_imports(tmp_path, monkeypatch,
+                                                            job) -> None:
+    fake = FakeRunner(reports=OTHER)
+
+    def broken_verify(argv, **kw):
+        if argv[1] == "-c":
+            return 1, "ModuleNotFoundError: No module named 'captioning.options'"
+        return fake(argv, **kw)
+
+    monkeypatch.setattr(sdk_envs, "_run", broken_verify)
+    env = _ensure(OTHER, tmp_path, job, launcher_only=True)
+    assert env.status == "failed" and env.launcher_only
+    assert "captioning.options" in env.error and "torch" not in env.error
+    assert not (tmp_path / f"beam-{OTHER}-launcher").exists()
+
+
+def test_launcher_for_the_installed_version_reuses_the_running_interpreter(
+        tmp_path, monkeypatch, job) -> None:
+    def no_commands(*a, **k):
+        raise AssertionError("no command may run for the installed version")
+
+    monkeypatch.setattr(sdk_envs, "_run", no_commands)
+    env = _ensure(INSTALLED, tmp_path / "envs", job, launcher_only=True)
+    assert env.ok and env.current_interpreter and env.python == sys.executable
+    assert env.launcher_only and not (tmp_path / "envs").exists()
+
+
+GCP_PROFILE = {"CAPTION_PROFILE": "gcp", "CAPTION_GCP_PROJECT": "my-proj",
+               "CAPTION_BQ_DATASET": "captioning",
+               "CAPTION_DATAFLOW__TEMP_LOCATION": "gs://b-1/tmp"}
+
+
+@pytest.mark.parametrize("profile, runner, launcher_only", [
+    (GCP_PROFILE, "DataflowRunner", True), ({}, "DirectRunner", False)])
+def test_benchmark_environment_asks_for_a_launcher_on_dataflow(
+        profile, runner, launcher_only, tmp_path, monkeypatch) -> None:
+    from caption_platform import benchmark, run_steps
+
+    for key in ("CAPTION_PROFILE", "CAPTION_RUNNER", *GCP_PROFILE):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {**profile, "CAPTION_IGNORE_AIRFLOW_VARIABLES": "1"}.items():
+        monkeypatch.setenv(key, value)
+    settings = run_steps.settings_for_run({}, benchmark.OVERRIDES)
+    assert settings.runner == runner
+    settings = settings.model_copy(update={"sdk_envs_root": str(tmp_path)})
+    seen = {}
+
+    def fake_ensure(version, root, **kw):
+        seen.update(version=version, root=str(root), **kw)
+        return SdkEnv(version=version, path=str(root), python="py", status="ok")
+
+    monkeypatch.setattr(sdk_envs, "ensure_env", fake_ensure)
+    out = benchmark.environment(OTHER, {"settings": settings.model_dump(mode="json")})
+    assert out["status"] == "ok"
+    assert seen == {"version": OTHER, "root": str(tmp_path), "launcher_only": launcher_only}
