@@ -151,9 +151,6 @@ SETTINGS: tuple[Setting, ...] = (
 
 RULES: tuple[Rule, ...] = (Rule(("num_beams", "num_captions", "decoding"), _enough_beams),)
 
-BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
-DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}
-
 
 def problems(values: Mapping[str, Any], settings: Iterable[Setting] | None = None,
              rules: Iterable[Rule] | None = None) -> list[tuple[str, str]]:

@@ -179,14 +179,13 @@ def _save_captions(plan: Mapping[str, Any], settings: Settings) -> None:
 
 def report(bench: Mapping[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
     """Summarise this benchmark's runs per version, draw it, and flag regressions."""
-    from caption_platform.report import caption_agreement, render, summarize
+    from caption_platform.report import caption_agreement, render, summarize, version_order
     from caption_platform.storage import storage_path
     from caption_platform.warehouse import get_warehouse
 
     settings = Settings.model_validate(bench["settings"])
     params = bench["params"]
-    rows = [r for r in get_warehouse(settings).fetch_runs(limit=10_000)
-            if r.get("benchmark_id") == bench["benchmark_id"]]
+    rows = get_warehouse(settings).benchmark_runs(bench["benchmark_id"])
     if not rows:
         raise RuntimeError("no benchmark run was recorded (every environment failed?)")
     captions: dict[str, dict[str, str]] = {}
@@ -196,9 +195,11 @@ def report(bench: Mapping[str, Any], results: list[dict[str, Any]]) -> dict[str,
         if path.exists() and result["reported"] not in captions:
             captions[result["reported"]] = json.loads(path.read_text())
     baseline = params.get("baseline")
-    summary = summarize(rows, baseline=baseline, threshold=float(params.get("threshold") or 0.1),
+    threshold = params.get("threshold")
+    summary = summarize(rows, baseline=baseline,
+                        threshold=0.10 if threshold is None else float(threshold),
                         agreement=caption_agreement(captions, baseline or min(
-                            captions, key=_version_key)) if captions else None)
+                            captions, key=version_order)) if captions else None)
     out = f"{settings.data_root}/benchmarks/{run_steps.run_key(bench['benchmark_id'])}"
     written = render(summary, rows, storage_path(out))
     log.info("benchmark %s\n%s", bench["benchmark_id"], summary.text())
@@ -210,11 +211,3 @@ def report(bench: Mapping[str, Any], results: list[dict[str, Any]]) -> dict[str,
     return {"folder": out, "files": {k: str(v) for k, v in written.items()},
             "regressions": summary.regressions, "table": summary.rows()}
 
-
-def _version_key(version: str) -> Any:
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        return Version(version)
-    except InvalidVersion:
-        return Version("0")

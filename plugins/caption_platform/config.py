@@ -456,14 +456,8 @@ def manifest_uri(settings: Settings, run_id: str) -> str:
     return layout.manifest_uri(settings.data_root, run_id)
 
 
-def staging_prefix(run_id: str) -> str:
-    """BigQuery staging table prefix of a run (tables ``PREFIX_captions`` ...)."""
-    return validate_identifier(layout.staging_prefix(run_id))
-
-
 def job_output(settings: Settings, run_id: str) -> str:
     """The job's ``--output``: the run's output folder, or ``bq://P.D.PREFIX``."""
     if settings.warehouse == "bigquery":
-        staging_prefix(run_id)
         return layout.bigquery_output(str(settings.gcp_project), str(settings.bq_dataset), run_id)
     return layout.output_folder(settings.data_root, run_id)

@@ -48,6 +48,7 @@ __all__ = [
     "html_page",
     "render",
     "summarize",
+    "version_order",
 ]
 
 #: The final state of a successful run (rows without a final_state count as successful).
@@ -263,7 +264,7 @@ def summarize(
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:
         groups.setdefault(_version_of(row), []).append(row)
-    order = sorted(groups, key=_version_key)
+    order = sorted(groups, key=version_order)
 
     ok_rows = {v: [r for r in groups[v] if _succeeded(r)] for v in order}
     present = tuple(m for m in wanted
@@ -346,7 +347,8 @@ def _version_of(row: Mapping[str, Any]) -> str:
     return text or UNKNOWN_VERSION
 
 
-def _version_key(version: str) -> tuple[int, Any, str]:
+def version_order(version: str) -> tuple[int, Any, str]:
+    """Sort key for SDK versions: PEP 440 order (2.9.0 before 2.10.0), others after."""
     from packaging.version import InvalidVersion, Version
 
     try:
@@ -393,9 +395,9 @@ def _resolve_baseline(
         return next((v for v in order if ok_rows[v]), None)
     if baseline in order:
         return baseline
-    want = _version_key(baseline)
+    want = version_order(baseline)
     for v in order:  # "2.77" matches "2.77.0"
-        if want[0] == 0 and _version_key(v)[:2] == want[:2]:
+        if want[0] == 0 and version_order(v)[:2] == want[:2]:
             return v
     raise ValueError(f"baseline {baseline!r} is not among the SDK versions in the runs "
                      f"({', '.join(order) or 'none'})")

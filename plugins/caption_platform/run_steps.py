@@ -24,6 +24,7 @@ from caption_platform.config import (
 )
 from caption_platform.params import setting_overrides
 from captioning import job_spec
+from captioning.layout import SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ def read_run_summary(output: str) -> dict[str, Any] | None:
     """The job's run_summary.json beside its output, or None when the job left none."""
     from caption_platform.storage import storage_path
 
-    path = storage_path(f"{output.rstrip('/')}/run_summary.json")
+    path = storage_path(f"{output.rstrip('/')}/{SUMMARY_FILE}")
     if not path.exists():
         return None
     return json.loads(path.read_text())

@@ -85,37 +85,30 @@ LAUNCHER_SUFFIX = "-launcher"
 _VERSION_RE = re.compile(r"^\d+(\.\d+){0,3}((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?$")
 _NAME_RE = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?")
 _VERIFY_PREFIX = "SDK_ENV_VERIFY "
-# Run by the environment's own Python, outside the checkout: what the job will import.
-_VERIFY_CODE = """\
+# Run by an environment's own Python, outside the checkout: imports what that flavour of
+# environment must be able to import, then reports the versions installed.
+_VERIFY_TEMPLATE = """\
 import importlib.metadata as md, json
 import apache_beam
+{imports}
+def v(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+names = ("torch", "transformers", "pillow", "numpy", "pyarrow", "caption-beam-job")
+print("SDK_ENV_VERIFY " + json.dumps({{"apache_beam": apache_beam.__version__,
+                                      "packages": {{n: v(n) for n in names}}}}))
+"""
+# What the job will import on a worker-like environment ...
+_VERIFY_CODE = _VERIFY_TEMPLATE.format(imports="""\
 import captioning.pipeline
 import torch, transformers
-from transformers import BlipForConditionalGeneration, CLIPModel
-def v(name):
-    try:
-        return md.version(name)
-    except md.PackageNotFoundError:
-        return None
-names = ("torch", "transformers", "pillow", "numpy", "pyarrow", "caption-beam-job")
-print("SDK_ENV_VERIFY " + json.dumps({"apache_beam": apache_beam.__version__,
-                                      "packages": {n: v(n) for n in names}}))
-"""
-# A launcher-only environment: what submitting the job imports, no model libraries.
-_LAUNCHER_VERIFY_CODE = """\
-import importlib.metadata as md, json
-import apache_beam
+from transformers import BlipForConditionalGeneration, CLIPModel""")
+# ... and what submitting the job imports (a launcher-only environment: no model libraries).
+_LAUNCHER_VERIFY_CODE = _VERIFY_TEMPLATE.format(imports="""\
 import captioning.pipeline
-import captioning.options
-def v(name):
-    try:
-        return md.version(name)
-    except md.PackageNotFoundError:
-        return None
-names = ("torch", "transformers", "pillow", "numpy", "pyarrow", "caption-beam-job")
-print("SDK_ENV_VERIFY " + json.dumps({"apache_beam": apache_beam.__version__,
-                                      "packages": {n: v(n) for n in names}}))
-"""
+import captioning.options""")
 
 
 @dataclass

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 CREATE_TABLE = "CREATE TABLE IF NOT EXISTS {table} ({column_defs})"
 ADD_COLUMN = "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {type}"
+# Every table's columns ({columns}: the engine's INFORMATION_SCHEMA.COLUMNS view).
+TABLE_COLUMNS = "SELECT table_name, column_name FROM {columns}"
 # BigQuery table option appended to CREATE_TABLE for per-run staging tables ({hours}: an int).
 EXPIRES_IN_HOURS = (
     " OPTIONS (expiration_timestamp = TIMESTAMP_ADD(CURRENT_TIMESTAMP(), INTERVAL {hours} HOUR))"
@@ -133,6 +135,9 @@ FROM {captions} WHERE run_id = @run_id AND caption_similarity IS NOT NULL
 """
 
 FETCH_RUNS = "SELECT * FROM {pipeline_runs} ORDER BY started_at DESC, run_id LIMIT @limit"
+FETCH_BENCHMARK_RUNS = """
+SELECT * FROM {pipeline_runs} WHERE benchmark_id = @benchmark_id ORDER BY started_at, run_id
+"""
 
 DEAD_LETTERS_FOR_RUN = """
 SELECT * FROM {dead_letters} WHERE run_id = @run_id ORDER BY image_id

@@ -14,7 +14,7 @@ import functools
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -112,15 +112,17 @@ class Warehouse(ABC):
         declaration has to tables an older release created (never drops or retypes)."""
         for kind in tables.TABLE_KINDS:
             self._execute([_create_table(self._table(kind), kind)])
-            existing = self._column_names(getattr(self.tables, kind))
+        existing = self._columns()
+        for kind in tables.TABLE_KINDS:
+            have = existing.get(getattr(self.tables, kind), set())
             for name, sql_type in tables.columns(kind).items():
-                if name not in existing:
+                if name not in have:
                     self._execute([sql.ADD_COLUMN.format(
                         table=self._table(kind), column=validate_identifier(name), type=sql_type)])
 
     @abstractmethod
-    def _column_names(self, table: str) -> set[str]:
-        """The columns an existing table has (its name already validated)."""
+    def _columns(self) -> dict[str, set[str]]:
+        """Table name -> its column names, for every table there is (one lookup)."""
 
     def load_manifest(self, run_id: str, manifest_uri: str) -> int:
         """Replace the run's manifest rows with the manifest file's; return the count."""
@@ -222,6 +224,11 @@ class Warehouse(ABC):
         rows = self._query(sql.RUN_CAPTION_SIMILARITY.format(**self._refs()), {"run_id": run_id})
         value = rows[0]["median"] if rows else None
         return None if value is None else float(value)
+
+    def benchmark_runs(self, benchmark_id: str) -> list[dict[str, Any]]:
+        """Every pipeline_runs row of one benchmark trigger, oldest first."""
+        return self._query(sql.FETCH_BENCHMARK_RUNS.format(**self._refs()),
+                           {"benchmark_id": benchmark_id})
 
     def fetch_runs(self, limit: int = 50) -> list[dict[str, Any]]:
         """The latest pipeline_runs rows, newest first."""
@@ -325,14 +332,14 @@ class DuckDBWarehouse(Warehouse):
     def table_uri(self, kind: str) -> str:
         return f"duckdb://{self.path}#{getattr(self.tables, kind)}"
 
-    def _column_names(self, table: str) -> set[str]:
+    def _columns(self) -> dict[str, set[str]]:
         con = self._connect()
         try:
-            rows = con.execute("SELECT column_name FROM information_schema.columns "
-                               "WHERE table_name = $t", {"t": table}).fetchall()
+            rows = con.execute(sql.TABLE_COLUMNS.format(
+                columns="information_schema.columns")).fetchall()
         finally:
             con.close()
-        return {r[0] for r in rows}
+        return _by_table(rows)
 
     @staticmethod
     def _bind(statement: str, params: Params | None) -> dict[str, Any]:
@@ -489,12 +496,11 @@ class BigQueryWarehouse(Warehouse):
     def table_uri(self, kind: str) -> str:
         return f"bigquery://{self.project}/{self.dataset}/{getattr(self.tables, kind)}"
 
-    def _column_names(self, table: str) -> set[str]:
+    def _columns(self) -> dict[str, set[str]]:
         dataset = validate_identifier(self.dataset)
         columns = f"`{_project_id(self.project)}.{dataset}.INFORMATION_SCHEMA.COLUMNS`"
-        rows = self._query(f"SELECT column_name FROM {columns} WHERE table_name = @table",
-                           {"table": table})
-        return {str(r["column_name"]) for r in rows}
+        rows = self._query(sql.TABLE_COLUMNS.format(columns=columns))
+        return _by_table((r["table_name"], r["column_name"]) for r in rows)
 
     def _ref(self, name: str, *, project: str | None = None, dataset: str | None = None) -> str:
         project = _project_id(project or self.project)
@@ -591,6 +597,13 @@ class BigQueryWarehouse(Warehouse):
             # FILE_LOADS creates no table when a run has zero rows of a kind
             self._execute([_create_table(ref, kind)])
         return refs
+
+
+def _by_table(rows: Iterable[tuple[str, str]]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for table, column in rows:
+        out.setdefault(str(table), set()).add(str(column))
+    return out
 
 
 def _project_id(project: str) -> str:

@@ -80,6 +80,16 @@ class FakeRunner:
         return names
 
 
+def failing_verify(output: str):
+    """A runner whose environment builds, but whose verify step (``python -c``) fails."""
+    fake = FakeRunner(reports=OTHER)
+
+    def run(argv, **kw):
+        return (1, output) if argv[1] == "-c" else fake(argv, **kw)
+
+    return run
+
+
 def _ensure(version: str, root: Path, job: tuple[Path, Path], **kw) -> SdkEnv:
     pkg, reqs = job
     return sdk_envs.ensure_env(version, root, requirements=reqs, job_package=pkg, **kw)
@@ -346,14 +356,8 @@ def test_an_environment_reporting_another_beam_version_fails(tmp_path, monkeypat
 
 
 def test_verification_that_cannot_import_fails(tmp_path, monkeypatch, job) -> None:
-    fake = FakeRunner(reports=OTHER)
-
-    def broken_verify(argv, **kw):
-        if argv[1] == "-c":
-            return 1, "ModuleNotFoundError: No module named 'captioning'"
-        return fake(argv, **kw)
-
-    monkeypatch.setattr(sdk_envs, "_run", broken_verify)
+    monkeypatch.setattr(sdk_envs, "_run",
+                        failing_verify("ModuleNotFoundError: No module named 'captioning'"))
     env = _ensure(OTHER, tmp_path, job)
     assert env.status == "failed" and "No module named 'captioning'" in env.error
 
@@ -545,14 +549,8 @@ def test_launcher_lock_is_its_own(tmp_path, monkeypatch, job) -> None:
 
 def test_launcher_verify_failure_names_the_launcher_imports(tmp_path, monkeypatch,
                                                             job) -> None:
-    fake = FakeRunner(reports=OTHER)
-
-    def broken_verify(argv, **kw):
-        if argv[1] == "-c":
-            return 1, "ModuleNotFoundError: No module named 'captioning.options'"
-        return fake(argv, **kw)
-
-    monkeypatch.setattr(sdk_envs, "_run", broken_verify)
+    monkeypatch.setattr(sdk_envs, "_run", failing_verify(
+        "ModuleNotFoundError: No module named 'captioning.options'"))
     env = _ensure(OTHER, tmp_path, job, launcher_only=True)
     assert env.status == "failed" and env.launcher_only
     assert "captioning.options" in env.error and "torch" not in env.error

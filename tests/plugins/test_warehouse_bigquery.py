@@ -58,20 +58,19 @@ def _wh(hook: FakeHook) -> BigQueryWarehouse:
     return BigQueryWarehouse("my-proj", "caps_ds", "US", hook=hook)
 
 
-# pipeline_runs columns newer than the first release (blip_model and clip_model are older
-# columns of captions, so the one INFORMATION_SCHEMA answer below already lists them)
-NEW_RUN_COLUMNS = ("run_kind", "benchmark_id", "decoding", "num_beams", "max_new_tokens",
-                   "caption_similarity_median")
+# pipeline_runs columns newer than the first release
+NEW_RUN_COLUMNS = ("run_kind", "benchmark_id", "blip_model", "clip_model", "decoding",
+                   "num_beams", "max_new_tokens", "caption_similarity_median")
 
 
 def test_ensure_tables_sends_standard_sql_ddl_and_adds_missing_columns() -> None:
     """Tables an older release created get the columns added since, nothing else."""
     from caption_platform import tables
 
-    older = sorted({c for kind in tables.TABLE_KINDS for c in tables.columns(kind)}
-                   - set(NEW_RUN_COLUMNS))
-    hook = FakeHook({"INFORMATION_SCHEMA.COLUMNS": FakeJob(_rows(
-        *({"column_name": c} for c in older)))})
+    older = [{"table_name": kind, "column_name": c} for kind in tables.TABLE_KINDS
+             for c in tables.columns(kind)
+             if not (kind == tables.PIPELINE_RUNS and c in NEW_RUN_COLUMNS)]
+    hook = FakeHook({"INFORMATION_SCHEMA.COLUMNS": FakeJob(_rows(*older))})
     _wh(hook).ensure_tables()
     queries = hook.queries()
     creates = [q["query"] for q in queries if q["query"].startswith("CREATE")]
@@ -84,9 +83,9 @@ def test_ensure_tables_sends_standard_sql_ddl_and_adds_missing_columns() -> None
     assert "captioned_at TIMESTAMP" in ddl
     assert "`my-proj.caps_ds.pipeline_runs`" in creates[2]
     assert "final_state STRING, error STRING" in creates[2]
-    looked_up = [q for q in queries if "INFORMATION_SCHEMA" in q["query"]]
-    assert looked_up[0]["query"].startswith(
-        "SELECT column_name FROM `my-proj.caps_ds.INFORMATION_SCHEMA.COLUMNS`")
+    looked_up = [q["query"] for q in queries if "INFORMATION_SCHEMA" in q["query"]]
+    assert looked_up == [  # one lookup for all four tables
+        "SELECT table_name, column_name FROM `my-proj.caps_ds.INFORMATION_SCHEMA.COLUMNS`"]
     alters = [q["query"] for q in queries if q["query"].startswith("ALTER")]
     assert alters == [
         f"ALTER TABLE `my-proj.caps_ds.pipeline_runs` ADD COLUMN IF NOT EXISTS {c} "
