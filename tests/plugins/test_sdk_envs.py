@@ -80,6 +80,14 @@ class FakeRunner:
         return names
 
 
+def fake_venv(path: Path) -> Path:
+    """An environment folder that looks built (python and pyvenv.cfg), with no marker yet."""
+    (path / "bin").mkdir(parents=True)
+    (path / "bin" / "python").write_text("")
+    (path / "pyvenv.cfg").write_text("")
+    return path
+
+
 def failing_verify(output: str):
     """A runner whose environment builds, but whose verify step (``python -c``) fails."""
     fake = FakeRunner(reports=OTHER)
@@ -311,10 +319,7 @@ def test_a_changed_pin_rebuilds_and_changed_job_code_reinstalls_only_the_job(
 
 
 def test_a_marker_for_other_inputs_is_not_reused(tmp_path, monkeypatch, job) -> None:
-    path = tmp_path / f"beam-{OTHER}"
-    (path / "bin").mkdir(parents=True)
-    (path / "bin" / "python").write_text("")
-    (path / "pyvenv.cfg").write_text("")
+    path = fake_venv(tmp_path / f"beam-{OTHER}")
     pkg, reqs = job
     pins = sdk_envs.derive_requirements(sdk_envs.read_requirements(reqs), OTHER)
     good = {"env_hash": sdk_envs._hash(sdk_envs.env_inputs(OTHER, pins)),
@@ -510,10 +515,7 @@ def test_switching_flavour_never_reuses_the_other_flavours_env(tmp_path, monkeyp
 
 def test_the_launcher_marker_hash_includes_the_flavour(tmp_path, monkeypatch, job) -> None:
     """Same pins, same folder: a marker without the flavour in its hash is not reused."""
-    path = tmp_path / f"beam-{OTHER}-launcher"
-    (path / "bin").mkdir(parents=True)
-    (path / "bin" / "python").write_text("")
-    (path / "pyvenv.cfg").write_text("")
+    path = fake_venv(tmp_path / f"beam-{OTHER}-launcher")
     pkg, reqs = job
     pins = sdk_envs.launcher_requirements(
         sdk_envs.derive_requirements(sdk_envs.read_requirements(reqs), OTHER))
