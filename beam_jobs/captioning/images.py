@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import apache_beam as beam
@@ -15,6 +18,7 @@ from apache_beam.metrics import Metrics
 
 from captioning.counters import NAMESPACE as METRICS_NAMESPACE
 from captioning.records import ManifestEntry, dead_letter, describe_error
+from captioning.trust import source_problem
 from captioning.uris import beam_path
 
 if TYPE_CHECKING:
@@ -137,35 +141,100 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 0) -> tuple[Image
         return rgb, size
 
 
+class ImageTimeout(TimeoutError):
+    """Reading or decoding one image took longer than --image_timeout_s."""
+
+
+class _TimeLimit:
+    """Run one call at a time on a helper thread and stop waiting for it after ``limit_s``.
+
+    A thread cannot be killed: a call that overruns is abandoned (it finishes, or not, on its
+    own thread, holding at most one image) and later calls get a fresh thread, so one
+    pathological file costs at most ``limit_s`` of this worker's time, never a stalled worker.
+    """
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        future = self._pool.submit(fn, *args)
+        try:
+            return future.result(timeout=self.limit_s)
+        except FutureTimeout:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+            raise ImageTimeout(
+                f"reading and decoding took longer than --image_timeout_s={self.limit_s:g}; "
+                "abandoned") from None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+def read_and_decode(uri: str, max_bytes: int, max_pixels: int,
+                    min_side: int) -> tuple[str, Any]:
+    """("read", error) or ("decode", error) on failure, else ("ok", (image, size))."""
+    try:
+        data = read_bytes(uri, max_bytes)
+    except Exception as e:  # noqa: BLE001 - any read failure is a dead letter
+        return "read", e
+    try:
+        return "ok", decode_image(data, max_pixels, min_side)
+    except Exception as e:  # noqa: BLE001 - any decode failure is a dead letter
+        return "decode", e
+
+
 class ReadAndDecodeFn(beam.DoFn):
-    """ManifestEntry -> DecodedImage (main) or DeadLetter (tag ``dead_letters``)."""
+    """ManifestEntry -> DecodedImage (main) or DeadLetter (tag ``dead_letters``).
+
+    An image URI outside ``source_roots`` (the deployment's trust boundary) is dead-lettered
+    unread; each image gets at most ``timeout_s`` to be read and decoded.
+    """
 
     def __init__(self, run_id: str, max_image_bytes: int, max_image_pixels: int,
-                 min_side: int = 0) -> None:
+                 min_side: int = 0, *, timeout_s: float = 120.0,
+                 source_roots: tuple[str, ...] = ()) -> None:
         self._run_id = run_id
         self._max_bytes = max_image_bytes
         self._max_pixels = max_image_pixels
         self._min_side = min_side
+        self._timeout_s = timeout_s
+        self._roots = tuple(source_roots)
         self._read = Metrics.counter(METRICS_NAMESPACE, "images_read")
         self._dead_read = Metrics.counter(METRICS_NAMESPACE, "dead_letter_read")
         self._dead_decode = Metrics.counter(METRICS_NAMESPACE, "dead_letter_decode")
 
+    def setup(self) -> None:
+        self._limit = _TimeLimit(self._timeout_s)
+
+    def teardown(self) -> None:
+        self._limit.close()
+
+    def _dead(self, entry: ManifestEntry, stage: str, error: Any) -> Any:
+        (self._dead_read if stage == "read" else self._dead_decode).inc()
+        reason = error if isinstance(error, str) else describe_error(error)
+        return beam.pvalue.TaggedOutput(
+            DEAD_LETTER_TAG, dead_letter(entry, self._run_id, stage, reason))
+
     def process(self, entry: ManifestEntry):  # type: ignore[override]
-        try:
-            data = read_bytes(entry.uri, self._max_bytes)
-        except Exception as e:  # noqa: BLE001 - any read failure is a dead letter
-            self._dead_read.inc()
-            yield beam.pvalue.TaggedOutput(
-                DEAD_LETTER_TAG, dead_letter(entry, self._run_id, "read", describe_error(e))
-            )
+        if problem := source_problem(entry.uri, self._roots):
+            yield self._dead(entry, "read", f"not read: {problem}")
             return
-        self._read.inc()
         try:
-            img, (width, height) = decode_image(data, self._max_pixels, self._min_side)
-        except Exception as e:  # noqa: BLE001 - any decode failure is a dead letter
-            self._dead_decode.inc()
-            yield beam.pvalue.TaggedOutput(
-                DEAD_LETTER_TAG, dead_letter(entry, self._run_id, "decode", describe_error(e))
-            )
+            stage, result = self._limit(read_and_decode, entry.uri, self._max_bytes,
+                                        self._max_pixels, self._min_side)
+        except ImageTimeout as e:
+            yield self._dead(entry, "decode", e)
             return
+        if stage != "read":
+            self._read.inc()
+        if stage != "ok":
+            yield self._dead(entry, stage, result)
+            return
+        img, (width, height) = result
         yield DecodedImage(entry.image_id, entry.uri, img, width, height)

@@ -34,6 +34,7 @@ class Setting:
     choices: tuple[str, ...] = ()
     max_length: int | None = None
     pattern: str | None = None
+    pattern_help: str = ""  # what the pattern means, said to whoever breaks it
     nullable: bool = False  # None is a legal value (e.g. no prompt)
     per_run: bool = False  # a trigger parameter of the DAG: may change from run to run
 
@@ -61,7 +62,8 @@ class Setting:
         if self.max_length is not None and isinstance(value, str) and len(value) > self.max_length:
             out.append(f"is longer than {self.max_length} characters")
         if self.pattern and isinstance(value, str) and not re.search(self.pattern, value):
-            out.append(f"{value!r} does not match {self.pattern}")
+            out.append(f"{value!r} is not allowed: {self.pattern_help}" if self.pattern_help
+                       else f"{value!r} does not match {self.pattern}")
         return out
 
     def json_schema(self, *, nullable: bool | None = None) -> dict[str, Any]:
@@ -111,13 +113,28 @@ RUN_ARGUMENTS: tuple[Setting, ...] = (
 BLIP_MODEL = "Salesforce/blip-image-captioning-base"
 CLIP_MODEL = "openai/clip-vit-base-patch32"
 
+#: No '.' or '..' path segment anywhere, no control characters.
+_NO_DOT_SEGMENTS = r"(?!.*(^|/)\.\.?(/|$))(?![^\x00-\x1f]*[\x00-\x1f])"
+#: What a model reference may look like (which ones a deployment allows: ``model_sources``):
+#: a Hugging Face id, an absolute local folder, ``file://`` or ``gs://``; never another
+#: scheme (``http://``), a relative path or ``..``.
+MODEL_REF_PATTERN = (_NO_DOT_SEGMENTS + r"^([A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?"
+                     r"|/.*|file:///.*|gs://[a-z0-9][a-z0-9._-]*(/.*)?)$")
+#: What a source folder may look like (which ones a deployment allows: ``source_roots``).
+SOURCE_URI_PATTERN = _NO_DOT_SEGMENTS + r"^(/.*|file:///.*|gs://[a-z0-9][a-z0-9._-]*(/.*)?)$"
+MODEL_REF_HELP = ("use a Hugging Face id (owner/name), an absolute local folder, or a file:// "
+                  "or gs:// folder, without '.' or '..' segments")
+SOURCE_URI_HELP = "use an absolute local folder, or a file:// or gs:// URI, without '.' or '..'"
+
 #: The job's settings (contract: the job's command line).
 SETTINGS: tuple[Setting, ...] = (
     Setting("blip_model", str, BLIP_MODEL,
             "BLIP model: Hugging Face id, local folder or gs:// folder (save_pretrained layout).",
+            pattern=MODEL_REF_PATTERN, pattern_help=MODEL_REF_HELP, max_length=1024,
             per_run=True),
     Setting("clip_model", str, CLIP_MODEL,
             "CLIP model: Hugging Face id, local folder or gs:// folder (save_pretrained layout).",
+            pattern=MODEL_REF_PATTERN, pattern_help=MODEL_REF_HELP, max_length=1024,
             per_run=True),
     Setting("num_captions", int, 3, "Candidate captions BLIP generates per image; CLIP ranks them.",
             minimum=1, maximum=16, per_run=True),
@@ -147,9 +164,44 @@ SETTINGS: tuple[Setting, ...] = (
             "Decode large images only down to this shorter side (the largest model input: 384 "
             "for BLIP-base, 224 for CLIP ViT-B/32); 0 keeps full size.",
             minimum=0, maximum=8192),
+    Setting("image_timeout_s", float, 120.0,
+            "Per-image time limit for reading and decoding: a file that takes longer is "
+            "dead-lettered (stage decode) and the worker moves on.",
+            minimum=0.001, maximum=3600),
+    Setting("source_roots", str, None,
+            "Comma-separated folders and gs:// prefixes images may be read from; any other "
+            "image URI is dead-lettered (stage read) unread. Empty: no restriction.",
+            max_length=8192, nullable=True),
+    Setting("model_sources", str, None,
+            "Comma-separated model folders, gs:// prefixes and Hugging Face ids or patterns "
+            "(Salesforce/*) the models may come from. Empty: no restriction.",
+            max_length=8192, nullable=True),
 )
 
-RULES: tuple[Rule, ...] = (Rule(("num_beams", "num_captions", "decoding"), _enough_beams),)
+def _trusted_models(v: Mapping[str, Any]) -> str | None:
+    from captioning.trust import list_problem, model_problem, split_list
+
+    allowed = split_list(v.get("model_sources"))
+    if problem := list_problem(allowed, models=True):
+        return f"model_sources: {problem}"
+    for name in ("blip_model", "clip_model"):
+        if isinstance(v.get(name), str) and (problem := model_problem(v[name], allowed)):
+            return f"{name}: {problem}"
+    return None
+
+
+def _source_roots(v: Mapping[str, Any]) -> str | None:
+    from captioning.trust import list_problem, split_list
+
+    problem = list_problem(split_list(v.get("source_roots")), models=False)
+    return problem and f"source_roots: {problem}"
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(("num_beams", "num_captions", "decoding"), _enough_beams),
+    Rule(("blip_model", "clip_model", "model_sources"), _trusted_models),
+    Rule(("source_roots",), _source_roots),
+)
 
 
 def problems(values: Mapping[str, Any], settings: Iterable[Setting] | None = None,

@@ -23,7 +23,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from captioning.counters import NAMESPACE as METRICS_NAMESPACE
 from captioning.images import DecodedImage
-from captioning.model_refs import resolve_model_ref
+from captioning.model_refs import check_generation_limit, resolve_model_ref
 from captioning.records import describe_error
 
 # torch's global RNG is per process: seeded sampling of one image at a time must hold it.
@@ -79,8 +79,11 @@ def _load(model_cls_name: str, processor_cls_name: str, ref: str, device: str) -
 
     path = resolve_model_ref(ref)
     dtype = torch.float16 if device == "cuda" else torch.float32
-    processor = getattr(transformers, processor_cls_name).from_pretrained(path)
-    model = getattr(transformers, model_cls_name).from_pretrained(path, dtype=dtype)
+    # Weights load without executing code: safetensors only (no pickle), no remote code.
+    processor = getattr(transformers, processor_cls_name).from_pretrained(
+        path, trust_remote_code=False)
+    model = getattr(transformers, model_cls_name).from_pretrained(
+        path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
     model.to(device)
     model.eval()
     return LoadedModel(model, processor, device, dtype)
@@ -176,7 +179,9 @@ class BlipCaptionModelHandler(_BaseHandler):
         self.skip_cross_attention_reorder = skip_cross_attention_reorder
 
     def load_model(self) -> LoadedModel:
-        return _load("BlipForConditionalGeneration", "BlipProcessor", self.model_ref, self.device)
+        loaded = _load("BlipForConditionalGeneration", "BlipProcessor", self.model_ref, self.device)
+        check_generation_limit(loaded, self.model_ref, self.max_new_tokens, self.prompt)
+        return loaded
 
     def get_metrics_namespace(self) -> str:
         return "blip_captioning"

@@ -6,9 +6,13 @@ FileSystems, so ``gs://`` (or any Beam filesystem) works without extra client co
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import threading
+from typing import Any
+
+from captioning.uris import beam_path
 
 _LOCK = threading.Lock()
 _RESOLVED: dict[str, str] = {}
@@ -22,8 +26,6 @@ def is_remote(ref: str) -> bool:
 def resolve_model_ref(ref: str) -> str:
     """Return a local folder or Hugging Face id for ``ref``, copying remote folders locally."""
     if ref.startswith("file://"):
-        from captioning.uris import beam_path
-
         return beam_path(ref)
     if not is_remote(ref):
         return ref
@@ -52,3 +54,91 @@ def _copy_folder(ref: str) -> str:
             while chunk := src.read(16 * 1024 * 1024):
                 dst.write(chunk)
     return local
+
+
+CONFIG_FILE = "config.json"
+
+
+def is_folder_ref(ref: str) -> bool:
+    """A local or remote model folder (not a Hugging Face id)."""
+    return ref.startswith(("/", "file://")) or is_remote(ref)
+
+
+def read_model_config(ref: str, *, remote: bool = True) -> dict[str, Any] | None:
+    """The ``config.json`` of a model folder, read without transformers (the launcher has
+    none); None for a Hugging Face id, or for a remote folder when ``remote`` is False.
+
+    Raises FileNotFoundError naming the folder when it holds no readable config.json.
+    """
+    if not is_folder_ref(ref) or (is_remote(ref) and not remote):
+        return None
+    path = f"{ref.rstrip('/')}/{CONFIG_FILE}"
+    try:
+        if is_remote(ref):
+            from apache_beam.io.filesystems import FileSystems
+
+            with FileSystems.open(path, compression_type="uncompressed") as handle:
+                return json.loads(handle.read())
+        with open(beam_path(path), "rb") as handle:
+            return json.loads(handle.read())
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(
+            f"{ref} is not a model folder in save_pretrained layout: cannot read "
+            f"{CONFIG_FILE} ({type(exc).__name__}: {exc})") from None
+
+
+def max_new_tokens_allowed(config: dict[str, Any], prompt_tokens: int = 1) -> int | None:
+    """Most new tokens BLIP's text decoder can generate after ``prompt_tokens`` (the start
+    token, plus a prompt's tokens): every position must have an embedding."""
+    text = config.get("text_config") or {}
+    positions = text.get("max_position_embeddings")
+    return None if not isinstance(positions, int) else positions - prompt_tokens + 1
+
+
+def generation_limit_problem(ref: str, max_new_tokens: int, prompt_tokens: int = 1,
+                             *, remote: bool = True) -> str | None:
+    """Why ``max_new_tokens`` cannot work with BLIP model ``ref`` (None when it can, or when
+    the model's config is not at hand: a Hugging Face id is checked when it loads)."""
+    config = read_model_config(ref, remote=remote)
+    allowed = None if config is None else max_new_tokens_allowed(config, prompt_tokens)
+    if allowed is None or max_new_tokens <= allowed:
+        return None
+    return generation_limit_problem_text(ref, max_new_tokens, allowed, prompt_tokens)
+
+
+def generation_limit_problem_text(ref: str, max_new_tokens: int, allowed: int,
+                                  prompt_tokens: int) -> str:
+    positions = allowed + prompt_tokens - 1
+    after = "" if prompt_tokens <= 1 else f" after the prompt's {prompt_tokens - 1} tokens"
+    return (f"{max_new_tokens} is more than BLIP model {ref} can generate: its text decoder "
+            f"has {positions} positions, so max_new_tokens may be at most {allowed}{after}")
+
+
+def launch_problems(values: dict[str, Any]) -> list[tuple[str, str]]:
+    """Checks against the model folders themselves, run before the job reads any image:
+    each model folder holds a config.json, and max_new_tokens fits BLIP's decoder."""
+    out: list[tuple[str, str]] = []
+    for name in ("blip_model", "clip_model"):
+        try:
+            read_model_config(values[name])
+        except FileNotFoundError as exc:
+            out.append((name, str(exc)))
+    if not out:
+        problem = generation_limit_problem(values["blip_model"], values["max_new_tokens"])
+        if problem:
+            out.append(("max_new_tokens", problem))
+    return out
+
+
+def check_generation_limit(loaded: Any, ref: str, max_new_tokens: int,
+                           prompt: str | None) -> None:
+    """At BLIP load: raise ValueError when ``max_new_tokens`` (after the prompt's tokens)
+    runs past the decoder's positions; otherwise every image would fail with IndexError."""
+    prompt_tokens = 1
+    if prompt:  # BLIP drops the tokenizer's trailing [SEP]; [CLS]/BOS stays
+        prompt_tokens = len(loaded.processor.tokenizer(prompt)["input_ids"]) - 1
+    config = loaded.model.config.to_dict()
+    allowed = max_new_tokens_allowed(config, prompt_tokens)
+    if allowed is not None and max_new_tokens > allowed:
+        problem = generation_limit_problem_text(ref, max_new_tokens, allowed, prompt_tokens)
+        raise ValueError(f"--max_new_tokens: {problem}")

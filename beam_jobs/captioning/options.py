@@ -36,6 +36,10 @@ def validate(opts: CaptionOptions) -> None:
     errors = [f"--{s.name} is required" for s in job_spec.RUN_ARGUMENTS
               if not getattr(opts, s.name)]
     errors += [f"--{name}: {msg}" for name, msg in job_spec.problems(values(opts))]
+    if not errors:  # the models' own limits, before any image is read
+        from captioning.model_refs import launch_problems
+
+        errors += [f"--{name}: {msg}" for name, msg in launch_problems(values(opts))]
     output = opts.output or ""
     if output.startswith("bq://"):
         parts = output[len("bq://"):].split(".")

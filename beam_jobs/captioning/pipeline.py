@@ -20,6 +20,7 @@ from captioning.model_handlers import BlipCaptionModelHandler, ClipRankModelHand
 from captioning.options import CaptionOptions
 from captioning.records import ManifestEntry, caption_row, dead_letter
 from captioning.sinks import WriteCaptionOutputs
+from captioning.trust import split_list
 from captioning.uris import beam_path
 
 MAIN_TAG = "main"
@@ -93,9 +94,11 @@ class DecodeImages(beam.PTransform):
     """ManifestEntry -> DecodedImage, once per image; failures become dead letters."""
 
     def __init__(self, run_id: str, max_image_bytes: int, max_image_pixels: int,
-                 min_side: int = 0) -> None:
+                 min_side: int = 0, *, timeout_s: float = 120.0,
+                 source_roots: tuple[str, ...] = ()) -> None:
         super().__init__()
-        self._fn = ReadAndDecodeFn(run_id, max_image_bytes, max_image_pixels, min_side)
+        self._fn = ReadAndDecodeFn(run_id, max_image_bytes, max_image_pixels, min_side,
+                                   timeout_s=timeout_s, source_roots=source_roots)
 
     def expand(self, entries: beam.PCollection) -> dict[str, beam.PCollection]:
         out = entries | "ReadAndDecode" >> beam.ParDo(self._fn).with_outputs(
@@ -221,7 +224,8 @@ def build_pipeline(pipeline: beam.Pipeline, opts: CaptionOptions) -> dict[str, A
     """Attach the whole job to ``pipeline``; returns the output PCollections and the sink."""
     entries = pipeline | "ReadManifest" >> ReadManifest(opts.manifest, opts.run_id)
     decoded = entries[MAIN_TAG] | "DecodeImages" >> DecodeImages(
-        opts.run_id, opts.max_image_bytes, opts.max_image_pixels, opts.decode_min_side)
+        opts.run_id, opts.max_image_bytes, opts.max_image_pixels, opts.decode_min_side,
+        timeout_s=opts.image_timeout_s, source_roots=split_list(opts.source_roots))
     blip, clip = model_handlers(opts)
     captioned = decoded[MAIN_TAG] | "CaptionImages" >> CaptionImages(
         blip, clip, opts.run_id, opts.blip_model, opts.clip_model)

@@ -14,6 +14,8 @@ import random
 import shutil
 from pathlib import Path
 
+from captioning.uris import file_uri
+
 COLOURS = [(220, 40, 40), (40, 160, 60), (40, 70, 200), (240, 200, 30), (30, 30, 30),
            (250, 250, 250), (150, 60, 170), (240, 130, 20)]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
@@ -143,7 +145,7 @@ def write_manifest(folder: str | Path, manifest: str | Path, *,
     rows = []
     for path in sorted(Path(folder).iterdir()):
         if path.is_file():
-            rows.append({"image_id": md5_file(path), "uri": path.resolve().as_uri(),
+            rows.append({"image_id": md5_file(path), "uri": file_uri(str(path.resolve())),
                          "size_bytes": path.stat().st_size})
     if dedupe:
         seen: dict[str, dict] = {}

@@ -255,6 +255,31 @@ class Settings(_Model):
         return self
 
     @model_validator(mode="after")
+    def _trusted_source(self) -> Settings:
+        """The run's source must lie inside the deployment's source roots (resolved: no
+        escape by ``..`` or symlinks), checked before anything is listed or read."""
+        from captioning.trust import source_problem, split_list
+
+        if problem := source_problem(self.source_uri, split_list(self.job.source_roots)):
+            raise ValueError(f"source_uri: {problem} (setting job.source_roots)")
+        return self
+
+    @model_validator(mode="after")
+    def _fits_the_model(self) -> Settings:
+        """max_new_tokens must fit BLIP's text decoder (its config.json, when the model is a
+        local folder here; the job checks remote folders at launch and every model at load)."""
+        from captioning.model_refs import generation_limit_problem
+
+        try:
+            problem = generation_limit_problem(self.job.blip_model, self.job.max_new_tokens,
+                                               remote=False)
+        except FileNotFoundError:
+            return self  # not built yet (make demo builds it); the job says so at launch
+        if problem:
+            raise ValueError(f"job.max_new_tokens: {problem}")
+        return self
+
+    @model_validator(mode="after")
     def _priced(self) -> Settings:
         """Every run must be priceable: a misspelled price or an unpriced GPU fails here, not
         after the GPU job has run (when its pipeline_runs row is written)."""
@@ -396,6 +421,7 @@ def load_settings(profile: str | None = None, **overrides: Any) -> Settings:
             raise SettingsError("caption_settings Variable must be a JSON object")
         layers = _deep_merge(layers, _nest(parsed))
     layers = _deep_merge(layers, _env_overrides(environ))
+    deployment_layers = layers
     layers = _deep_merge(layers, _nest(overrides))
     if "profile" in layers and layers["profile"] != chosen:
         raise SettingsError("profile: set it with the profile argument or CAPTION_PROFILE")
@@ -428,10 +454,36 @@ def load_settings(profile: str | None = None, **overrides: Any) -> Settings:
     if merged.get("data_root"):
         merged["data_root"] = str(merged["data_root"]).rstrip("/")
         merged.setdefault("source_uri", f"{merged['data_root']}/sample_images")
+        _default_trust(merged, _deep_merge(base, deployment_layers))
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:
         raise SettingsError(_format_validation_error(exc)) from None
+
+
+def _default_trust(merged: dict[str, Any], deployment: dict[str, Any]) -> None:
+    """Fill ``job.source_roots`` / ``job.model_sources`` when the deployment declares none.
+
+    The defaults are what the deployment itself configured (profile, Variable, environment):
+    the data root and the configured source, the configured models. Keyword overrides, which
+    is how a run's trigger parameters arrive (``run_steps.settings_for_run``), are checked
+    against these lists and never widen them. Lists may be given as JSON lists too.
+    """
+    job = merged.setdefault("job", {})
+    if not isinstance(job, dict):
+        return
+    for key in ("source_roots", "model_sources"):
+        if isinstance(job.get(key), list | tuple):
+            job[key] = ",".join(str(v) for v in job[key])
+    data_root = merged["data_root"]
+    if job.get("source_roots") is None:
+        roots = (data_root, str(deployment.get("source_uri") or f"{data_root}/sample_images"))
+        job["source_roots"] = ",".join(dict.fromkeys(r.rstrip("/") or "/" for r in roots))
+    if job.get("model_sources") is None:
+        configured = deployment.get("job") if isinstance(deployment.get("job"), dict) else {}
+        refs = (configured.get("blip_model") or job_spec.BLIP_MODEL,
+                configured.get("clip_model") or job_spec.CLIP_MODEL)
+        job["model_sources"] = ",".join(dict.fromkeys(str(r) for r in refs))
 
 
 def default_job_file() -> str:

@@ -1,7 +1,9 @@
 """Build a run's manifest: list, filter, hash, de-duplicate, skip known, cap, write.
 
 One code path for ``file://`` and ``gs://`` through Airflow's ``ObjectStoragePath``
-(fsspec). Listing rows go straight into an on-disk DuckDB database in batches, so
+(fsspec). A source that is missing, unreadable, a file, or empty is an error
+(:class:`SourceError`), never an empty run; every listed entry lands in exactly one count
+of :class:`ManifestStats` (symlinks included). Listing rows go straight into an on-disk DuckDB database in batches, so
 de-duplication and the incremental anti-join never need a Python dict or set of
 millions of ids. Only one directory's listing is held in memory at a time (the
 fsspec listing itself may cache more for object stores).
@@ -18,24 +20,43 @@ import binascii
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from caption_platform.config import SettingsError
 from caption_platform.storage import is_local, normalize_uri, storage_path
+
+log = logging.getLogger(__name__)
 
 _BATCH_ROWS = 50_000
 _CHUNK_BYTES = 1 << 20
 
 
+class SourceError(SettingsError):
+    """The run's source cannot be listed: missing, unreadable, not a folder, or empty.
+
+    A :class:`SettingsError`, so the plan task fails at once without retries, naming it.
+    """
+
+
 @dataclass
 class ManifestStats:
-    """Counts of one manifest build (every listed file is accounted for)."""
+    """Counts of one manifest build: every listed entry is accounted for exactly once.
+
+    ``listed`` == ``not_image + too_small + too_large + skipped_links + unreadable +
+    duplicates + skipped_existing + capped + written`` (see :meth:`unaccounted`).
+    """
 
     listed: int = 0
-    filtered_out: int = 0
+    not_image: int = 0  # no image extension, or not a regular file (fifo, socket...)
+    too_small: int = 0  # under images.min_bytes
+    too_large: int = 0  # over job.max_image_bytes: never read, counted here
+    skipped_links: int = 0  # symlinks to folders, outside the source, or to nothing
+    unreadable: int = 0  # could not be opened to hash it (permissions, vanished)
     duplicates: int = 0
     skipped_existing: int = 0
     capped: int = 0
@@ -43,6 +64,11 @@ class ManifestStats:
 
     def to_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
+
+    def unaccounted(self) -> int:
+        """Listed entries in no count (always 0: a non-zero value is a bug)."""
+        counts = self.to_dict()
+        return counts.pop("listed") - sum(counts.values())
 
 
 def md5_from_info(info: dict[str, Any]) -> str | None:
@@ -70,6 +96,17 @@ def md5_of_file(fs: Any, name: str) -> str:
     return digest.hexdigest()
 
 
+def _resolve_link(name: str, real_root: str) -> tuple[str, int] | None:
+    """A local symlink's target ``(real path, size)`` when it is a regular file inside
+    the source root; None (skipped, counted) when it leads to a folder, outside, or nowhere."""
+    real = os.path.realpath(name)
+    if not (real == real_root or real.startswith(real_root.rstrip("/") + "/")):
+        return None
+    if not os.path.isfile(real):
+        return None
+    return real, os.path.getsize(real)
+
+
 def _listing(
     root: Any,
     *,
@@ -78,26 +115,80 @@ def _listing(
     max_bytes: int,
     stats: ManifestStats,
 ) -> Iterator[tuple[str, str, int]]:
-    """Yield ``(image_id, uri, size_bytes)`` for every file that passes the filters."""
+    """Yield ``(image_id, uri, size_bytes)`` for every file that passes the filters.
+
+    Listing errors are raised, never skipped (fsspec's default would drop a folder it cannot
+    read without a word). Symlinked files are followed when they resolve inside the source
+    root (the manifest keeps the link's name); any other link is counted as skipped.
+    """
     fs = root.fs
     scheme = normalize_uri(str(root)).split("://", 1)[0]
-    for _dirpath, _dirs, files in fs.walk(root.path, detail=True):
+    real_root = os.path.realpath(root.path) if is_local(root) else ""
+    for _dirpath, _dirs, files in fs.walk(root.path, detail=True, on_error="raise"):
         for info in files.values():
-            if info.get("type", "file") != "file":
-                continue
             stats.listed += 1
             name = str(info["name"])
-            ext = name.rsplit("/", 1)[-1].rpartition(".")[2].lower()
             size = int(info.get("size") or 0)
-            if "." not in name.rsplit("/", 1)[-1] or ext not in extensions:
-                stats.filtered_out += 1
+            if info.get("islink") and is_local(root):
+                target = _resolve_link(name, real_root)
+                if target is None:
+                    stats.skipped_links += 1
+                    continue
+                size = target[1]
+            elif info.get("type", "file") != "file":
+                stats.not_image += 1
                 continue
-            if not min_bytes <= size <= max_bytes:
-                stats.filtered_out += 1
+            base = name.rsplit("/", 1)[-1]
+            ext = base.rpartition(".")[2].lower()
+            if "." not in base or ext not in extensions:
+                stats.not_image += 1
                 continue
-            image_id = md5_from_info(info) or md5_of_file(fs, name)
+            if size < min_bytes:
+                stats.too_small += 1
+                continue
+            if size > max_bytes:
+                stats.too_large += 1
+                log.warning("not captioned: %s is %d bytes, over max_image_bytes=%d",
+                            name, size, max_bytes)
+                continue
+            try:
+                image_id = md5_from_info(info) or md5_of_file(fs, name)
+            except OSError as exc:
+                stats.unreadable += 1
+                log.warning("not captioned: %s cannot be read: %s", name, exc)
+                continue
             full = name if "://" in name else f"{scheme}://{name}"
             yield image_id, full, size
+
+
+def _checked(batches: Iterator[Any], source_uri: str) -> Iterator[Any]:
+    """Re-raise a listing failure part-way (a folder that cannot be read) naming the source."""
+    try:
+        yield from batches
+    except OSError as exc:
+        raise SourceError(f"source_uri {source_uri}: listing failed part-way: "
+                          f"{type(exc).__name__}: {exc}") from exc
+
+
+def _open_source(source_uri: str, conn_id: str | None) -> Any:
+    """The source folder, or :class:`SourceError` naming it when it cannot be listed.
+
+    ``info`` rather than ``exists``: fsspec's ``exists`` answers False for a bucket it cannot
+    reach, which would make an unreachable bucket look like an empty one.
+    """
+    root = storage_path(source_uri, conn_id)
+    try:
+        kind = root.fs.info(root.path).get("type")
+    except FileNotFoundError:
+        raise SourceError(f"source_uri {source_uri}: no such folder or bucket prefix "
+                          "(nothing is listed under it)") from None
+    except Exception as exc:  # noqa: BLE001 - auth, network, permission: say which source
+        raise SourceError(f"source_uri {source_uri}: cannot be listed: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    if kind != "directory":
+        raise SourceError(f"source_uri {source_uri}: is a {kind or 'file'}, not a folder "
+                          "or prefix")
+    return root
 
 
 def _batches(rows: Iterable[Any], size: int = _BATCH_ROWS) -> Iterator[list[Any]]:
@@ -136,7 +227,7 @@ def build_manifest(
         raise ValueError(f"max_images: {max_images} must be at least 1")
     exts = {e.lower().lstrip(".") for e in extensions}
     stats = ManifestStats()
-    root = storage_path(source_uri, conn_id)
+    root = _open_source(source_uri, conn_id)
     schema = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("size_bytes", pa.int64())])
 
     with tempfile.TemporaryDirectory(prefix="manifest_") as tmp:
@@ -147,13 +238,16 @@ def build_manifest(
             rows = _listing(
                 root, extensions=exts, min_bytes=min_bytes, max_bytes=max_bytes, stats=stats
             )
-            for batch in _batches(rows):
+            for batch in _checked(_batches(rows), source_uri):
                 table = pa.Table.from_pylist(
                     [dict(zip(schema.names, r, strict=True)) for r in batch], schema=schema
                 )
                 con.register("batch_rows", table)
                 con.execute("INSERT INTO listing SELECT * FROM batch_rows")
                 con.unregister("batch_rows")
+            if stats.listed == 0:
+                raise SourceError(f"source_uri {source_uri}: the folder is empty (no files "
+                                  "at any depth); check the folder or prefix")
             for batch in _batches(exclude_ids or ()):
                 con.register("batch_ids", pa.table({"image_id": pa.array(batch, pa.string())}))
                 con.execute("INSERT INTO excluded SELECT image_id FROM batch_ids")

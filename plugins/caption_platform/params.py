@@ -17,8 +17,10 @@ from captioning.job_spec import Setting
 #: Run-level parameters the Airflow side owns (the job never sees them).
 RUN_PARAMETERS: tuple[Setting, ...] = (
     Setting("source_uri", str, None,
-            "Folder or bucket prefix to caption: file://, gs:// or an absolute path.",
-            pattern=r"^(file://|gs://|/)", nullable=True),
+            "Folder or bucket prefix to caption: file://, gs:// or an absolute path, inside "
+            "the deployment's source roots (setting job.source_roots).",
+            pattern=job_spec.SOURCE_URI_PATTERN,
+            pattern_help=job_spec.SOURCE_URI_HELP, max_length=4096, nullable=True),
     Setting("max_images", int, None, "Caption at most this many images (a sample run).",
             minimum=1, nullable=True),
     Setting("incremental", bool, None, "Skip images that other runs already captioned.",
@@ -66,8 +68,10 @@ def setting_overrides(params: Mapping[str, Any]) -> dict[str, Any]:
 #: The benchmark DAG's own parameters (besides max_images and the job settings).
 BENCHMARK_PARAMETERS: tuple[Setting, ...] = (
     Setting("dataset", str, None, "Folder or bucket prefix of the benchmark images (file://, "
-            "gs:// or an absolute path). Empty: a deterministic generated set, made once.",
-            pattern=r"^(file://|gs://|/)", nullable=True),
+            "gs:// or an absolute path) inside the deployment's source roots. Empty: a "
+            "deterministic generated set, made once.",
+            pattern=job_spec.SOURCE_URI_PATTERN,
+            pattern_help=job_spec.SOURCE_URI_HELP, max_length=4096, nullable=True),
     Setting("repetitions", int, 3, "Runs per SDK version (the spread the flags compare with).",
             minimum=1, maximum=20),
     Setting("baseline", str, None, "SDK version the others are compared with. Empty: the oldest.",
