@@ -105,7 +105,7 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 0) -> tuple[Image
     Raises ValueError/OSError with a readable message for anything that is not a usable
     image (zero bytes, truncated, not an image, over the pixel limit).
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise ValueError("file is empty (0 bytes)")
@@ -117,28 +117,37 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 0) -> tuple[Image
         except UnidentifiedImageError as e:
             raise ValueError("not a recognised image format") from e
         except Image.DecompressionBombError as e:
-            raise ValueError(f"image over the pixel limit: {e}") from e
+            raise ValueError(f"image over the pixel limit (decompression-bomb guard, "
+                             f"--max_image_pixels={max_pixels}): {e}") from e
+        except OSError as e:
+            raise ValueError(f"cannot decode image: {e}") from e
         width, height = img.size
         if width * height > max_pixels:
             raise ValueError(
-                f"image has {width}x{height}={width * height} pixels, over "
+                f"image has {width}x{height}={width * height} pixels, over the pixel limit "
                 f"--max_image_pixels={max_pixels} (decompression-bomb guard)"
             )
-        size = _oriented_size(img)
-        if getattr(img, "is_animated", False):
-            img.seek(0)
-        if min_side and img.format == "JPEG":
-            img.draft(img.mode, (min_side, min_side))
         try:
-            img.load()
-        except OSError as e:
+            return _decode_opened(img, min_side)
+        except OSError as e:  # truncated data, corrupt chunks, bad EXIF: all say "decode"
             raise ValueError(f"cannot decode image ({img.format}): {e}") from e
-        img = ImageOps.exif_transpose(img) or img
-        rgb = _to_rgb(img)
-        if min_side:
-            rgb = _shrink(rgb, min_side)
-        rgb.load()
-        return rgb, size
+
+
+def _decode_opened(img: Any, min_side: int) -> tuple[Image, tuple[int, int]]:
+    from PIL import ImageOps
+
+    size = _oriented_size(img)
+    if getattr(img, "is_animated", False):
+        img.seek(0)
+    if min_side and img.format == "JPEG":
+        img.draft(img.mode, (min_side, min_side))
+    img.load()
+    img = ImageOps.exif_transpose(img) or img
+    rgb = _to_rgb(img)
+    if min_side:
+        rgb = _shrink(rgb, min_side)
+    rgb.load()
+    return rgb, size
 
 
 class ImageTimeout(TimeoutError):
