@@ -15,10 +15,14 @@ Change a default or a bound here and every one of those changes with it.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_PRINTABLE_NOT_BLANK = r"^[^\x00-\x1f\x7f]*(?=\S)[^\x00-\x1f\x7f]*$"
 
 
 @dataclass(frozen=True)
@@ -42,10 +46,14 @@ class Setting:
         """What is wrong with ``value`` for this setting (empty when it is allowed)."""
         if value is None:
             return [] if self.nullable else ["is required"]
+        if self.kind is int and isinstance(value, float) and value.is_integer():
+            value = int(value)  # JSON (and the form's schema) count 1.0 as an integer
         if self.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
             return [f"{value!r} is not an integer"]
         if self.kind is float and (isinstance(value, bool) or not isinstance(value, int | float)):
             return [f"{value!r} is not a number"]
+        if self.kind is float and not math.isfinite(value):
+            return [f"{value!r} is not a finite number"]
         if self.kind is bool and not isinstance(value, bool):
             return [f"{value!r} is not true or false"]
         if self.kind is str and not isinstance(value, str):
@@ -59,6 +67,8 @@ class Setting:
             out.append(f"{value!r} is not allowed; choose one of {', '.join(self.choices)}")
         if self.kind is str and not value.strip():
             out.append("must not be blank")
+        if self.kind is str and _CONTROL.search(value):
+            out.append("must not contain control characters (newlines, tabs, NUL...)")
         if self.max_length is not None and isinstance(value, str) and len(value) > self.max_length:
             out.append(f"is longer than {self.max_length} characters")
         if self.pattern and isinstance(value, str) and not re.search(self.pattern, value):
@@ -79,7 +89,8 @@ class Setting:
             schema["enum"] = [*([None] if allow_null else []), *self.choices]
         if self.kind is str and not self.choices:
             schema["minLength"] = 1
-            schema["pattern"] = self.pattern or r"\S"  # not blank
+            # not blank, no control characters (the declared pattern excludes them too)
+            schema["pattern"] = self.pattern or _PRINTABLE_NOT_BLANK
         if self.max_length is not None:
             schema["maxLength"] = self.max_length
         return schema
@@ -114,7 +125,7 @@ BLIP_MODEL = "Salesforce/blip-image-captioning-base"
 CLIP_MODEL = "openai/clip-vit-base-patch32"
 
 #: No '.' or '..' path segment anywhere, no control characters.
-_NO_DOT_SEGMENTS = r"(?!.*(^|/)\.\.?(/|$))(?![^\x00-\x1f]*[\x00-\x1f])"
+_NO_DOT_SEGMENTS = r"(?!.*(^|/)\.\.?(/|$))(?![^\x00-\x1f\x7f]*[\x00-\x1f\x7f])"
 #: What a model reference may look like (which ones a deployment allows: ``model_sources``):
 #: a Hugging Face id, an absolute local folder, ``file://`` or ``gs://``; never another
 #: scheme (``http://``), a relative path or ``..``.
