@@ -166,7 +166,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("device", str, "cpu", "cpu, or cuda on GPU workers (half precision).",
             choices=("cpu", "cuda")),
     Setting("max_image_bytes", int, 50 * 1024 * 1024,
-            "Larger files are left out of the manifest and dead-lettered at stage read.",
+            "Larger files are left out of the manifest (counted as too_large in its stats); "
+            "one the job meets anyway is dead-lettered at stage read, unread.",
             minimum=1),
     Setting("max_image_pixels", int, 89_478_485,  # Pillow's own decompression-bomb threshold
             "Decompression-bomb guard: images with more pixels are dead-lettered at stage decode.",

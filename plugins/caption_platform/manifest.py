@@ -32,7 +32,9 @@ from caption_platform.storage import is_local, normalize_uri, storage_path
 
 log = logging.getLogger(__name__)
 
-_BATCH_ROWS = 50_000
+_BATCH_ROWS = 10_000
+#: DuckDB's own cap: past it, the listing spills to the temporary database file.
+_DUCKDB_MEMORY = "128MB"
 _CHUNK_BYTES = 1 << 20
 
 
@@ -231,7 +233,9 @@ def build_manifest(
     schema = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("size_bytes", pa.int64())])
 
     with tempfile.TemporaryDirectory(prefix="manifest_") as tmp:
-        con = duckdb.connect(os.path.join(tmp, "manifest.duckdb"))
+        con = duckdb.connect(os.path.join(tmp, "manifest.duckdb"),
+                             config={"memory_limit": _DUCKDB_MEMORY, "threads": 1,
+                                     "temp_directory": tmp})
         try:
             con.execute("CREATE TABLE listing (image_id VARCHAR, uri VARCHAR, size_bytes BIGINT)")
             con.execute("CREATE TABLE excluded (image_id VARCHAR)")

@@ -27,7 +27,7 @@ def test_services_match_the_official_airflow3_layout() -> None:
     commands = {name: svc.get("command") for name, svc in services.items()}
     assert commands["airflow-apiserver"] == "api-server"
     assert commands["airflow-dag-processor"] == "dag-processor"
-    assert services["airflow-apiserver"]["ports"] == ["8080:8080"]
+    assert services["airflow-apiserver"]["ports"] == ["127.0.0.1:8080:8080"]  # no login: local
 
 
 def test_airflow_services_mount_dags_plugins_job_and_data() -> None:
