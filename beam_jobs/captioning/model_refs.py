@@ -115,16 +115,19 @@ def generation_limit_problem_text(ref: str, max_new_tokens: int, allowed: int,
 
 
 def launch_problems(values: dict[str, Any]) -> list[tuple[str, str]]:
-    """Checks against the model folders themselves, run before the job reads any image:
-    each model folder holds a config.json, and max_new_tokens fits BLIP's decoder."""
+    """Checks against local model folders, run when the job starts, before it reads any
+    image: each holds a config.json, and max_new_tokens fits BLIP's decoder. Remote folders
+    and Hugging Face ids are checked where they load (the launcher may have no access to
+    them, or no network): :func:`check_generation_limit`."""
     out: list[tuple[str, str]] = []
     for name in ("blip_model", "clip_model"):
         try:
-            read_model_config(values[name])
+            read_model_config(values[name], remote=False)
         except FileNotFoundError as exc:
             out.append((name, str(exc)))
     if not out:
-        problem = generation_limit_problem(values["blip_model"], values["max_new_tokens"])
+        problem = generation_limit_problem(values["blip_model"], values["max_new_tokens"],
+                                           remote=False)
         if problem:
             out.append(("max_new_tokens", problem))
     return out
