@@ -100,6 +100,7 @@ NOT_ON_COMPOSER: Mapping[str, str] = {
     "tqdm": "local tooling",
     "rich": "`make demo` only",
     "pytest": "tests",
+    "hypothesis": "tests (property-based fuzzing of the trigger parameters)",
     "ruff": "lint",
 }
 
