@@ -8,6 +8,12 @@ Precedence, lowest to highest: profile defaults < Airflow Variable
 (nested fields with a double underscore, e.g. ``CAPTION_DATAFLOW__REGION``) <
 keyword arguments of :func:`load_settings`.
 
+Trust boundary: ``job.source_roots`` and ``job.model_sources`` (declared in
+``captioning.job_spec``, checked by ``captioning.trust``) say where a run may read and which
+models it may load; when the deployment declares none they are what it configured itself
+(data root and source, the two models). Keyword overrides (a run's trigger parameters)
+are checked against them and never widen them.
+
 Image size filter: ``images.min_bytes`` defaults to 0 on purpose, so a zero-byte
 file stays in the manifest and ends as a dead letter (``stage=read|decode``)
 instead of silently disappearing.

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -255,3 +256,36 @@ def test_odd_file_names_round_trip_exactly(tmp_path: Path) -> None:
         uri = by_id[image_id]
         assert uri == f"file://{src}/{name}"
         assert Path(beam_path(uri)).read_bytes() == name.encode() * 3
+
+
+def test_a_listing_that_fails_part_way_fails_the_plan_and_unreadable_files_are_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class _Composite(_FakeGcsFs):
+        """Objects without md5Hash (composite uploads): their bytes must be read to hash."""
+
+        def walk(self, path: str, detail: bool = False, on_error: str = "omit"):
+            for _, dirs, files in super().walk(path, detail, on_error):
+                yield path, dirs, {k: {key: v for key, v in info.items() if key != "md5Hash"}
+                                   for k, info in files.items()}
+
+        def open(self, name: str, mode: str = "rb"):
+            if name.endswith("locked.jpg"):
+                raise PermissionError(f"403 GET {name}: caller lacks storage.objects.get")
+            return io.BytesIO(self.objects[name])
+
+    _gcs(monkeypatch, _Composite({"bkt/imgs/ok.jpg": b"fine", "bkt/imgs/locked.jpg": b"no"}))
+    out = tmp_path / "m.jsonl"
+    stats = _build("gs://bkt/imgs", out)
+    assert (stats.written, stats.unreadable, stats.unaccounted()) == (1, 1, 0)
+    assert [r["uri"] for r in _read(out)] == ["gs://bkt/imgs/ok.jpg"]
+
+    class _Breaks(_FakeGcsFs):
+        def walk(self, path: str, detail: bool = False, on_error: str = "omit"):
+            assert on_error == "raise"  # fsspec's default would skip the folder silently
+            yield from super().walk(path, detail, on_error)
+            raise OSError("503 Service Unavailable listing bkt/imgs/more/")
+
+    _gcs(monkeypatch, _Breaks({"bkt/imgs/a.jpg": b"a"}))
+    with pytest.raises(SourceError, match="gs://bkt/imgs: listing failed part-way: OSError"):
+        _build("gs://bkt/imgs", tmp_path / "m2.jsonl")
