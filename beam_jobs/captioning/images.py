@@ -162,11 +162,13 @@ class _TimeLimit:
     pathological file costs at most ``limit_s`` of this worker's time, never a stalled worker.
     """
 
-    def __init__(self, limit_s: float) -> None:
-        self.limit_s = limit_s
+    def __init__(self, limit_s: float | None) -> None:
+        self.limit_s = limit_s  # None: no limit, the call runs on the caller's thread
         self._pool: ThreadPoolExecutor | None = None
 
     def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self.limit_s is None:
+            return fn(*args)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         future = self._pool.submit(fn, *args)
@@ -202,11 +204,12 @@ class ReadAndDecodeFn(beam.DoFn):
     """ManifestEntry -> DecodedImage (main) or DeadLetter (tag ``dead_letters``).
 
     An image URI outside ``source_roots`` (the deployment's trust boundary) is dead-lettered
-    unread; each image gets at most ``timeout_s`` to be read and decoded.
+    unread; each image gets at most ``timeout_s`` to be read and decoded (the job passes
+    ``--image_timeout_s``; None: no limit).
     """
 
     def __init__(self, run_id: str, max_image_bytes: int, max_image_pixels: int,
-                 min_side: int = 0, *, timeout_s: float = 120.0,
+                 min_side: int = 0, *, timeout_s: float | None = None,
                  source_roots: tuple[str, ...] = ()) -> None:
         self._run_id = run_id
         self._max_bytes = max_image_bytes

@@ -94,7 +94,7 @@ class DecodeImages(beam.PTransform):
     """ManifestEntry -> DecodedImage, once per image; failures become dead letters."""
 
     def __init__(self, run_id: str, max_image_bytes: int, max_image_pixels: int,
-                 min_side: int = 0, *, timeout_s: float = 120.0,
+                 min_side: int = 0, *, timeout_s: float | None = None,
                  source_roots: tuple[str, ...] = ()) -> None:
         super().__init__()
         self._fn = ReadAndDecodeFn(run_id, max_image_bytes, max_image_pixels, min_side,
