@@ -126,6 +126,10 @@ class GcpStack:
             "GOOGLE_CLOUD_PROJECT": self.project,
             "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT": json.dumps(connection),
             "NO_GCE_CHECK": "True",  # google-auth never probes the metadata server
+            # gcsfs's default filesystem asks the Storage Control gRPC API for each bucket's
+            # layout; fake-gcs-server has none (60 s timeout per bucket, then plain GCS).
+            # Read when gcsfs is first imported.
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
         }
 
     def stop(self) -> None:

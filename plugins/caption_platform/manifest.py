@@ -81,6 +81,8 @@ def _listing(
     """Yield ``(image_id, uri, size_bytes)`` for every file that passes the filters."""
     fs = root.fs
     scheme = normalize_uri(str(root)).split("://", 1)[0]
+    # Object-store filesystems (gcsfs) cache listings per process: list what is there now.
+    fs.invalidate_cache(root.path)
     for _dirpath, _dirs, files in fs.walk(root.path, detail=True):
         for info in files.values():
             if info.get("type", "file") != "file":

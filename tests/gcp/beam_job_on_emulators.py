@@ -63,7 +63,7 @@ def main() -> None:
     argv = sys.argv[1:]
     # FILE_LOADS stages its files under the pipeline's temp location (a gs:// folder).
     if not any(a.startswith("--temp_location") for a in argv):
-        argv.append(f"--temp_location={os.environ['CAPTION_TEST_BEAM_TEMP_LOCATION']}")
+        argv.append(f"--temp_location={os.environ['GCP_STACK_BEAM_TEMP_LOCATION']}")
     if not any(a.startswith("--project") for a in argv):
         argv.append(f"--project={project}")
     job_file = Path(captioning.__file__).resolve().parent.parent / "caption_images.py"

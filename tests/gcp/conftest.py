@@ -16,6 +16,8 @@ import pytest
 
 from caption_platform.gcp_emulators import GcpStack, start_stack
 
+# gcsfs reads this once, when first imported: before any test of the session imports it.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 _SEQ = itertools.count()
 
 
@@ -90,7 +92,8 @@ def gcp_settings(gcp: Gcp, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> G
         "CAPTION_RUNNER": "DirectRunner",
         "CAPTION_JOB__DEVICE": "cpu",
         "CAPTION_JOB_FILE": str(Path(__file__).with_name("beam_job_on_emulators.py")),
-        "CAPTION_TEST_BEAM_TEMP_LOCATION": f"gs://{gcp.bucket}/beam-temp",
+        "CAPTION_DATAFLOW__TEMP_LOCATION": f"gs://{gcp.bucket}/beam-temp",
+        "GCP_STACK_BEAM_TEMP_LOCATION": f"gs://{gcp.bucket}/beam-temp",
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
