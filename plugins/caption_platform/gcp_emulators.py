@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -185,7 +186,7 @@ def start_stack(workdir: Path, *, project: str = DEFAULT_PROJECT,
                  "-port", str(gcs_port), "-external-url", stack.gcs_url,
                  "-backend", "filesystem", "-filesystem-root", str(gcs_root),
                  "-log-level", "warn"],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+                stdout=out, stderr=subprocess.STDOUT))
         bq_env = {k: v for k, v in os.environ.items()
                   if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
         bq_env.update(HOME=str(home), BQEMU_GCS_LOCAL_ROOT=str(gcs_root),
@@ -196,8 +197,7 @@ def start_stack(workdir: Path, *, project: str = DEFAULT_PROJECT,
                 [str(python), "-c", _BQ_LAUNCHER, "start", "--rest-host", "127.0.0.1",
                  "--rest-port", str(bq_port), "--grpc-port", str(grpc_port),
                  "--project", project, "--log-level", "warning"],
-                stdout=out, stderr=subprocess.STDOUT, env=bq_env, cwd=workdir,
-                start_new_session=True))
+                stdout=out, stderr=subprocess.STDOUT, env=bq_env, cwd=workdir))
         _wait_ready(stack.processes[0], f"{stack.gcs_url}/storage/v1/b?project={project}",
                     gcs_log, timeout_s)
         _wait_ready(stack.processes[1], f"{stack.bq_url}/bigquery/v2/projects/{project}/datasets",
@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=str(PROJECT_ROOT / "data" / "gcp-stack"))
     parser.add_argument("--project", default=DEFAULT_PROJECT)
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the emulators on kill too
     with start_stack(Path(args.workdir), project=args.project) as stack:
         print("# the local gcp stack is up; in another shell:")
         for key, value in stack.env().items():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import signal
 import sys
 from pathlib import Path
 
@@ -68,6 +69,13 @@ def main() -> None:
         argv.append(f"--project={project}")
     job_file = Path(captioning.__file__).resolve().parent.parent / "caption_images.py"
     sys.argv = [str(job_file), *argv]
+    marker = os.environ.get("GCP_STACK_KILL_FIRST_ATTEMPT")
+    if marker and not Path(marker).exists():
+        # A fault test: the first attempt loads its staging tables, then dies by SIGKILL
+        # before it can report success (as a worker lost at the end of the job would).
+        Path(marker).write_text("killed once\n")
+        runpy.run_path(str(job_file), run_name="caption_job")["run"](argv)
+        os.kill(os.getpid(), signal.SIGKILL)
     runpy.run_path(str(job_file), run_name="__main__")
 
 

@@ -7,7 +7,9 @@ tests/e2e/test_caption_dag_local.py (the DuckDB path)."""
 
 from __future__ import annotations
 
+import base64
 import shutil
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,10 @@ def run_dag(conf: dict[str, Any], logical_date: pendulum.DateTime) -> Any:
 
     bag = DagBag(str(DAGS_FOLDER))
     assert bag.import_errors == {}
-    return bag.dags["caption_images"].test(run_conf=conf, logical_date=logical_date,
-                                           run_after=logical_date)
+    dag = bag.dags["caption_images"]
+    for task in dag.tasks:  # fault tests retry at once
+        task.retry_delay = timedelta(seconds=1)
+    return dag.test(run_conf=conf, logical_date=logical_date, run_after=logical_date)
 
 
 def upload_folder(gcp: Gcp, folder: Path, prefix: str) -> None:
@@ -39,14 +43,18 @@ def counts(gcp: Gcp) -> dict[str, int]:
             for t in ("captions", "dead_letters", "pipeline_runs", "manifests")}
 
 
-def test_gcp_dag_exactly_once_reruns_and_increments(
-        gcp_settings: Gcp, tiny_models: dict[str, str], airflow_db: str,
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from captioning.sample_images import write_sample_images
-
-    gcp = gcp_settings
+@pytest.fixture
+def gcp_dag(gcp_settings: Gcp, tiny_models: dict[str, str], airflow_db: str,
+            monkeypatch: pytest.MonkeyPatch) -> Gcp:
     monkeypatch.setenv("CAPTION_JOB__BLIP_MODEL", tiny_models["blip"])
     monkeypatch.setenv("CAPTION_JOB__CLIP_MODEL", tiny_models["clip"])
+    return gcp_settings
+
+
+def test_gcp_dag_exactly_once_reruns_and_increments(gcp_dag: Gcp, tmp_path: Path) -> None:
+    from captioning.sample_images import write_sample_images
+
+    gcp = gcp_dag
     images = tmp_path / "images"
     write_sample_images(images, count=4, duplicate=True, corrupt=True)
     (images / "notes.txt").write_text("not an image: filtered out by extension\n")
@@ -64,7 +72,7 @@ def test_gcp_dag_exactly_once_reruns_and_increments(
         "SELECT uri, image_id FROM {ds}.manifests WHERE run_id = @run_id", run_id=dr.run_id)}
     for uri, image_id in manifest.items():  # the listing's md5Hash is the image id
         blob = gcp.storage.bucket(gcp.bucket).get_blob(uri.split(f"gs://{gcp.bucket}/")[1])
-        assert bytes.fromhex(image_id) == __import__("base64").b64decode(blob.md5_hash)
+        assert bytes.fromhex(image_id) == base64.b64decode(blob.md5_hash)
     names = {u.rsplit("/images/", 1)[1] for u in manifest}
     assert "copy_of_img_0000.jpg" in names and "img_0000.jpg" not in names
     assert "nested/again.jpg" not in names and "notes.txt" not in names
@@ -91,3 +99,26 @@ def test_gcp_dag_exactly_once_reruns_and_increments(
     assert (after["captions"], after["dead_letters"], after["pipeline_runs"]) == (5, 1, 2)
     assert gcp.rows("SELECT COUNT(*) - COUNT(DISTINCT image_id) AS d FROM {ds}.captions")[0][
         "d"] == 0
+
+
+def test_gcp_dag_job_killed_after_loading_is_retried_exactly_once(
+        gcp_dag: Gcp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caption task's first attempt loads the staging tables and is SIGKILLed; its retry
+    loads them again (WRITE_TRUNCATE) and the run still publishes every image exactly once."""
+    from captioning.sample_images import write_sample_images
+
+    gcp = gcp_dag
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("GCP_STACK_KILL_FIRST_ATTEMPT", str(marker))
+    images = tmp_path / "images"
+    write_sample_images(images, count=2, corrupt=True)
+    upload_folder(gcp, images, "images")
+    dr = run_dag({"num_captions": 2}, pendulum.datetime(2026, 11, 5, tz="UTC"))
+    assert marker.exists()  # the first attempt was killed
+    assert dr.state == "success"
+    tries = {ti.task_id: ti.try_number for ti in dr.get_task_instances()}
+    assert tries["caption"] == 2
+    assert counts(gcp) == {"captions": 2, "dead_letters": 1, "pipeline_runs": 1, "manifests": 3}
+    (run,) = gcp.rows("SELECT * FROM {ds}.pipeline_runs")
+    assert (run["images_captioned"], run["images_failed"], run["final_state"]) == (
+        2, 1, "JOB_STATE_DONE")
