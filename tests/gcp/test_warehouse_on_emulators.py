@@ -172,3 +172,37 @@ def test_record_run_replaces_and_fetches(wh: BigQueryWarehouse) -> None:
     runs = wh.fetch_runs(10)
     assert [r["run_id"] for r in runs] == [RUN]
     assert runs[0]["runtime_s"] == 12.5 and runs[0]["error"] is None
+
+
+# -- bqemulator gaps (docs/TESTING.md): strict xfails, so a fixed emulator shows up as XPASS ----
+def test_caption_similarity_median(gcp: Gcp, wh: BigQueryWarehouse) -> None:
+    rows = [{**caption_row(f"id{i}", RUN), "caption_similarity": s}
+            for i, s in enumerate((0.1, 0.2, 0.9))]
+    wh.publish(RUN, stage(gcp, PREFIX, rows, []))
+    median = wh.caption_similarity_median(RUN)
+    if median == pytest.approx(0.9):
+        pytest.xfail("bqemulator 1.4.0: OFFSET on an APPROX_QUANTILES result is off by one")
+    assert median == pytest.approx(0.2)
+
+
+@pytest.mark.xfail(strict=True, reason="bqemulator 1.4.0 keeps no table expiration "
+                   "(DDL OPTIONS or tables.insert expirationTime)")
+def test_staging_tables_expire(gcp: Gcp, wh: BigQueryWarehouse) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    wh.clear_staging(PREFIX, expiration_hours=5)
+    table = gcp.bigquery.get_table(f"{gcp.project}.{gcp.dataset}.{PREFIX}_{tables.CAPTIONS}")
+    assert table.expires is not None
+    assert abs(table.expires - datetime.now(UTC) - timedelta(hours=5)) < timedelta(minutes=5)
+
+
+@pytest.mark.xfail(strict=True, reason="bqemulator 1.4.0 lets MERGE match one target row "
+                   "with several source rows (BigQuery refuses)")
+def test_merge_refuses_a_target_row_matched_twice(gcp: Gcp, wh: BigQueryWarehouse) -> None:
+    from google.api_core.exceptions import BadRequest
+
+    gcp.rows("INSERT INTO {ds}.manifests (run_id, image_id) VALUES ('r', 'a')")
+    with pytest.raises(BadRequest, match="at most one source row"):
+        gcp.rows("MERGE {ds}.manifests T USING (SELECT 'a' AS image_id UNION ALL "
+                 "SELECT 'a') S ON T.image_id = S.image_id "
+                 "WHEN MATCHED THEN UPDATE SET run_id = 'x'")
