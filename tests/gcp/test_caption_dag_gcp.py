@@ -8,6 +8,7 @@ tests/e2e/test_caption_dag_local.py (the DuckDB path)."""
 from __future__ import annotations
 
 import base64
+import json
 import shutil
 from datetime import timedelta
 from pathlib import Path
@@ -64,7 +65,7 @@ def test_gcp_dag_exactly_once_reruns_and_increments(gcp_dag: Gcp, tmp_path: Path
     day = pendulum.datetime(2026, 11, 1, tz="UTC")
 
     # 1. 4 pictures + 1 corrupt = 5 unique images (MD5s from the GCS listing); 2 copies dropped
-    dr = run_dag({"num_captions": 2}, day)
+    dr = run_dag({"num_captions": 2, "export_hf": True}, day)
     assert dr.state == "success"
     first = counts(gcp)
     assert first == {"captions": 4, "dead_letters": 1, "pipeline_runs": 1, "manifests": 5}
@@ -81,6 +82,12 @@ def test_gcp_dag_exactly_once_reruns_and_increments(gcp_dag: Gcp, tmp_path: Path
     (run,) = gcp.rows("SELECT * FROM {ds}.pipeline_runs WHERE run_id = @run_id", run_id=dr.run_id)
     assert (run["images_in"], run["images_captioned"], run["images_failed"]) == (5, 4, 1)
     assert run["final_state"] == "JOB_STATE_DONE" and run["runner"] == "DirectRunner"
+    # the Hugging Face imagefolder export, written to the bucket beside the run
+    exported = {b.name.rsplit("/", 1)[1]: b for b in gcp.storage.list_blobs(
+        gcp.bucket, prefix="captioning/runs/") if "/hf_dataset/" in b.name}
+    meta = [json.loads(line) for line in exported.pop("metadata.jsonl").download_as_text()
+            .splitlines()]
+    assert sorted(m["file_name"] for m in meta) == sorted(exported) and len(meta) == 4
     # the job's per-run staging tables were merged and dropped
     assert not [t for t in gcp.table_names() if t.startswith("stg_")]
 
