@@ -268,8 +268,8 @@ def record_metrics(
             row["error"] = ("the Dataflow launch failed before a job id was recorded "
                             "(see the caption task's log)")
     else:
-        summary = read_run_summary(summary_folder(plan["output"], plan["manifest_uri"]),
-                                   settings.storage_conn_id)
+        folder = summary_folder(plan["output"], manifest_uri(settings, plan["run_id"]))
+        summary = read_run_summary(folder, settings.storage_conn_id)
         if summary is None:  # the job died before writing it: record the failure, not a run
             summary = {
                 "counters": {},
