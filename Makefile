@@ -35,6 +35,15 @@ demo: setup
 clean:
 	rm -rf data airflow_home .pytest_cache
 
+# The local "gcp" stack (plugins/caption_platform/gcp_emulators.py, docs/TESTING.md):
+# fake-gcs-server and the BigQuery emulator (a venv of its own under data/emulators/, built
+# on first use from requirements-bqemulator.txt) on free local ports. Prints the variables
+# that point google-cloud-storage/-bigquery, gcsfs and Airflow's google_cloud_default at
+# them; Ctrl-C stops both.   make gcp-stack [ARGS='--project my-project']
+.PHONY: gcp-stack
+gcp-stack: setup
+	PYTHONPATH=plugins $(BIN)/python -m caption_platform.gcp_emulators $(ARGS)
+
 # Dataflow GPU worker image (beam_jobs/Dockerfile): Beam's Python SDK image of the pinned
 # Beam version + the job's pinned stack (CUDA torch) + the captioning package. Built with
 # BEAM_VERSION and tagged with the apache-beam version pinned in beam_jobs/requirements.txt,

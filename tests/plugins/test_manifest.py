@@ -147,21 +147,6 @@ class _FakeGcsPath:
         return self.uri
 
 
-def test_gcs_listing_uses_md5_without_download(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    fs = _FakeGcsFs({"bkt/imgs/b.jpg": b"same", "bkt/imgs/a.jpg": b"same",
-                     "bkt/imgs/c.png": b"other", "bkt/imgs/readme.md": b"text"})
-    _gcs(monkeypatch, fs)
-    out = tmp_path / "m.jsonl"
-    stats = build_manifest("gs://bkt/imgs", str(out), extensions=EXTS, min_bytes=0,
-                           max_bytes=100, conn_id="google_cloud_default")
-    rows = _read(out)
-    assert [r["uri"] for r in rows] == ["gs://bkt/imgs/a.jpg", "gs://bkt/imgs/c.png"]
-    assert rows[0]["image_id"] == hashlib.md5(b"same").hexdigest()
-    assert stats.duplicates == 1 and stats.not_image == 1
-
-
 def _gcs(monkeypatch: pytest.MonkeyPatch, fs: Any) -> None:
     import caption_platform.manifest as manifest_mod
 
