@@ -117,6 +117,9 @@ class _FakeGcsFs:
     def __init__(self, objects: dict[str, bytes]) -> None:
         self.objects = objects
 
+    def invalidate_cache(self, path: str | None = None) -> None:
+        """fsspec's listing-cache reset (the manifest lists afresh every time)."""
+
     def info(self, path: str) -> dict:
         if not any(name.startswith(path.rstrip("/") + "/") for name in self.objects):
             raise FileNotFoundError(path)
