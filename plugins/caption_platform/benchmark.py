@@ -24,9 +24,10 @@ log = logging.getLogger(__name__)
 
 DAG_ID = "benchmark_beam_sdks"
 RUN_KIND = "benchmark"
-#: Where benchmark runs keep their captions, dead letters and manifests (pipeline_runs is shared).
+#: Where benchmark runs keep their captions, dead letters, manifests and provenance
+#: ledger (pipeline_runs is shared).
 TABLES = {"captions": "benchmark_captions", "dead_letters": "benchmark_dead_letters",
-          "manifests": "benchmark_manifests"}
+          "manifests": "benchmark_manifests", "published_images": "benchmark_published_images"}
 CAPTIONS_FILE = "chosen_captions.json"
 DEFAULT_DATASET_IMAGES = 12
 

@@ -89,6 +89,7 @@ class TableNames(_Model):
     dead_letters: str = "dead_letters"
     pipeline_runs: str = "pipeline_runs"
     manifests: str = "manifests"
+    published_images: str = "published_images"
 
     @field_validator("*")
     @classmethod

@@ -74,7 +74,7 @@ def test_ensure_tables_sends_standard_sql_ddl_and_adds_missing_columns() -> None
     _wh(hook).ensure_tables()
     queries = hook.queries()
     creates = [q["query"] for q in queries if q["query"].startswith("CREATE")]
-    assert len(creates) == 4
+    assert len(creates) == len(tables.TABLE_KINDS)
     assert all(q["useLegacySql"] is False for q in queries)
     assert all(c["project_id"] == "my-proj" and c["location"] == "US" for c in hook.calls)
     ddl = creates[0]
@@ -84,7 +84,7 @@ def test_ensure_tables_sends_standard_sql_ddl_and_adds_missing_columns() -> None
     assert "`my-proj.caps_ds.pipeline_runs`" in creates[2]
     assert "final_state STRING, error STRING" in creates[2]
     looked_up = [q["query"] for q in queries if "INFORMATION_SCHEMA" in q["query"]]
-    assert looked_up == [  # one lookup for all four tables
+    assert looked_up == [  # one lookup for all the tables
         "SELECT table_name, column_name FROM `my-proj.caps_ds.INFORMATION_SCHEMA.COLUMNS`"]
     alters = [q["query"] for q in queries if q["query"].startswith("ALTER")]
     assert alters == [
@@ -172,7 +172,7 @@ def test_validate_parses_real_shaped_rows() -> None:
     result = _wh(hook).validate(RUN, sample_size=3)
     assert not result.ok
     assert result.missing_ids == ["id2"] and result.extra_ids == ["id9"]
-    assert "4 captioned/dead-lettered ids that are not in the manifest (e.g. id9)" in result.message
+    assert "4 ids the run published that are not in its manifest (e.g. id9)" in result.message
     params = {p["name"]: p for p in hook.queries()[1]["queryParameters"]}
     assert params["sample_size"]["parameterType"] == {"type": "INT64"}
 
