@@ -117,21 +117,30 @@ def result_from_rows(
 
 def check_outcome_share(result: ValidationResult, reasons: Iterable[dict[str, Any]],
                         max_share: float) -> None:
-    """Raise :class:`RunOutcomeError` when a non-empty run captioned nothing or dead-lettered
-    more than ``max_share`` of its manifest; the message counts the reasons by kind.
+    """Raise :class:`RunOutcomeError` when a run captioned nothing, or dead-lettered more than
+    ``max_share`` of the images it tried for the first time; the message counts the reasons
+    by kind.
 
-    A run where every image failed is a broken setting or model far more often than a
-    broken corpus (``max_new_tokens`` above the model's limit, say): it must not be green.
+    Dead letters another run already had (``repeat``: an incremental run retrying known-bad
+    files) are left out of both sides of the share, so a nightly run is not failed by the
+    same corrupt files every night. A run where every new image failed is a broken setting
+    or model far more often than a broken corpus (``max_new_tokens`` above the model's
+    limit, say): it must not be green.
     """
-    if result.manifest == 0:
+    reasons = list(reasons)
+    repeats = sum(r["n"] for r in reasons if r.get("repeat"))
+    fresh_total = result.manifest - repeats
+    if fresh_total <= 0:
         return
-    share = result.dead_lettered / result.manifest
+    share = (result.dead_lettered - repeats) / fresh_total
     if result.captioned > 0 and share <= max_share:
         return
-    counted = ", ".join(f"{r['n']} {r['stage']}/{r['kind']}" for r in reasons) or "none recorded"
+    counted = ", ".join(
+        f"{r['n']} {r['stage']}/{r['kind']}{' (failed before too)' if r.get('repeat') else ''}"
+        for r in reasons) or "none recorded"
     why = ("captioned nothing" if result.captioned == 0 else
-           f"dead-lettered {share:.0%} of its images, above max_dead_letter_share "
-           f"{max_share:.0%}")
+           f"dead-lettered {share:.0%} of the images it tried for the first time, above "
+           f"max_dead_letter_share {max_share:.0%}")
     raise RunOutcomeError(
         f"run {result.run_id} {why}: {result.dead_lettered} of {result.manifest} images "
         f"dead-lettered; reasons by stage/kind: {counted}")

@@ -196,10 +196,11 @@ class Warehouse(ABC):
         return result_from_rows(run_id, counts, problems)
 
     def dead_letter_reasons(self, run_id: str) -> list[dict[str, Any]]:
-        """The run's dead letters counted by stage and exception class, most first."""
+        """The run's dead letters counted by stage, exception class and whether another run
+        had already dead-lettered the image (``repeat``), most first."""
         rows = self._query(sql.DEAD_LETTER_REASONS.format(**self._refs()), {"run_id": run_id})
-        return [{"stage": r["stage"], "kind": r["kind"] or "other", "n": int(r["n"])}
-                for r in rows]
+        return [{"stage": r["stage"], "kind": r["kind"] or "other", "repeat": bool(r["repeat"]),
+                 "n": int(r["n"])} for r in rows]
 
     def record_run(self, row: dict[str, Any]) -> None:
         """Write the run's pipeline_runs row, replacing any earlier one of that run."""

@@ -267,8 +267,8 @@ def test_newest_outcome_wins_both_ways(wh: DuckDBWarehouse, tmp_path: Path, help
     for run in runs:
         wh.validate(run).raise_if_failed()
     assert wh.dead_letter_reasons("r2") == []  # r2's dead letter was superseded by r3
-    assert wh.dead_letter_reasons("r3") == [
-        {"stage": "decode", "kind": "UnidentifiedImageError", "n": 1}]
+    assert wh.dead_letter_reasons("r3") == [  # r1 had dead-lettered b before
+        {"stage": "decode", "kind": "UnidentifiedImageError", "repeat": True, "n": 1}]
 
 
 def test_a_ledger_added_to_an_older_warehouse_is_backfilled(
@@ -301,15 +301,26 @@ def test_a_run_that_captioned_nothing_or_too_little_is_refused(
         + [helpers.dead_row("d", RUN)]))
     result = wh.validate(RUN).raise_if_failed()
     reasons = wh.dead_letter_reasons(RUN)
-    assert reasons == [{"stage": "inference", "kind": "IndexError", "n": 2},
-                       {"stage": "decode", "kind": "UnidentifiedImageError", "n": 1}]
+    assert reasons == [
+        {"stage": "inference", "kind": "IndexError", "repeat": False, "n": 2},
+        {"stage": "decode", "kind": "UnidentifiedImageError", "repeat": False, "n": 1}]
     check_outcome_share(result, reasons, max_share=0.75)  # 3 of 4 is allowed
     with pytest.raises(RunOutcomeError) as err:
         check_outcome_share(result, reasons, max_share=0.5)
-    assert "dead-lettered 75% of its images, above max_dead_letter_share 50%" in str(err.value)
+    assert "dead-lettered 75% of the images it tried for the first time, above " \
+        "max_dead_letter_share 50%" in str(err.value)
     assert "2 inference/IndexError, 1 decode/UnidentifiedImageError" in str(err.value)
     nothing = dataclasses.replace(result, captioned=0, dead_lettered=4)
     with pytest.raises(RunOutcomeError, match="captioned nothing"):
         check_outcome_share(nothing, reasons, max_share=1.0)
     empty = dataclasses.replace(result, manifest=0, captioned=0, dead_lettered=0)
     check_outcome_share(empty, [], max_share=0.0)  # an empty run is not a failed one
+    # the next (incremental) run retries the three known-bad files and captions one new one
+    wh.load_manifest("run2", helpers.write_manifest(tmp_path / "m2.jsonl", ["b", "c", "d", "e"]))
+    wh.publish("run2", helpers.write_staging(
+        tmp_path / "o2", [helpers.caption_row("e", "run2", at=LATER)],
+        [helpers.dead_row(i, "run2", at=LATER) for i in ("b", "c", "d")]))
+    again = wh.validate("run2").raise_if_failed()
+    check_outcome_share(again, wh.dead_letter_reasons("run2"), max_share=0.5)  # 0 of 1 new
+    retried_only = dataclasses.replace(again, manifest=3, captioned=0, dead_lettered=3)
+    check_outcome_share(retried_only, wh.dead_letter_reasons("run2"), max_share=0.5)
