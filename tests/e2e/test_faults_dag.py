@@ -148,19 +148,25 @@ def test_a_plan_that_fails_fails_once_and_is_recorded(profile: dict[str, Path]) 
 
 
 def test_a_run_that_dead_letters_everything_fails_with_reasons(
-    profile: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    profile: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every image dead-lettered (a prompt longer than the model's position limit) is a
-    failed run, not a green empty one: validate fails once, the reasons counted."""
-    dr = run_dag({"max_new_tokens": 200}, DAY)
+    """A run that captioned nothing is a failed run, not a green empty one: validate fails
+    once (no retry), with the dead letters counted by stage and kind, and pipeline_runs
+    says so."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for i in range(3):
+        (broken / f"bad_{i}.jpg").write_bytes(b"not a jpeg at all " * (i + 1))
+    monkeypatch.setenv("CAPTION_SOURCE_URI", f"file://{broken}")
+    dr = run_dag({}, DAY)
     states = task_states(dr)
     row = run_row(profile["db"], dr.run_id)
-    if states["validate"][0] == "success":  # the tiny models took 200 tokens after all
-        pytest.skip(f"max_new_tokens 200 did not break the tiny models: {row}")
     assert dr.state == "failed"
     assert states["validate"] == ("failed", 1), states
+    assert row["final_state"] == "JOB_STATE_DONE" and row["images_failed"] == 3
     assert row["error"].startswith("validate: AirflowFailException: RunOutcomeError"), row
-    assert "captioned nothing" in row["error"] and "inference/" in row["error"]
+    assert "captioned nothing" in row["error"]
+    assert "reasons by stage/kind: 3 decode/" in row["error"], row["error"]
     assert_exactly_once(profile["db"], dr.run_id)
 
 
@@ -185,11 +191,11 @@ def test_runs_rerun_out_of_order_and_a_crash_before_validate(
     real = validate.python_callable
     calls: list[int] = []
 
-    def lost_once(*args: Any, **kwargs: Any) -> Any:
+    def lost_once(run: dict) -> Any:
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("worker lost between publish and validate")
-        return real(*args, **kwargs)
+        return real(run)
 
     validate.python_callable = lost_once
     third = run_dag({}, DAY.add(days=2), dag=dag)
