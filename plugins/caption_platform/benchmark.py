@@ -135,6 +135,7 @@ def run_once(spec: Mapping[str, Any]) -> dict[str, Any]:
                               benchmark_id=spec["benchmark_id"], overrides=OVERRIDES)
     settings = run_steps.settings_from_plan(plan)
     argv = job_command(env, settings.job_file, _launch_argv(plan, settings, env.version))
+    run_steps.clear_run_summary(plan)  # a retried task never reads an earlier attempt's
     job_id = _run_job(argv)
     published = run_steps.publish_run(plan)
     checked = run_steps.validate_run(plan)
