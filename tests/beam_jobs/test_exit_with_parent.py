@@ -36,9 +36,9 @@ def _job_of_killed_parent(tmp_path: Path, env_value: str | None) -> tuple[int, b
         print(p.pid, flush=True)
         p.wait()
     """)
-    env = {k: v for k, v in os.environ.items() if k != "CAPTION_JOB_EXIT_WITH_PARENT"}
+    env = {k: v for k, v in os.environ.items() if k != "CAPTIONING_EXIT_WITH_PARENT"}
     if env_value is not None:
-        env["CAPTION_JOB_EXIT_WITH_PARENT"] = env_value
+        env["CAPTIONING_EXIT_WITH_PARENT"] = env_value
     proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True,
                             env=env, start_new_session=True)
     assert proc.stdout is not None
