@@ -183,17 +183,21 @@ ORDER BY kind, image_id
 # "Type: message", inference errors as "BLIP: Type: message"), and whether a different run
 # had already dead-lettered the image (a known-bad file tried again, not a new failure).
 DEAD_LETTER_REASONS = """
-SELECT d.stage, REGEXP_EXTRACT(d.error, r'^(?:[A-Z]+: )?([A-Za-z_][A-Za-z0-9_.]*)') AS kind,
-  EXISTS (
-    SELECT 1 FROM {published_images} AS e
-    WHERE e.image_id = p.image_id AND e.run_id != p.run_id AND e.outcome = 'dead_lettered'
-  ) AS repeat,
-  COUNT(*) AS n
-FROM {published_images} AS p
-JOIN {dead_letters} AS d ON d.image_id = p.image_id AND d.run_id = p.run_id
-WHERE p.run_id = @run_id AND p.outcome = 'dead_lettered'
-GROUP BY 1, 2, 3
-ORDER BY n DESC, 1, 2, 3
+WITH r AS (
+  SELECT d.stage,
+    REGEXP_EXTRACT(d.error, r'^(?:[A-Z]+: )?([A-Za-z_][A-Za-z0-9_.]*)') AS kind,
+    EXISTS (
+      SELECT 1 FROM {published_images} AS e
+      WHERE e.image_id = p.image_id AND e.run_id != p.run_id AND e.outcome = 'dead_lettered'
+    ) AS seen_before
+  FROM {published_images} AS p
+  JOIN {dead_letters} AS d ON d.image_id = p.image_id AND d.run_id = p.run_id
+  WHERE p.run_id = @run_id AND p.outcome = 'dead_lettered'
+)
+SELECT stage, kind, seen_before, COUNT(*) AS n
+FROM r
+GROUP BY stage, kind, seen_before
+ORDER BY n DESC, stage, kind, seen_before
 """
 
 # -- pipeline_runs --------------------------------------------------------------------

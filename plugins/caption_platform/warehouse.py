@@ -199,7 +199,7 @@ class Warehouse(ABC):
         """The run's dead letters counted by stage, exception class and whether another run
         had already dead-lettered the image (``repeat``), most first."""
         rows = self._query(sql.DEAD_LETTER_REASONS.format(**self._refs()), {"run_id": run_id})
-        return [{"stage": r["stage"], "kind": r["kind"] or "other", "repeat": bool(r["repeat"]),
+        return [{"stage": r["stage"], "kind": r["kind"] or "other", "repeat": bool(r["seen_before"]),
                  "n": int(r["n"])} for r in rows]
 
     def record_run(self, row: dict[str, Any]) -> None:

@@ -141,6 +141,13 @@ def test_publish_merges_from_staging_prefix() -> None:
     assert "ON T.image_id = S.image_id" in merge
     assert "WHEN NOT MATCHED THEN INSERT (image_id, uri, caption" in merge
     assert all(q["useLegacySql"] is False for q in hook.queries())
+    # the older of an image's two outcomes goes, then the run's ledger rows are replaced,
+    # each as one transaction, before the staging tables are dropped
+    resolve, ledger = texts[-4], texts[-3]
+    assert resolve.startswith("BEGIN TRANSACTION;") and resolve.count("DELETE FROM") == 2
+    assert ledger.startswith("BEGIN TRANSACTION;\nDELETE FROM `my-proj.caps_ds.published_images`")
+    assert "FROM `other-proj.stage_ds.stg_abc_dead_letters`" in ledger
+    assert hook.queries()[-3]["queryParameters"][0]["parameterValue"] == {"value": RUN}
     # once both MERGEs committed, the run's staging tables go
     assert texts[-2:] == ["DROP TABLE IF EXISTS `other-proj.stage_ds.stg_abc_captions`",
                           "DROP TABLE IF EXISTS `other-proj.stage_ds.stg_abc_dead_letters`"]
