@@ -22,7 +22,7 @@ from captioning.layout import summary_folder
 from captioning.options import CaptionOptions, CaptionOptionsError, settings, validate
 from captioning.pipeline import build_pipeline
 from captioning.run_summary import RunClock, build_summary, human_line, write_summary
-from captioning.runner import is_local, make_runner, runner_name
+from captioning.runner import exit_with_parent, is_local, make_runner, runner_name
 from captioning.sinks import folder_path
 
 
@@ -32,6 +32,8 @@ def run(argv: list[str] | None = None) -> dict | None:
     options = CaptionOptions(argv)
     opts = options.view_as(CaptionOptions)
     validate(opts)
+    if is_local(options):
+        exit_with_parent()
     pipeline = beam.Pipeline(runner=make_runner(options), options=options)
     build_pipeline(pipeline, opts)
     result = pipeline.run()

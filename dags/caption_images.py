@@ -36,10 +36,14 @@ DOC_MD = """
    CLIP scores them, the best wins; unreadable images become dead-letter rows with the
    stage and the reason.
 4. **publish** MERGEs the run's staged output on `image_id`: retries never add a row twice.
-5. **validate** proves captioned + dead-lettered == manifest, each id exactly once.
+5. **validate** proves what the run published (its `published_images` ledger rows) equals
+   its manifest, each id exactly once, and the whole tables consistent (no image twice, none
+   both captioned and dead-lettered); then fails a run that captioned nothing or
+   dead-lettered more than `max_dead_letter_share` of its new images, counting the reasons.
+   Both are final: no retry.
 6. **record_metrics** writes runtime, images/s, resources, estimated cost (GPU included)
-   and the median CLIP similarity of the chosen captions to `pipeline_runs`, even when the
-   job or its launch failed.
+   and the median CLIP similarity of the chosen captions to `pipeline_runs`, and, when a
+   task failed, which one and its real error (plan failed, launch failed, job failed).
 7. **export** (when `export_hf` is on) writes a Hugging Face imagefolder dataset.
 
 Leave a parameter empty to use the configured default. Beam search needs
@@ -66,8 +70,9 @@ def caption_images() -> None:
     @task
     def plan() -> dict:
         ctx = get_current_context()
-        return run_steps.plan_task(ctx["run_id"], ctx["params"],
-                                   run_kind=ctx["dag_run"].run_type)
+        with run_steps.error_in_xcom(ctx["ti"]):
+            return run_steps.plan_task(ctx["run_id"], ctx["params"],
+                                       run_kind=ctx["dag_run"].run_type)
 
     @task.short_circuit
     def has_new_images(run: dict) -> bool:
@@ -77,19 +82,30 @@ def caption_images() -> None:
 
     @task(outlets=[CAPTIONS_ASSET])
     def publish(run: dict) -> dict:
-        result = run_steps.publish_run(run)
-        get_current_context()["outlet_events"][CAPTIONS_ASSET].extra = result
+        ctx = get_current_context()
+        with run_steps.error_in_xcom(ctx["ti"]):
+            result = run_steps.publish_run(run)
+        ctx["outlet_events"][CAPTIONS_ASSET].extra = result
         return result
 
     @task
     def validate(run: dict) -> dict:
-        return run_steps.validate_run(run)
+        with run_steps.error_in_xcom(get_current_context()["ti"]):
+            return run_steps.validate_run(run)
 
     @task(trigger_rule="all_done", retries=0)
-    def record_metrics(run: dict) -> dict:
+    def record_metrics() -> dict | None:
+        # The plan is pulled, not passed: when the plan task failed there is none, and the
+        # row must still say why (an XComArg would fail this task with "XCom not found").
         ctx = get_current_context()
-        job_id = ctx["ti"].xcom_pull(task_ids="caption", key="dataflow_job_id")
-        return run_steps.record_metrics(run, dag_id=run_steps.DAG_ID, dataflow_job_id=job_id)
+        ti = ctx["ti"]
+        errors = {t: ti.xcom_pull(task_ids=t, key=run_steps.ERROR_KEY)
+                  for t in run_steps.RUN_TASKS}
+        return run_steps.record_metrics(
+            ti.xcom_pull(task_ids="plan"), dag_id=run_steps.DAG_ID,
+            dataflow_job_id=ti.xcom_pull(task_ids="caption", key="dataflow_job_id"),
+            errors=errors, run_id=ctx["run_id"], params=ctx["params"],
+            run_kind=ctx["dag_run"].run_type)
 
     @task
     def export(run: dict) -> dict | None:
@@ -103,7 +119,7 @@ def caption_images() -> None:
     checked = validate(run)
     gate >> caption >> published >> checked
     # after validate (whatever it said): the row can name the published captions' similarity
-    checked >> record_metrics(run)
+    checked >> record_metrics()
     checked >> export(run)
 
 

@@ -11,6 +11,10 @@ import re
 #: The job's summary beside its folder output.
 SUMMARY_FILE = "run_summary.json"
 MANIFEST_FILE = "manifest.jsonl"
+#: Environment variable the Airflow caption task sets: a local job then ends as soon as the
+#: task process that launched it is gone (``captioning.runner.exit_with_parent``). Not
+#: ``CAPTION_``-prefixed: those are settings, and the settings loader refuses unknown ones.
+EXIT_WITH_PARENT_ENV = "CAPTIONING_EXIT_WITH_PARENT"
 
 
 def run_key(run_id: str) -> str:

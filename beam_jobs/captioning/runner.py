@@ -13,6 +13,8 @@ from typing import Any
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from captioning.layout import EXIT_WITH_PARENT_ENV
+
 LOCAL_RUNNER_NAMES = {"", "direct", "directrunner", "switchingdirectrunner"}
 
 
@@ -40,3 +42,29 @@ def make_runner(options: PipelineOptions) -> Any:
     provision_info = fn_runner.ExtendedProvisionInfo(
         beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
     return fn_runner.FnApiRunner(provision_info=provision_info)
+
+
+def exit_with_parent(poll_s: float = 1.0) -> bool:
+    """When :data:`EXIT_WITH_PARENT_ENV` is set, end this process as soon as its parent
+    (the Airflow task that launched it) is gone, so a task killed with SIGKILL, which no
+    handler can forward, never leaves a local Beam job running and writing on its own.
+
+    A daemon thread watches the parent id (re-parented to init or a subreaper once the
+    parent dies). Returns whether the watch started.
+    """
+    import os
+    import threading
+    import time
+
+    if os.environ.get(EXIT_WITH_PARENT_ENV) != "1":
+        return False
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        print(f"caption job: parent process {parent} is gone; stopping", flush=True)
+        os._exit(137)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    return True

@@ -24,9 +24,10 @@ log = logging.getLogger(__name__)
 
 DAG_ID = "benchmark_beam_sdks"
 RUN_KIND = "benchmark"
-#: Where benchmark runs keep their captions, dead letters and manifests (pipeline_runs is shared).
+#: Where benchmark runs keep their captions, dead letters, manifests and provenance
+#: ledger (pipeline_runs is shared).
 TABLES = {"captions": "benchmark_captions", "dead_letters": "benchmark_dead_letters",
-          "manifests": "benchmark_manifests"}
+          "manifests": "benchmark_manifests", "published_images": "benchmark_published_images"}
 CAPTIONS_FILE = "chosen_captions.json"
 DEFAULT_DATASET_IMAGES = 12
 
@@ -134,6 +135,7 @@ def run_once(spec: Mapping[str, Any]) -> dict[str, Any]:
                               benchmark_id=spec["benchmark_id"], overrides=OVERRIDES)
     settings = run_steps.settings_from_plan(plan)
     argv = job_command(env, settings.job_file, _launch_argv(plan, settings, env.version))
+    run_steps.clear_run_summary(plan)  # a retried task never reads an earlier attempt's
     job_id = _run_job(argv)
     published = run_steps.publish_run(plan)
     checked = run_steps.validate_run(plan)

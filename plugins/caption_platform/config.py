@@ -95,6 +95,7 @@ class TableNames(_Model):
     dead_letters: str = "dead_letters"
     pipeline_runs: str = "pipeline_runs"
     manifests: str = "manifests"
+    published_images: str = "published_images"
 
     @field_validator("*")
     @classmethod
@@ -233,6 +234,9 @@ class Settings(_Model):
     max_images: int | None = Field(default=None, ge=1)
     # Refuse to launch a run whose forecast cost (from recorded runs) is above this, in USD.
     max_cost_usd: float | None = Field(default=None, ge=0)
+    # Fail a run that dead-letters more than this share of the images it tried for the first
+    # time (images a different run already dead-lettered are not counted), or captions none.
+    max_dead_letter_share: float = Field(default=0.5, ge=0, le=1)
     pricing: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("bq_dataset")

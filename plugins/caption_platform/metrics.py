@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from caption_platform.config import Settings
 
 DONE = "JOB_STATE_DONE"
+#: final_state of a run whose plan task failed: no job was launched.
+PLAN_FAILED = "PLAN_FAILED"
 _SYSTEM_ORIGIN = "dataflow/v1b3"
 # Context keys of per-step entries. Job-level totals carry `original_name` (for example
 # "Service-cpu_num_seconds") and no step, so `original_name` alone marks nothing.

@@ -9,9 +9,12 @@ on kill and, on Dataflow, deferral to the triggerer while the GPU job runs.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from airflow.providers.apache.beam.operators.beam import BeamRunPythonPipelineOperator
+
+from captioning.layout import EXIT_WITH_PARENT_ENV
 
 
 class CaptionJobOperator(BeamRunPythonPipelineOperator):
@@ -36,10 +39,17 @@ class CaptionJobOperator(BeamRunPythonPipelineOperator):
         self.deferrable = bool(launch["deferrable"])
 
     def execute(self, context: Any) -> Any:
-        plan = context["ti"].xcom_pull(task_ids=self.plan_task_id)
-        if not plan:
-            raise ValueError(f"no plan in XCom from task {self.plan_task_id!r}")
-        self.apply_plan(plan)
-        self.log.info("launching %s on %s (deferrable: %s)", self.py_file, self.runner,
-                      self.deferrable)
-        return super().execute(context)
+        from caption_platform import run_steps
+
+        with run_steps.error_in_xcom(context["ti"]):
+            plan = context["ti"].xcom_pull(task_ids=self.plan_task_id)
+            if not plan:
+                raise ValueError(f"no plan in XCom from task {self.plan_task_id!r}")
+            self.apply_plan(plan)
+            # this attempt's success is the only one record_metrics may read
+            run_steps.clear_run_summary(plan)
+            # a local job (a child of this task) ends with the task, however it is killed
+            os.environ[EXIT_WITH_PARENT_ENV] = "1"
+            self.log.info("launching %s on %s (deferrable: %s)", self.py_file, self.runner,
+                          self.deferrable)
+            return super().execute(context)

@@ -7,10 +7,11 @@ Every function takes and returns JSON-serialisable values, because they travel a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from caption_platform.config import (
@@ -30,6 +31,33 @@ log = logging.getLogger(__name__)
 
 #: The captioning DAG's id (dags/caption_images.py), also used by `make demo`.
 DAG_ID = "caption_images"
+#: The tasks whose failure record_metrics reports, in run order.
+RUN_TASKS = ("plan", "caption", "publish", "validate")
+#: XCom key under which a failing task leaves its error for record_metrics.
+ERROR_KEY = "error"
+
+
+@contextlib.contextmanager
+def error_in_xcom(ti: Any) -> Iterator[None]:
+    """Leave the task's error in XCom (key :data:`ERROR_KEY`) before it propagates, so
+    record_metrics can write the real cause into pipeline_runs. Airflow clears a task's
+    XComs when it runs again, so a stale error never outlives a successful retry."""
+    try:
+        yield
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            ti.xcom_push(key=ERROR_KEY, value=f"{type(exc).__name__}: {exc}"[:4000])
+        raise
+
+
+def deterministic(exc: Exception, why: str) -> Exception:
+    """An AirflowFailException (no retry) carrying ``exc``'s message: retrying a wrong
+    setting or a failed exactly-once check can only repeat it, minutes later."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    failure = AirflowFailException(f"{why}: {exc}")
+    failure.__cause__ = exc
+    return failure
 
 
 def settings_for_run(params: Mapping[str, Any],
@@ -130,16 +158,14 @@ def launch_config(settings: Settings) -> dict[str, Any]:
 def plan_task(run_id: str, params: Mapping[str, Any], **plan_kwargs: Any) -> dict[str, Any]:
     """The plan task: :func:`plan_run`, but a configuration error or a run over its budget
     fails at once, unretried: retrying cannot fix either, it would only hide the message."""
-    from airflow.sdk.exceptions import AirflowFailException
-
     from caption_platform.forecast import BudgetExceeded
 
     try:
         return plan_run(run_id, params, **plan_kwargs)
     except SettingsError as exc:
-        raise AirflowFailException(f"invalid settings for this run: {exc}") from exc
+        raise deterministic(exc, "invalid settings for this run") from exc
     except BudgetExceeded as exc:
-        raise AirflowFailException(f"not launched: {exc}") from exc
+        raise deterministic(exc, "not launched") from exc
 
 
 def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
@@ -208,38 +234,103 @@ def publish_run(plan: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def validate_run(plan: Mapping[str, Any]) -> dict[str, Any]:
-    """Prove the run exactly-once; raise with counts and sample ids otherwise."""
+    """Prove the run exactly-once (against what it published) and the whole tables
+    consistent, then that it captioned something and dead-lettered no more than
+    ``max_dead_letter_share`` of its new images. Either failure is final (no retry)."""
+    from caption_platform.validation import ExactlyOnceError, RunOutcomeError, check_outcome_share
     from caption_platform.warehouse import get_warehouse
 
     settings = settings_from_plan(plan)
-    result = get_warehouse(settings).validate(plan["run_id"])
+    warehouse = get_warehouse(settings)
+    result = warehouse.validate(plan["run_id"])
     log.info(result.message)
-    result.raise_if_failed()
+    try:
+        result.raise_if_failed()
+        reasons = warehouse.dead_letter_reasons(plan["run_id"])
+        log.info("dead letters by stage/kind: %s", reasons)
+        check_outcome_share(result, reasons, settings.max_dead_letter_share)
+    except (ExactlyOnceError, RunOutcomeError) as exc:
+        raise deterministic(exc, type(exc).__name__) from exc
     return result.to_dict()
 
 
-def read_run_summary(output: str, conn_id: str | None = None) -> dict[str, Any] | None:
-    """The job's run_summary.json beside its output, or None when the job left none."""
+def summary_uri(plan: Mapping[str, Any]) -> str:
+    """Where the job writes run_summary.json: beside file output, beside the manifest when
+    the output is BigQuery (``captioning.layout.summary_folder``)."""
+    folder = summary_folder(plan["output"], manifest_uri(settings_from_plan(plan), plan["run_id"]))
+    return f"{folder.rstrip('/')}/{SUMMARY_FILE}"
+
+
+def _summary_path(plan: Mapping[str, Any]) -> Any:
     from caption_platform.storage import storage_path
 
-    path = storage_path(f"{output.rstrip('/')}/{SUMMARY_FILE}", conn_id)
+    return storage_path(summary_uri(plan), settings_from_plan(plan).storage_conn_id)
+
+
+def read_run_summary(plan: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The job's run_summary.json for this run, or None when the job left none."""
+    path = _summary_path(plan)
     if not path.exists():
         return None
     return json.loads(path.read_text())
 
 
+def clear_run_summary(plan: Mapping[str, Any]) -> bool:
+    """Remove the summary an earlier attempt left, before the job starts again.
+
+    The job writes run_summary.json only when it succeeds; without this, an attempt that
+    dies would leave the previous attempt's file to be read as this one's success.
+    """
+    path = _summary_path(plan)
+    if not path.exists():
+        return False
+    path.unlink()
+    log.info("removed %s left by an earlier attempt", summary_uri(plan))
+    return True
+
+
 def record_metrics(
-    plan: Mapping[str, Any], *, dag_id: str, dataflow_job_id: str | None = None
-) -> dict[str, Any]:
-    """Append the run's pipeline_runs row: resources, throughput and estimated cost."""
+    plan: Mapping[str, Any] | None, *, dag_id: str, dataflow_job_id: str | None = None,
+    errors: Mapping[str, str] | None = None, run_id: str | None = None,
+    params: Mapping[str, Any] | None = None, run_kind: Any = None,
+) -> dict[str, Any] | None:
+    """Write the run's pipeline_runs row: resources, throughput and estimated cost, and the
+    first failed task's real error (``errors``: task id -> error, in run order).
+
+    Without a plan (the plan task failed) the row says so, written where this run's
+    parameters, or failing those the deployment's settings, put the warehouse.
+    """
+    errors = {k: v for k, v in (errors or {}).items() if v}
+    error = next((f"{task}: {text}" for task, text in errors.items()), None)
+    if plan is None:
+        return _record_plan_failure(dag_id=dag_id, run_id=str(run_id), params=params or {},
+                                    run_kind=run_kind, error=error)
+    row = _run_row(plan, dag_id=dag_id, dataflow_job_id=dataflow_job_id,
+                   caption_error=errors.get("caption"))
+    from caption_platform.metrics import DONE
+    from caption_platform.warehouse import get_warehouse
+
+    warehouse = get_warehouse(settings_from_plan(plan))
+    row["run_kind"] = plan.get("run_kind")
+    row["benchmark_id"] = plan.get("benchmark_id")
+    if error:
+        row["error"] = error
+    if row["final_state"] == DONE:
+        row["caption_similarity_median"] = warehouse.caption_similarity_median(plan["run_id"])
+    warehouse.record_run(row)
+    log.info("pipeline_runs row: %s", row)
+    return _jsonable(row)
+
+
+def _run_row(plan: Mapping[str, Any], *, dag_id: str, dataflow_job_id: str | None,
+             caption_error: str | None) -> dict[str, Any]:
+    """The row from the job's own account: Dataflow's API or the local run_summary.json."""
     from caption_platform.cost_model import prices_from_settings
     from caption_platform.metrics import (
-        DONE,
         fetch_dataflow_job_resources,
         run_row_from_dataflow,
         run_row_from_summary,
     )
-    from caption_platform.warehouse import get_warehouse
 
     settings = settings_from_plan(plan)
     prices = prices_from_settings(settings)
@@ -267,28 +358,49 @@ def record_metrics(
         if not dataflow_job_id:
             row["error"] = ("the Dataflow launch failed before a job id was recorded "
                             "(see the caption task's log)")
-    else:
-        folder = summary_folder(plan["output"], manifest_uri(settings, plan["run_id"]))
-        summary = read_run_summary(folder, settings.storage_conn_id)
-        if summary is None:  # the job died before writing it: record the failure, not a run
-            summary = {
-                "counters": {},
-                "wall_s": 0.0,
-                "final_state": "JOB_STATE_FAILED",
-                "error": "the Beam job wrote no run_summary.json (see the caption task log)",
-            }
-        row = run_row_from_summary(
-            summary,
-            run_id=plan["run_id"],
-            dag_id=dag_id,
-            images_in=int(plan["images"]),
-            prices=prices,
-        )
+        return row
+    summary = read_run_summary(plan)
+    if summary is None:  # the job died before writing it: record the failure, not a run
+        summary = {
+            "counters": {},
+            "wall_s": 0.0,
+            "final_state": "JOB_STATE_FAILED",
+            "error": caption_error or
+            "the Beam job wrote no run_summary.json (see the caption task log)",
+            "settings": settings.job.model_dump(),
+            "runner": settings.runner,
+        }
+    return run_row_from_summary(summary, run_id=plan["run_id"], dag_id=dag_id,
+                                images_in=int(plan["images"]), prices=prices)
+
+
+def _record_plan_failure(*, dag_id: str, run_id: str, params: Mapping[str, Any],
+                         run_kind: Any, error: str | None) -> dict[str, Any] | None:
+    """A pipeline_runs row for a run whose plan failed: nothing launched, the cause named."""
+    from caption_platform.metrics import PLAN_FAILED, model_settings
+    from caption_platform.warehouse import get_warehouse
+
+    try:
+        settings = settings_for_run(params)
+    except SettingsError:
+        try:  # the parameters were the problem: the deployment's own settings
+            settings = settings_for_run({})
+        except SettingsError as exc:
+            log.error("no pipeline_runs row: the deployment's settings are invalid (%s); "
+                      "the plan task failed with: %s", exc, error)
+            return None
+    row = {
+        "run_id": run_id,
+        "dag_id": dag_id,
+        "runner": settings.runner,
+        "run_kind": None if run_kind is None else str(getattr(run_kind, "value", run_kind)),
+        "images_in": 0,
+        "final_state": PLAN_FAILED,
+        "error": error or "plan: failed before it recorded an error (see the plan task log)",
+        **model_settings(settings.job.model_dump()),
+    }
     warehouse = get_warehouse(settings)
-    row["run_kind"] = plan.get("run_kind")
-    row["benchmark_id"] = plan.get("benchmark_id")
-    if row["final_state"] == DONE:
-        row["caption_similarity_median"] = warehouse.caption_similarity_median(plan["run_id"])
+    warehouse.ensure_tables()
     warehouse.record_run(row)
     log.info("pipeline_runs row: %s", row)
     return _jsonable(row)

@@ -38,88 +38,166 @@ SELECT
   (SELECT COUNT(*) FROM {staging_dead_letters}) AS dead_letters_staged
 """
 
-# Insert new images, update ones captioned before; a rerun changes nothing more.
-# The source is de-duplicated on image_id (defence in depth: MERGE must match at
-# most one source row per target row).
+# One rule for both tables: each image's NEWEST outcome wins (captioned_at vs failed_at);
+# at an equal instant, and within one run, the dead letter wins. So an image is never both
+# captioned and dead-lettered, whichever order runs (or reruns of old runs) publish in.
+# Each source is de-duplicated on image_id (MERGE must match at most one source row).
+
+# Insert new images, update ones whose current caption is older; a rerun changes nothing.
 MERGE_CAPTIONS = """
 MERGE {captions} AS T
 USING (
-  SELECT * FROM {staging_captions}
-  WHERE TRUE
+  SELECT * FROM {staging_captions} AS s
+  WHERE NOT EXISTS (SELECT 1 FROM {staging_dead_letters} AS sd WHERE sd.image_id = s.image_id)
+    AND NOT EXISTS (
+      SELECT 1 FROM {dead_letters} AS d
+      WHERE d.image_id = s.image_id AND d.failed_at >= s.captioned_at)
   QUALIFY ROW_NUMBER() OVER (PARTITION BY image_id ORDER BY captioned_at DESC, uri) = 1
 ) AS S
 ON T.image_id = S.image_id
-WHEN MATCHED THEN UPDATE SET {update_set}
+WHEN MATCHED AND S.captioned_at >= T.captioned_at THEN UPDATE SET {update_set}
 WHEN NOT MATCHED THEN INSERT ({column_list}) VALUES ({source_list})
 """
 
-# dead_letters is keyed on image_id and keeps the latest failure. Images captioned
-# in this run (and not also dead-lettered by it) resolve their old dead letter:
-# the row is deleted, so an image is never both captioned and dead.
+# dead_letters is keyed on image_id and keeps each image's latest failure, unless the
+# image has a newer caption.
 MERGE_DEAD_LETTERS = """
 MERGE {dead_letters} AS T
 USING (
-  SELECT {column_list}, FALSE AS resolved
-  FROM {staging_dead_letters}
-  WHERE TRUE
+  SELECT * FROM {staging_dead_letters} AS s
+  WHERE NOT EXISTS (
+    SELECT 1 FROM {captions} AS c
+    WHERE c.image_id = s.image_id AND c.captioned_at > s.failed_at)
   QUALIFY ROW_NUMBER() OVER (PARTITION BY image_id ORDER BY failed_at DESC, stage, error) = 1
-  UNION ALL
-  SELECT {null_list}, TRUE AS resolved
-  FROM (
-    SELECT DISTINCT c.image_id FROM {staging_captions} AS c
-    WHERE NOT EXISTS (SELECT 1 FROM {staging_dead_letters} AS d WHERE d.image_id = c.image_id)
-  ) AS r
 ) AS S
 ON T.image_id = S.image_id
-WHEN MATCHED AND S.resolved THEN DELETE
-WHEN MATCHED THEN UPDATE SET {update_set}
-WHEN NOT MATCHED AND NOT S.resolved THEN INSERT ({column_list}) VALUES ({source_list})
+WHEN MATCHED AND S.failed_at >= T.failed_at THEN UPDATE SET {update_set}
+WHEN NOT MATCHED THEN INSERT ({column_list}) VALUES ({source_list})
+"""
+
+# After both MERGEs: the older of an image's caption and dead letter goes (both ways).
+RESOLVE_OUTCOMES = (
+    """
+    DELETE FROM {dead_letters} AS d WHERE EXISTS (
+      SELECT 1 FROM {captions} AS c WHERE c.image_id = d.image_id AND c.captioned_at > d.failed_at)
+    """,
+    """
+    DELETE FROM {captions} AS c WHERE EXISTS (
+      SELECT 1 FROM {dead_letters} AS d
+      WHERE d.image_id = c.image_id AND d.failed_at >= c.captioned_at)
+    """,
+)
+
+# The provenance ledger: what THIS run published, replaced per run (a re-published run
+# replaces its own rows), never relabelled by later runs. Same in-run rule as above.
+RECORD_PUBLISHED = (
+    "DELETE FROM {published_images} WHERE run_id = @run_id",
+    """
+    INSERT INTO {published_images} (run_id, image_id, outcome, outcome_at, published_at)
+    SELECT @run_id, image_id, outcome, outcome_at, CURRENT_TIMESTAMP() FROM (
+      SELECT image_id, 'dead_lettered' AS outcome, failed_at AS outcome_at
+      FROM {staging_dead_letters}
+      WHERE TRUE
+      QUALIFY ROW_NUMBER() OVER (PARTITION BY image_id ORDER BY failed_at DESC, stage, error) = 1
+      UNION ALL
+      SELECT image_id, 'captioned' AS outcome, captioned_at AS outcome_at
+      FROM {staging_captions} AS s
+      WHERE NOT EXISTS (SELECT 1 FROM {staging_dead_letters} AS sd WHERE sd.image_id = s.image_id)
+      QUALIFY ROW_NUMBER() OVER (PARTITION BY image_id ORDER BY captioned_at DESC, uri) = 1
+    ) AS p
+    """,
+)
+
+# Tables an older release filled before the ledger existed: each current row is what its
+# run published (run once, when ensure_tables creates the ledger).
+BACKFILL_PUBLISHED = """
+INSERT INTO {published_images} (run_id, image_id, outcome, outcome_at, published_at)
+SELECT run_id, image_id, 'captioned', captioned_at, CURRENT_TIMESTAMP() FROM {captions}
+UNION ALL
+SELECT run_id, image_id, 'dead_lettered', failed_at, CURRENT_TIMESTAMP() FROM {dead_letters}
 """
 
 # -- validation -----------------------------------------------------------------------
+# A run is checked against its own ledger rows, so later runs that re-caption (relabel) or
+# dead-letter its images never make an old run's validation fail.
 VALIDATION_COUNTS = """
 SELECT
   (SELECT COUNT(*) FROM {manifests} WHERE run_id = @run_id) AS manifest,
-  (SELECT COUNT(*) FROM {captions} WHERE run_id = @run_id) AS captioned,
-  (SELECT COUNT(*) FROM {dead_letters} WHERE run_id = @run_id) AS dead_lettered
+  (SELECT COUNT(*) FROM {published_images}
+   WHERE run_id = @run_id AND outcome = 'captioned') AS captioned,
+  (SELECT COUNT(*) FROM {published_images}
+   WHERE run_id = @run_id AND outcome = 'dead_lettered') AS dead_lettered
 """
 
-# One row per (problem kind, image id), at most @sample_size ids per kind, each
-# with the kind's total. No rows means the run is exactly-once.
+# One row per (problem kind, image id), at most @sample_size ids per kind, each with the
+# kind's total. No rows means the run is exactly-once AND the whole tables are consistent.
 VALIDATION_PROBLEMS = """
 WITH
   m AS (SELECT image_id FROM {manifests} WHERE run_id = @run_id),
-  outcomes AS (
-    SELECT image_id, COUNT(*) AS n, COUNTIF(src = 'c') AS nc, COUNTIF(src = 'd') AS nd
-    FROM (
-      SELECT image_id, 'c' AS src FROM {captions} WHERE run_id = @run_id
-      UNION ALL
-      SELECT image_id, 'd' AS src FROM {dead_letters} WHERE run_id = @run_id
-    ) AS u
-    GROUP BY image_id
-  ),
+  p AS (SELECT image_id, outcome FROM {published_images} WHERE run_id = @run_id),
   problems AS (
+    -- this run, against its own manifest and ledger
     SELECT 'missing' AS kind, m.image_id FROM m
-    WHERE NOT EXISTS (SELECT 1 FROM outcomes AS o WHERE o.image_id = m.image_id)
+    WHERE NOT EXISTS (SELECT 1 FROM p WHERE p.image_id = m.image_id)
     UNION ALL
-    SELECT 'extra' AS kind, o.image_id FROM outcomes AS o
-    WHERE NOT EXISTS (SELECT 1 FROM m WHERE m.image_id = o.image_id)
+    SELECT 'extra' AS kind, p.image_id FROM p
+    WHERE NOT EXISTS (SELECT 1 FROM m WHERE m.image_id = p.image_id)
     UNION ALL
-    SELECT 'both' AS kind, image_id FROM outcomes WHERE nc > 0 AND nd > 0
-    UNION ALL
-    SELECT 'repeated' AS kind, image_id FROM outcomes WHERE n > 1
-    UNION ALL
-    SELECT 'duplicate_caption' AS kind, image_id FROM {captions}
-    GROUP BY image_id HAVING COUNT(*) > 1
+    SELECT 'repeated' AS kind, image_id FROM p GROUP BY image_id HAVING COUNT(*) > 1
     UNION ALL
     SELECT 'duplicate_manifest' AS kind, image_id FROM m
     GROUP BY image_id HAVING COUNT(*) > 1
+    UNION ALL
+    SELECT 'unaccounted' AS kind, p.image_id FROM p
+    WHERE NOT EXISTS (SELECT 1 FROM {captions} AS c WHERE c.image_id = p.image_id)
+      AND NOT EXISTS (SELECT 1 FROM {dead_letters} AS d WHERE d.image_id = p.image_id)
+    UNION ALL
+    -- the whole tables, whichever run wrote them
+    SELECT 'duplicate_caption' AS kind, image_id FROM {captions}
+    GROUP BY image_id HAVING COUNT(*) > 1
+    UNION ALL
+    SELECT 'duplicate_dead_letter' AS kind, image_id FROM {dead_letters}
+    GROUP BY image_id HAVING COUNT(*) > 1
+    UNION ALL
+    SELECT 'both' AS kind, c.image_id FROM {captions} AS c
+    WHERE EXISTS (SELECT 1 FROM {dead_letters} AS d WHERE d.image_id = c.image_id)
+    UNION ALL
+    SELECT 'unproven' AS kind, c.image_id FROM {captions} AS c
+    WHERE NOT EXISTS (
+      SELECT 1 FROM {published_images} AS l
+      WHERE l.run_id = c.run_id AND l.image_id = c.image_id AND l.outcome = 'captioned')
+    UNION ALL
+    SELECT 'unproven' AS kind, d.image_id FROM {dead_letters} AS d
+    WHERE NOT EXISTS (
+      SELECT 1 FROM {published_images} AS l
+      WHERE l.run_id = d.run_id AND l.image_id = d.image_id AND l.outcome = 'dead_lettered')
   )
 SELECT kind, image_id, COUNT(*) OVER (PARTITION BY kind) AS total
 FROM problems
 WHERE TRUE
 QUALIFY ROW_NUMBER() OVER (PARTITION BY kind ORDER BY image_id) <= @sample_size
 ORDER BY kind, image_id
+"""
+
+# The run's dead letters by reason: stage, the error's exception class (the job writes
+# "Type: message", inference errors as "BLIP: Type: message"), and whether a different run
+# had already dead-lettered the image (a known-bad file tried again, not a new failure).
+DEAD_LETTER_REASONS = """
+WITH r AS (
+  SELECT d.stage,
+    REGEXP_EXTRACT(d.error, r'^(?:[A-Z]+: )?([A-Za-z_][A-Za-z0-9_.]*)') AS kind,
+    EXISTS (
+      SELECT 1 FROM {published_images} AS e
+      WHERE e.image_id = p.image_id AND e.run_id != p.run_id AND e.outcome = 'dead_lettered'
+    ) AS seen_before
+  FROM {published_images} AS p
+  JOIN {dead_letters} AS d ON d.image_id = p.image_id AND d.run_id = p.run_id
+  WHERE p.run_id = @run_id AND p.outcome = 'dead_lettered'
+)
+SELECT stage, kind, seen_before, COUNT(*) AS n
+FROM r
+GROUP BY stage, kind, seen_before
+ORDER BY n DESC, stage, kind, seen_before
 """
 
 # -- pipeline_runs --------------------------------------------------------------------

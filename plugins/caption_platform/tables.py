@@ -2,7 +2,8 @@
 
 captions and dead_letters come from the job's single declaration
 (``captioning.schema``), so the warehouse can never drift from what the job writes.
-pipeline_runs and manifests belong to the Airflow side and are declared here.
+pipeline_runs, manifests and published_images belong to the Airflow side and are
+declared here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ CAPTIONS = job_schema.CAPTIONS
 DEAD_LETTERS = job_schema.DEAD_LETTERS
 PIPELINE_RUNS = "pipeline_runs"
 MANIFESTS = "manifests"
-TABLE_KINDS = (CAPTIONS, DEAD_LETTERS, PIPELINE_RUNS, MANIFESTS)
+PUBLISHED_IMAGES = "published_images"
+TABLE_KINDS = (CAPTIONS, DEAD_LETTERS, PIPELINE_RUNS, MANIFESTS, PUBLISHED_IMAGES)
 
 #: contract: run metrics row, plus final_state and error (see ARCHITECTURE.md).
 PIPELINE_RUNS_COLUMNS: dict[str, str] = {
@@ -65,6 +67,21 @@ MANIFESTS_COLUMNS: dict[str, str] = {
     "size_bytes": "INT64",
 }
 
+#: The provenance ledger: what each run published, one row per (run, image), never
+#: relabelled by later runs (captions/dead_letters hold only each image's newest outcome).
+PUBLISHED_IMAGES_COLUMNS: dict[str, str] = {
+    "run_id": "STRING",
+    "image_id": "STRING",
+    "outcome": "STRING",  # captioned | dead_lettered
+    "outcome_at": "TIMESTAMP",  # the row's captioned_at / failed_at
+    "published_at": "TIMESTAMP",
+}
+
+#: outcome values in published_images
+CAPTIONED = "captioned"
+DEAD_LETTERED = "dead_lettered"
+
+
 @functools.cache
 def columns(kind: str) -> dict[str, str]:
     """Column name -> BigQuery standard SQL type for a table kind (ordered)."""
@@ -72,6 +89,8 @@ def columns(kind: str) -> dict[str, str]:
         return dict(PIPELINE_RUNS_COLUMNS)
     if kind == MANIFESTS:
         return dict(MANIFESTS_COLUMNS)
+    if kind == PUBLISHED_IMAGES:
+        return dict(PUBLISHED_IMAGES_COLUMNS)
     if kind in (CAPTIONS, DEAD_LETTERS):
         return job_schema.sql_columns(kind)
     raise ValueError(f"table kind {kind!r} is unknown; choose one of {', '.join(TABLE_KINDS)}")

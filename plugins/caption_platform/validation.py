@@ -1,9 +1,14 @@
 """The exactly-once verdict of a run, built from the warehouse's validation SQL.
 
-A run is exactly-once when captioned(run) + dead_lettered(run) == manifest(run),
-every manifest id appears exactly once across captions(run) and dead_letters(run),
-none in both, none that the manifest lacks, and the captions table holds no
-duplicate image_id at all.
+A run is exactly-once when what it published (its rows in the ``published_images``
+ledger, which later runs never relabel) matches its manifest: captioned(run) +
+dead_lettered(run) == manifest(run), each manifest id exactly once, none the manifest
+lacks, and each still has a current outcome. The whole tables are checked with it: no
+image_id twice in captions or in dead_letters, none in both, and every current row
+provable from the ledger of the run that wrote it.
+
+Separately, a run that captioned nothing, or dead-lettered more than the configured
+share of its manifest, is refused (:func:`check_outcome_share`) with the reasons counted.
 """
 
 from __future__ import annotations
@@ -15,17 +20,24 @@ from typing import Any
 
 #: problem kinds reported by sql.VALIDATION_PROBLEMS, with what each means
 PROBLEM_KINDS: dict[str, str] = {
-    "missing": "manifest ids with neither a caption nor a dead letter",
-    "extra": "captioned/dead-lettered ids that are not in the manifest",
-    "both": "ids both captioned and dead-lettered",
-    "repeated": "ids present more than once across captions and dead letters",
-    "duplicate_caption": "image_ids more than once in the whole captions table",
+    "missing": "manifest ids the run published neither as a caption nor as a dead letter",
+    "extra": "ids the run published that are not in its manifest",
+    "repeated": "ids the run published more than once",
+    "unaccounted": "ids the run published that now have neither a caption nor a dead letter",
     "duplicate_manifest": "image_ids more than once in the manifest",
+    "duplicate_caption": "image_ids more than once in the whole captions table",
+    "duplicate_dead_letter": "image_ids more than once in the whole dead_letters table",
+    "both": "image_ids both captioned and dead-lettered (whole tables)",
+    "unproven": "caption/dead-letter rows no run's published set accounts for",
 }
 
 
 class ExactlyOnceError(RuntimeError):
     """The run lost, invented or duplicated images (message has counts and samples)."""
+
+
+class RunOutcomeError(RuntimeError):
+    """The run captioned nothing, or dead-lettered more than the allowed share."""
 
 
 @dataclass
@@ -38,10 +50,13 @@ class ValidationResult:
     dead_lettered: int
     missing_ids: list[str] = field(default_factory=list)
     extra_ids: list[str] = field(default_factory=list)
-    both_ids: list[str] = field(default_factory=list)
     repeated_ids: list[str] = field(default_factory=list)
-    duplicate_caption_ids: list[str] = field(default_factory=list)
+    unaccounted_ids: list[str] = field(default_factory=list)
     duplicate_manifest_ids: list[str] = field(default_factory=list)
+    duplicate_caption_ids: list[str] = field(default_factory=list)
+    duplicate_dead_letter_ids: list[str] = field(default_factory=list)
+    both_ids: list[str] = field(default_factory=list)
+    unproven_ids: list[str] = field(default_factory=list)
     problem_counts: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -98,3 +113,34 @@ def result_from_rows(
         getattr(result, f"{kind}_ids").append(str(row["image_id"]))
         result.problem_counts[kind] = int(row["total"])
     return result
+
+
+def check_outcome_share(result: ValidationResult, reasons: Iterable[dict[str, Any]],
+                        max_share: float) -> None:
+    """Raise :class:`RunOutcomeError` when a run captioned nothing, or dead-lettered more than
+    ``max_share`` of the images it tried for the first time; the message counts the reasons
+    by kind.
+
+    Dead letters another run already had (``repeat``: an incremental run retrying known-bad
+    files) are left out of both sides of the share, so a nightly run is not failed by the
+    same corrupt files every night. A run where every new image failed is a broken setting
+    or model far more often than a broken corpus (``max_new_tokens`` above the model's
+    limit, say): it must not be green.
+    """
+    reasons = list(reasons)
+    repeats = sum(r["n"] for r in reasons if r.get("repeat"))
+    fresh_total = result.manifest - repeats
+    if fresh_total <= 0:
+        return
+    share = (result.dead_lettered - repeats) / fresh_total
+    if result.captioned > 0 and share <= max_share:
+        return
+    counted = ", ".join(
+        f"{r['n']} {r['stage']}/{r['kind']}{' (failed before too)' if r.get('repeat') else ''}"
+        for r in reasons) or "none recorded"
+    why = ("captioned nothing" if result.captioned == 0 else
+           f"dead-lettered {share:.0%} of the images it tried for the first time, above "
+           f"max_dead_letter_share {max_share:.0%}")
+    raise RunOutcomeError(
+        f"run {result.run_id} {why}: {result.dead_lettered} of {result.manifest} images "
+        f"dead-lettered; reasons by stage/kind: {counted}")

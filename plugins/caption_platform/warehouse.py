@@ -108,17 +108,25 @@ class Warehouse(ABC):
 
     # -- operations ----------------------------------------------------------------------
     def ensure_tables(self) -> None:
-        """Create the four tables if they do not exist, and add the columns a newer
-        declaration has to tables an older release created (never drops or retypes)."""
+        """Create the tables if they do not exist, and add the columns a newer
+        declaration has to tables an older release created (never drops or retypes).
+
+        A provenance ledger created next to captions an older release wrote is filled from
+        them once, so every existing row stays provable.
+        """
+        before = self._columns()
         for kind in tables.TABLE_KINDS:
             self._execute([_create_table(self._table(kind), kind)])
-        existing = self._columns()
         for kind in tables.TABLE_KINDS:
-            have = existing.get(getattr(self.tables, kind), set())
+            have = before.get(getattr(self.tables, kind))
+            if have is None:  # created just now, with every column
+                continue
             for name, sql_type in tables.columns(kind).items():
                 if name not in have:
                     self._execute([sql.ADD_COLUMN.format(
                         table=self._table(kind), column=validate_identifier(name), type=sql_type)])
+        if self.tables.published_images not in before and self.tables.captions in before:
+            self._execute([sql.BACKFILL_PUBLISHED.format(**self._refs())])
 
     @abstractmethod
     def _columns(self) -> dict[str, set[str]]:
@@ -151,7 +159,8 @@ class Warehouse(ABC):
             yield str(row["image_id"])
 
     def publish(self, run_id: str, staging: str) -> PublishResult:
-        """MERGE the run's staged captions and dead letters on image_id (idempotent).
+        """MERGE the run's staged captions and dead letters on image_id (idempotent), the
+        newest outcome of each image winning, and record what this run published.
 
         ``staging`` is the job's output folder (DuckDB) or staging table prefix
         (BigQuery: ``PREFIX`` or ``bq://PROJECT.DATASET.PREFIX``).
@@ -165,7 +174,9 @@ class Warehouse(ABC):
         dead_merged = self._execute(
             [sql.MERGE_DEAD_LETTERS.format(**refs, **_merge_lists(tables.DEAD_LETTERS))]
         )
-        # Only once both MERGEs committed: a retried publish still finds the staged rows.
+        self._execute([stmt.format(**refs) for stmt in sql.RESOLVE_OUTCOMES])
+        self._execute([stmt.format(**refs) for stmt in sql.RECORD_PUBLISHED], {"run_id": run_id})
+        # Only once everything committed: a retried publish still finds the staged rows.
         self._unstage([staged_captions, staged_dead])
         return PublishResult(
             captions_staged=int(counts["captions_staged"]),
@@ -175,13 +186,21 @@ class Warehouse(ABC):
         )
 
     def validate(self, run_id: str, *, sample_size: int = DEFAULT_SAMPLE_SIZE) -> ValidationResult:
-        """Check the run is exactly-once; call ``.raise_if_failed()`` on the result."""
+        """Check the run against what it published (its ledger rows, which later runs never
+        relabel) and the whole tables: call ``.raise_if_failed()`` on the result."""
         refs = self._refs()
         counts = self._query(sql.VALIDATION_COUNTS.format(**refs), {"run_id": run_id})[0]
         problems = self._query(
             sql.VALIDATION_PROBLEMS.format(**refs), {"run_id": run_id, "sample_size": sample_size}
         )
         return result_from_rows(run_id, counts, problems)
+
+    def dead_letter_reasons(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's dead letters counted by stage, exception class and whether another run
+        had already dead-lettered the image (``repeat``), most first."""
+        rows = self._query(sql.DEAD_LETTER_REASONS.format(**self._refs()), {"run_id": run_id})
+        return [{"stage": r["stage"], "kind": r["kind"] or "other", "repeat": bool(r["seen_before"]),
+                 "n": int(r["n"])} for r in rows]
 
     def record_run(self, row: dict[str, Any]) -> None:
         """Write the run's pipeline_runs row, replacing any earlier one of that run."""

@@ -20,7 +20,11 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-def caption_row(image_id: str, run_id: str, *, caption: str = "a cat", score: float = 0.9) -> dict:
+AT = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def caption_row(image_id: str, run_id: str, *, caption: str = "a cat", score: float = 0.9,
+                at: datetime = AT) -> dict:
     return {
         "image_id": image_id,
         "uri": f"file:///images/{image_id}.jpg",
@@ -33,18 +37,19 @@ def caption_row(image_id: str, run_id: str, *, caption: str = "a cat", score: fl
         "clip_model": "clip",
         "run_id": run_id,
         "beam_sdk_version": "2.77.0",
-        "captioned_at": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        "captioned_at": at,
     }
 
 
-def dead_row(image_id: str, run_id: str, *, stage: str = "decode") -> dict:
+def dead_row(image_id: str, run_id: str, *, stage: str = "decode", at: datetime = AT,
+             error: str = "UnidentifiedImageError: cannot identify image file") -> dict:
     return {
         "image_id": image_id,
         "uri": f"file:///images/{image_id}.jpg",
         "run_id": run_id,
         "stage": stage,
-        "error": "cannot identify image file",
-        "failed_at": datetime(2026, 1, 2, 3, 4, 6, tzinfo=UTC),
+        "error": error,
+        "failed_at": at,
     }
 
 

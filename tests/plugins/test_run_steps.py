@@ -62,3 +62,33 @@ def test_later_tasks_use_the_settings_the_plan_resolved(
     again = run_steps.settings_from_plan(plan)
     assert again == settings
     assert again.duckdb_path == str(local_settings) and again.job.num_captions == 2
+
+
+def test_a_failed_plan_is_recorded_with_its_real_error(local_settings: Path) -> None:
+    """No plan in XCom: the row says the plan failed and why, where the deployment's
+    settings put the warehouse (this run's parameters are what was refused)."""
+    row = run_steps.record_metrics(
+        None, dag_id="caption_images", run_id="manual__bad",
+        params={"num_captions": 4, "num_beams": 2}, run_kind="manual",
+        errors={"plan": "AirflowFailException: invalid settings: num_beams ...",
+                "caption": None})
+    assert row is not None and row["final_state"] == "PLAN_FAILED"
+    with duckdb.connect(str(local_settings), read_only=True) as con:
+        stored = con.execute("SELECT final_state, error, run_kind, images_in FROM pipeline_runs"
+                             ).fetchall()
+    assert stored == [("PLAN_FAILED", "plan: AirflowFailException: invalid settings: "
+                       "num_beams ...", "manual", 0)]
+
+
+def test_a_stale_summary_is_removed_before_the_job_starts_again(local_settings: Path) -> None:
+    from caption_platform.storage import storage_path
+
+    settings = run_steps.settings_for_run({})
+    plan = {"output": run_steps.job_output(settings, "manual__x")}
+    path = storage_path(run_steps.summary_uri(plan))
+    path.parent.mkdir(parents=True)
+    path.write_text('{"final_state": "JOB_STATE_DONE"}')
+    assert run_steps.read_run_summary(plan) is not None
+    assert run_steps.clear_run_summary(plan) is True
+    assert run_steps.read_run_summary(plan) is None
+    assert run_steps.clear_run_summary(plan) is False

@@ -74,7 +74,7 @@ def test_ensure_tables_sends_standard_sql_ddl_and_adds_missing_columns() -> None
     _wh(hook).ensure_tables()
     queries = hook.queries()
     creates = [q["query"] for q in queries if q["query"].startswith("CREATE")]
-    assert len(creates) == 4
+    assert len(creates) == len(tables.TABLE_KINDS)
     assert all(q["useLegacySql"] is False for q in queries)
     assert all(c["project_id"] == "my-proj" and c["location"] == "US" for c in hook.calls)
     ddl = creates[0]
@@ -84,7 +84,7 @@ def test_ensure_tables_sends_standard_sql_ddl_and_adds_missing_columns() -> None
     assert "`my-proj.caps_ds.pipeline_runs`" in creates[2]
     assert "final_state STRING, error STRING" in creates[2]
     looked_up = [q["query"] for q in queries if "INFORMATION_SCHEMA" in q["query"]]
-    assert looked_up == [  # one lookup for all four tables
+    assert looked_up == [  # one lookup for all the tables
         "SELECT table_name, column_name FROM `my-proj.caps_ds.INFORMATION_SCHEMA.COLUMNS`"]
     alters = [q["query"] for q in queries if q["query"].startswith("ALTER")]
     assert alters == [
@@ -141,6 +141,13 @@ def test_publish_merges_from_staging_prefix() -> None:
     assert "ON T.image_id = S.image_id" in merge
     assert "WHEN NOT MATCHED THEN INSERT (image_id, uri, caption" in merge
     assert all(q["useLegacySql"] is False for q in hook.queries())
+    # the older of an image's two outcomes goes, then the run's ledger rows are replaced,
+    # each as one transaction, before the staging tables are dropped
+    resolve, ledger = texts[-4], texts[-3]
+    assert resolve.startswith("BEGIN TRANSACTION;") and resolve.count("DELETE FROM") == 2
+    assert ledger.startswith("BEGIN TRANSACTION;\nDELETE FROM `my-proj.caps_ds.published_images`")
+    assert "FROM `other-proj.stage_ds.stg_abc_dead_letters`" in ledger
+    assert hook.queries()[-3]["queryParameters"][0]["parameterValue"] == {"value": RUN}
     # once both MERGEs committed, the run's staging tables go
     assert texts[-2:] == ["DROP TABLE IF EXISTS `other-proj.stage_ds.stg_abc_captions`",
                           "DROP TABLE IF EXISTS `other-proj.stage_ds.stg_abc_dead_letters`"]
@@ -172,7 +179,7 @@ def test_validate_parses_real_shaped_rows() -> None:
     result = _wh(hook).validate(RUN, sample_size=3)
     assert not result.ok
     assert result.missing_ids == ["id2"] and result.extra_ids == ["id9"]
-    assert "4 captioned/dead-lettered ids that are not in the manifest (e.g. id9)" in result.message
+    assert "4 ids the run published that are not in its manifest (e.g. id9)" in result.message
     params = {p["name"]: p for p in hook.queries()[1]["queryParameters"]}
     assert params["sample_size"]["parameterType"] == {"type": "INT64"}
 
