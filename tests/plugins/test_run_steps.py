@@ -84,7 +84,8 @@ def test_a_stale_summary_is_removed_before_the_job_starts_again(local_settings: 
     from caption_platform.storage import storage_path
 
     settings = run_steps.settings_for_run({})
-    plan = {"output": run_steps.job_output(settings, "manual__x")}
+    plan = {"output": run_steps.job_output(settings, "manual__x"), "run_id": "manual__x",
+            "settings": settings.model_dump(mode="json")}
     path = storage_path(run_steps.summary_uri(plan))
     path.parent.mkdir(parents=True)
     path.write_text('{"final_state": "JOB_STATE_DONE"}')
