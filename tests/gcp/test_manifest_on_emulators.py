@@ -47,7 +47,8 @@ def test_gcs_manifest_takes_md5s_from_the_listing(
         "imgs/a.jpg", "imgs/c.png", "imgs/deep/d.jpeg", "imgs/e.jpg"]
     assert rows[0]["image_id"] == hashlib.md5(b"same").hexdigest()
     assert rows[3]["image_id"] == hashlib.md5(b"otherdeeper").hexdigest()
-    assert stats.duplicates == 1 and stats.filtered_out == 1 and stats.written == 4
+    assert stats.duplicates == 1 and stats.not_image == 1 and stats.written == 4
+    assert stats.unaccounted() == 0
     # GCS lists no md5Hash for composite objects; whether the emulator does decides the path
     assert hashed == ([] if composed.md5_hash else [f"{gcp.bucket}/imgs/e.jpg"])
 
