@@ -21,6 +21,7 @@ from typing import Any
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+from captioning import blip_decoding
 from captioning.counters import NAMESPACE as METRICS_NAMESPACE
 from captioning.images import DecodedImage
 from captioning.model_refs import resolve_model_ref
@@ -45,32 +46,6 @@ class LoadedModel:
 def sampling_seed(image_id: str) -> int:
     """Deterministic 63-bit seed from the image id: reruns sample the same captions."""
     return int(hashlib.md5(image_id.encode("utf-8")).hexdigest()[:15], 16)
-
-
-_SHARED_CROSS_CACHE_CLS: Any = None
-
-
-def _beam_search_cache(text_config: Any) -> Any:
-    """A KV cache for BLIP beam search that never reorders the cross-attention entries.
-
-    Beam search reorders the whole cache at every step (``index_select`` over batch*beams),
-    including the decoder's cross-attention keys/values over the image tokens. Those are
-    identical for all beams of one image and beams are only ever reordered within their own
-    image, so reordering them is a no-op that costs a full copy per layer per step (most of
-    generate's time on CPU with BLIP-base). Skipping it gives bit-identical results.
-    """
-    global _SHARED_CROSS_CACHE_CLS
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-
-    if _SHARED_CROSS_CACHE_CLS is None:
-
-        class SharedCrossAttentionCache(EncoderDecoderCache):
-            def reorder_cache(self, beam_idx: Any) -> None:
-                self.self_attention_cache.reorder_cache(beam_idx)
-
-        _SHARED_CROSS_CACHE_CLS = SharedCrossAttentionCache
-    return _SHARED_CROSS_CACHE_CLS(DynamicCache(config=text_config),
-                                   DynamicCache(config=text_config))
 
 
 def _load(model_cls_name: str, processor_cls_name: str, ref: str, device: str) -> LoadedModel:
@@ -160,7 +135,7 @@ class BlipCaptionModelHandler(_BaseHandler):
                  num_beams: int = 5, max_new_tokens: int = 30, prompt: str | None = None,
                  device: str = "cpu", batch_size: int = 8, top_p: float = 0.9,
                  share_across_processes: bool = False,
-                 skip_cross_attention_reorder: bool = True) -> None:
+                 fast_beam_search: bool = True) -> None:
         super().__init__(model_ref, device=device, batch_size=batch_size,
                          share_across_processes=share_across_processes)
         if decoding not in ("beam", "sample"):
@@ -173,10 +148,14 @@ class BlipCaptionModelHandler(_BaseHandler):
         self.max_new_tokens = max_new_tokens
         self.prompt = prompt
         self.top_p = top_p
-        self.skip_cross_attention_reorder = skip_cross_attention_reorder
+        # captioning.blip_decoding: same captions as stock generate, less work per image.
+        self.fast_beam_search = fast_beam_search
 
     def load_model(self) -> LoadedModel:
-        return _load("BlipForConditionalGeneration", "BlipProcessor", self.model_ref, self.device)
+        lm = _load("BlipForConditionalGeneration", "BlipProcessor", self.model_ref, self.device)
+        if self.fast_beam_search:
+            blip_decoding.share_cross_attention(lm.model)
+        return lm
 
     def get_metrics_namespace(self) -> str:
         return "blip_captioning"
@@ -204,10 +183,13 @@ class BlipCaptionModelHandler(_BaseHandler):
             if self.decoding == "beam":
                 # Prompt (if any) is the same for every image: no padding, so an image's
                 # beams do not depend on what else is in its batch.
+                inputs = self._inputs(items, lm)
                 extra: dict[str, Any] = {}
-                if self.skip_cross_attention_reorder and self.num_beams > 1:
-                    extra["past_key_values"] = _beam_search_cache(lm.model.config.text_config)
-                ids = lm.model.generate(**self._inputs(items, lm), num_beams=self.num_beams,
+                if self.fast_beam_search and self.num_beams > 1:
+                    prompt_len = inputs["input_ids"].shape[1] if "input_ids" in inputs else 1
+                    extra["cache"] = blip_decoding.beam_search_cache(
+                        lm.model, self.num_beams, prompt_len + self.max_new_tokens)
+                ids = lm.model.generate(**inputs, num_beams=self.num_beams,
                                         num_return_sequences=n, do_sample=False,
                                         max_new_tokens=self.max_new_tokens, **extra)
                 texts = lm.processor.batch_decode(ids, skip_special_tokens=True)
