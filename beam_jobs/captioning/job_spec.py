@@ -137,6 +137,11 @@ SETTINGS: tuple[Setting, ...] = (
             per_run=True),
     Setting("device", str, "cpu", "cpu, or cuda on GPU workers (half precision).",
             choices=("cpu", "cuda")),
+    Setting("precision", str, "fp32",
+            "fp32, or bf16: bfloat16 autocast of the models' matrix products on CPU workers "
+            "(fast on CPUs with AVX512-BF16/AMX; a caption may differ from fp32's). "
+            "cuda always runs fp16.",
+            choices=("fp32", "bf16"), per_run=True),
     Setting("max_image_bytes", int, 50 * 1024 * 1024,
             "Larger files are left out of the manifest and dead-lettered at stage read.",
             minimum=1),

@@ -11,6 +11,7 @@ fail come back as ``{"error": ...}`` for the pipeline to dead-letter (stage ``in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
@@ -90,11 +91,14 @@ class _BaseHandler(ModelHandler):
     _latency_name = ""
 
     def __init__(self, model_ref: str, *, device: str, batch_size: int,
-                 share_across_processes: bool = False) -> None:
+                 share_across_processes: bool = False, precision: str = "fp32") -> None:
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
         self.model_ref = model_ref
         self.device = device
         self.batch_size = batch_size
+        self.precision = precision
         self._share = share_across_processes
         self._latency = Metrics.distribution(METRICS_NAMESPACE, self._latency_name)
 
@@ -116,6 +120,14 @@ class _BaseHandler(ModelHandler):
             total += int(img.width) * int(img.height) * 3
         return total
 
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """bf16 autocast on CPU when asked for (matmuls in bf16, softmax/norms in fp32)."""
+        if self.precision == "bf16" and self.device == "cpu":
+            import torch
+
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def _timed(self, batch: Sequence[Any],
                run_batch: Callable[[Sequence[Any]], list[dict[str, Any]]],
                model_id: str) -> list[PredictionResult]:
@@ -135,9 +147,9 @@ class BlipCaptionModelHandler(_BaseHandler):
                  num_beams: int = 5, max_new_tokens: int = 30, prompt: str | None = None,
                  device: str = "cpu", batch_size: int = 8, top_p: float = 0.9,
                  share_across_processes: bool = False,
-                 fast_beam_search: bool = True) -> None:
+                 fast_beam_search: bool = True, precision: str = "fp32") -> None:
         super().__init__(model_ref, device=device, batch_size=batch_size,
-                         share_across_processes=share_across_processes)
+                         share_across_processes=share_across_processes, precision=precision)
         if decoding not in ("beam", "sample"):
             raise ValueError(f"decoding must be beam or sample, got {decoding!r}")
         if decoding == "beam" and num_beams < num_captions:
@@ -179,7 +191,7 @@ class BlipCaptionModelHandler(_BaseHandler):
 
         n = self.num_captions
         texts: list[str] = []
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             if self.decoding == "beam":
                 # Prompt (if any) is the same for every image: no padding, so an image's
                 # beams do not depend on what else is in its batch.
@@ -231,9 +243,9 @@ class ClipRankModelHandler(_BaseHandler):
     _latency_name = "clip_batch_latency_ms"
 
     def __init__(self, model_ref: str, *, device: str = "cpu", batch_size: int = 8,
-                 share_across_processes: bool = False) -> None:
+                 share_across_processes: bool = False, precision: str = "fp32") -> None:
         super().__init__(model_ref, device=device, batch_size=batch_size,
-                         share_across_processes=share_across_processes)
+                         share_across_processes=share_across_processes, precision=precision)
 
     def load_model(self) -> LoadedModel:
         return _load("CLIPModel", "CLIPProcessor", self.model_ref, self.device)
@@ -264,7 +276,7 @@ class ClipRankModelHandler(_BaseHandler):
                                      return_tensors="pt")
         pixels = lm.processor.image_processor(images=[img.image for img, _ in items],
                                               return_tensors="pt")["pixel_values"]
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             out = lm.model(input_ids=tok["input_ids"].to(lm.device),
                            attention_mask=tok["attention_mask"].to(lm.device),
                            pixel_values=pixels.to(lm.device, lm.dtype))
