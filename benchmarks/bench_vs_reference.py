@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -72,6 +73,7 @@ class Settings:
 class Run:
     name: str
     wall_s: float
+    cpu_s: float
     peak_rss_mb: float
     images: int
     extra: dict[str, Any] = field(default_factory=dict)
@@ -172,11 +174,22 @@ def package_versions(python: Path | str, packages: tuple[str, ...]) -> dict[str,
 # ---------------------------------------------------------------- timing
 
 
-def timed_process(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS of the process tree in MB, exit code) of one whole process."""
+def _children_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def timed_process(cmd: list[str], env: dict[str, str], log_path: Path
+                  ) -> tuple[float, float, float, int]:
+    """(wall s, CPU s, peak RSS of the process tree in MB, exit code) of one whole process.
+
+    CPU seconds (user + system of the process and its waited-for children) move much less
+    than wall time when other work shares the machine.
+    """
     import psutil
 
     peak = 0
+    cpu0 = _children_cpu_s()
     with open(log_path, "w", encoding="utf-8") as log:
         start = time.perf_counter()
         proc = psutil.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -202,7 +215,7 @@ def timed_process(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[
         wall = time.perf_counter() - start
         done.set()
         sampler.join()
-    return wall, peak / 2**20, rc
+    return wall, _children_cpu_s() - cpu0, peak / 2**20, rc
 
 
 def _env() -> dict[str, str]:
@@ -221,12 +234,12 @@ def run_ours(work: Path, manifest: Path, models: dict[str, str], s: Settings,
            "--clip_model", models["clip"], "--num_captions", str(s.num_captions),
            "--num_beams", str(s.num_beams), "--max_new_tokens", str(s.new_tokens),
            *extra_args]
-    wall, rss, rc = timed_process(cmd, _env(), work / f"ours-{round_no}.log")
+    wall, cpu, rss, rc = timed_process(cmd, _env(), work / f"ours-{round_no}.log")
     if rc != 0:
         raise RuntimeError(f"our job failed (exit {rc}); log: {work}/ours-{round_no}.log")
     summary = json.loads((out / "run_summary.json").read_text())
     captions = _our_captions(out)
-    return Run("ours", wall, rss, summary["counters"]["captioned"],
+    return Run("ours", wall, cpu, rss, summary["counters"]["captioned"],
                {"captions": captions, "settings": summary["settings"]})
 
 
@@ -248,13 +261,13 @@ def run_reference(work: Path, python: Path, uris: Path, models: dict[str, str], 
            "--clip_model_name", models["clip"], "--num_captions", str(s.num_captions),
            "--num_beams", str(s.num_beams), "--max_new_tokens", str(s.new_tokens)]
     log = work / f"reference-{round_no}.log"
-    wall, rss, rc = timed_process(cmd, _env(), log)
+    wall, cpu, rss, rc = timed_process(cmd, _env(), log)
     if rc != 0:
         raise RuntimeError(f"reference pipeline failed (exit {rc}); log: {log}")
     got = [json.loads(line) for line in rows.read_text().splitlines() if line.strip()]
     notes = [line.split(": ", 1)[1] for line in log.read_text().splitlines()
              if line.startswith("reference adaptation: ")]
-    return Run("reference", wall, rss, len(got),
+    return Run("reference", wall, cpu, rss, len(got),
                {"captions": {Path(r["image_id"]).name: r["best_caption"] for r in got},
                 "adaptations": notes})
 
@@ -272,12 +285,16 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
             "images_per_s_median": round(statistics.median(r.images_per_s for r in mine), 4),
             "images_per_s_runs": [round(r.images_per_s, 4) for r in mine],
             "wall_s_runs": [round(r.wall_s, 1) for r in mine],
+            "cpu_s_per_image_median": round(statistics.median(r.cpu_s for r in mine)
+                                            / mine[0].images, 2),
             "peak_rss_mb_max": round(max(r.peak_rss_mb for r in mine)),
             "images": mine[0].images,
         }
     if "reference" in out and "ours" in out:
         out["ratio"] = round(out["ours"]["images_per_s_median"]
                              / out["reference"]["images_per_s_median"], 2)
+        out["cpu_ratio"] = round(out["reference"]["cpu_s_per_image_median"]
+                                 / out["ours"]["cpu_s_per_image_median"], 2)
         out["rss_ratio"] = round(out["ours"]["peak_rss_mb_max"]
                                  / out["reference"]["peak_rss_mb_max"], 2)
         ref_caps = next(r for r in runs if r.name == "reference").extra["captions"]
@@ -289,8 +306,8 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     s = result["summary"]
-    lines = ["| pipeline | images/s (median) | runs | wall s | peak RSS (tree) |",
-             "|---|---|---|---|---|"]
+    lines = ["| pipeline | images/s (median) | runs | wall s | CPU s/image | peak RSS (tree) |",
+             "|---|---|---|---|---|---|"]
     names = {"reference": "Beam reference (`pytorch_image_captioning`, own venv)",
              "ours": "ours (`beam_jobs/caption_images.py`)"}
     for key in ("reference", "ours"):
@@ -299,11 +316,20 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {names[key]} | {r['images_per_s_median']:.3f} | "
                          f"{', '.join(f'{v:.3f}' for v in r['images_per_s_runs'])} | "
                          f"{', '.join(str(v) for v in r['wall_s_runs'])} | "
-                         f"{r['peak_rss_mb_max']} MB |")
+                         f"{r['cpu_s_per_image_median']} | {r['peak_rss_mb_max']} MB |")
     if "ratio" in s:
         lines.append("")
-        lines.append(f"ours / reference: **{s['ratio']}x** images/s, peak RSS "
-                     f"{s['rss_ratio']}x; same best caption on {s['same_best_caption']} images")
+        lines.append(f"ours / reference: **{s['ratio']}x** images/s (wall), "
+                     f"{s['cpu_ratio']}x by CPU seconds per image, peak RSS {s['rss_ratio']}x; "
+                     f"same best caption on {s['same_best_caption']} images")
+    m = result["machine"]
+    lines.append("")
+    lines.append(f"{result['date_utc']} UTC, {m['cpu_count']} CPUs ({m['processor']}), load "
+                 f"average {m['load_avg_at_start'][0]} at start, {m['load_avg_at_end'][0]} at "
+                 f"end; {result['settings']['images']} images, {result['settings']['rounds']} "
+                 f"rounds, fp32, {result['settings']['num_captions']} candidates, "
+                 f"{result['settings']['num_beams']} beams, "
+                 f"{result['settings']['new_tokens_forced']} forced new tokens")
     return "\n".join(lines)
 
 
@@ -351,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     uris.write_text("".join(f"{p.resolve()}\n" for p in photos))
 
     ref_python = None if args.skip_reference else reference_python(args.cache_dir)
+    load_at_start = [round(v, 2) for v in os.getloadavg()]
     runs: list[Run] = []
     for r in range(args.rounds):
         order = ("reference", "ours") if r % 2 == 0 else ("ours", "reference")
@@ -361,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                 run = run_ours(work, manifest, models, settings, args.ours_args.split(), r)
             else:
                 run = run_reference(work, ref_python, uris, models, settings, r)
-            print(f"round {r} {name}: {run.wall_s:.1f} s, {run.images_per_s:.3f} images/s, "
+            print(f"round {r} {name}: {run.wall_s:.1f} s (cpu {run.cpu_s:.1f} s), "
+                  f"{run.images_per_s:.3f} images/s, "
                   f"peak RSS {run.peak_rss_mb:.0f} MB, {run.images}/{args.images} captioned",
                   file=sys.stderr, flush=True)
             if run.images != args.images:
@@ -375,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "machine": {"cpu_count": os.cpu_count(), "processor": _cpu_model(),
+                    "load_avg_at_start": load_at_start,
                     "load_avg_at_end": [round(v, 2) for v in os.getloadavg()],
                     "python": platform.python_version()},
         "settings": {"images": args.images, "rounds": args.rounds, "dtype": "fp32",
