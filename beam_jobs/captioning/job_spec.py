@@ -131,7 +131,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("prompt", str, None,
             "Optional text prefix for conditional captioning, e.g. 'a photograph of'.",
             max_length=200, nullable=True, per_run=True),
-    Setting("blip_batch_size", int, 8, "Images per BLIP batch.", minimum=1, maximum=256,
+    Setting("blip_batch_size", int, 16,
+            "Images per BLIP batch (larger batches share each decoding step's weight reads; "
+            "16 measured faster than 8 on a 2-core CPU worker).", minimum=1, maximum=256,
             per_run=True),
     Setting("clip_batch_size", int, 8, "Images per CLIP batch.", minimum=1, maximum=1024,
             per_run=True),
