@@ -226,29 +226,33 @@ def _env() -> dict[str, str]:
 
 
 def run_ours(work: Path, manifest: Path, models: dict[str, str], s: Settings,
-             extra_args: list[str], round_no: int) -> Run:
-    out = work / f"ours-{round_no}"
+             extra_args: list[str], round_no: int, name: str = "ours") -> Run:
+    out = work / f"{name}-{round_no}"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, str(JOB), "--manifest", manifest.as_uri(), "--output", str(out),
            "--run_id", f"bench-{round_no}", "--blip_model", models["blip"],
            "--clip_model", models["clip"], "--num_captions", str(s.num_captions),
            "--num_beams", str(s.num_beams), "--max_new_tokens", str(s.new_tokens),
            *extra_args]
-    wall, cpu, rss, rc = timed_process(cmd, _env(), work / f"ours-{round_no}.log")
+    log = work / f"{name}-{round_no}.log"
+    wall, cpu, rss, rc = timed_process(cmd, _env(), log)
     if rc != 0:
-        raise RuntimeError(f"our job failed (exit {rc}); log: {work}/ours-{round_no}.log")
+        raise RuntimeError(f"our job failed (exit {rc}); log: {log}")
     summary = json.loads((out / "run_summary.json").read_text())
-    captions = _our_captions(out)
-    return Run("ours", wall, cpu, rss, summary["counters"]["captioned"],
-               {"captions": captions, "settings": summary["settings"]})
+    rows = _our_rows(out)
+    return Run(name, wall, cpu, rss, summary["counters"]["captioned"],
+               {"captions": {k: r["caption"] for k, r in rows.items()},
+                "candidates": {k: sorted(c["text"] for c in r["candidates"])
+                               for k, r in rows.items()},
+                "settings": summary["settings"]})
 
 
-def _our_captions(out: Path) -> dict[str, str]:
+def _our_rows(out: Path) -> dict[str, dict[str, Any]]:
     import pyarrow.parquet as pq
 
     files = [p for p in out.rglob("*.parquet") if "caption" in p.as_posix()]
     rows = [r for f in files for r in pq.read_table(f).to_pylist()]
-    return {Path(r["uri"]).name: r.get("caption") or r.get("best_caption") or "" for r in rows}
+    return {Path(r["uri"]).name: r for r in rows}
 
 
 def run_reference(work: Path, python: Path, uris: Path, models: dict[str, str], s: Settings,
@@ -277,7 +281,7 @@ def run_reference(work: Path, python: Path, uris: Path, models: dict[str, str], 
 
 def summarize(runs: list[Run]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name in ("reference", "ours"):
+    for name in ("reference", "ours", "ours_bf16"):
         mine = [r for r in runs if r.name == name]
         if not mine:
             continue
@@ -301,6 +305,17 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         our_caps = next(r for r in runs if r.name == "ours").extra["captions"]
         same = sum(1 for k, v in ref_caps.items() if our_caps.get(k) == v)
         out["same_best_caption"] = f"{same}/{len(ref_caps)}"
+    if "ours" in out and "ours_bf16" in out:
+        fp32 = next(r for r in runs if r.name == "ours").extra
+        bf16 = next(r for r in runs if r.name == "ours_bf16").extra
+        out["bf16_speedup"] = round(out["ours_bf16"]["images_per_s_median"]
+                                    / out["ours"]["images_per_s_median"], 2)
+        out["bf16_same_best_caption"] = (
+            f"{sum(bf16['captions'].get(k) == v for k, v in fp32['captions'].items())}"
+            f"/{len(fp32['captions'])}")
+        out["bf16_same_candidates"] = (
+            f"{sum(bf16['candidates'].get(k) == v for k, v in fp32['candidates'].items())}"
+            f"/{len(fp32['candidates'])}")
     return out
 
 
@@ -309,8 +324,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = ["| pipeline | images/s (median) | runs | wall s | CPU s/image | peak RSS (tree) |",
              "|---|---|---|---|---|---|"]
     names = {"reference": "Beam reference (`pytorch_image_captioning`, own venv)",
-             "ours": "ours (`beam_jobs/caption_images.py`)"}
-    for key in ("reference", "ours"):
+             "ours": "ours (`beam_jobs/caption_images.py`)",
+             "ours_bf16": "ours, `--precision bf16` (option, not the comparison)"}
+    for key in ("reference", "ours", "ours_bf16"):
         if key in s:
             r = s[key]
             lines.append(f"| {names[key]} | {r['images_per_s_median']:.3f} | "
@@ -322,6 +338,10 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"ours / reference: **{s['ratio']}x** images/s (wall), "
                      f"{s['cpu_ratio']}x by CPU seconds per image, peak RSS {s['rss_ratio']}x; "
                      f"same best caption on {s['same_best_caption']} images")
+    if "bf16_speedup" in s:
+        lines.append(f"bf16 option: {s['bf16_speedup']}x our fp32 images/s; same best caption "
+                     f"as our fp32 on {s['bf16_same_best_caption']} images, same candidate "
+                     f"set on {s['bf16_same_candidates']}")
     m = result["machine"]
     lines.append("")
     lines.append(f"{result['date_utc']} UTC, {m['cpu_count']} CPUs ({m['processor']}), load "
@@ -348,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ours_args", default="",
                         help="extra flags for our job, e.g. '--blip_batch_size 4'")
     parser.add_argument("--skip_reference", action="store_true")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time our job with --precision bf16 (reported separately, "
+                             "with its caption agreement with our fp32 run)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny models, 2 images, 1 round, 8 tokens (a cheap check)")
     parser.add_argument("--json_out", type=Path)
@@ -380,12 +403,17 @@ def main(argv: list[str] | None = None) -> int:
     load_at_start = [round(v, 2) for v in os.getloadavg()]
     runs: list[Run] = []
     for r in range(args.rounds):
-        order = ("reference", "ours") if r % 2 == 0 else ("ours", "reference")
+        order = ["reference", "ours"] if r % 2 == 0 else ["ours", "reference"]
+        if args.bf16:
+            order.insert(1, "ours_bf16")
         for name in order:
             if name == "reference" and ref_python is None:
                 continue
             if name == "ours":
                 run = run_ours(work, manifest, models, settings, args.ours_args.split(), r)
+            elif name == "ours_bf16":
+                run = run_ours(work, manifest, models, settings,
+                               [*args.ours_args.split(), "--precision", "bf16"], r, name)
             else:
                 run = run_reference(work, ref_python, uris, models, settings, r)
             print(f"round {r} {name}: {run.wall_s:.1f} s (cpu {run.cpu_s:.1f} s), "
