@@ -1,8 +1,8 @@
-"""captioning.blip_decoding computes what stock transformers ``generate`` computes.
+"""captioning.blip_decoding and captioning.fused_attention compute what stock BLIP computes.
 
 Real tiny random BLIP (``tiny_models``), real ``generate``: once stock, once with the shared
-cross-attention and the preallocated cache; the chosen sequences must be identical and
-their scores equal within float rounding.
+cross-attention, the preallocated cache and the fused vision attention; the chosen
+sequences must be identical and their scores equal within float rounding.
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ import torch
 from PIL import Image
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
-from captioning import blip_decoding
+from captioning import blip_decoding, fused_attention
 
 
 @pytest.fixture(scope="module")
 def blip(tiny_models: dict[str, str]) -> dict:
     path = tiny_models["blip"]
     stock = BlipForConditionalGeneration.from_pretrained(path).eval()
-    fast = blip_decoding.share_cross_attention(
-        BlipForConditionalGeneration.from_pretrained(path).eval())
+    fast = fused_attention.fuse_vision_attention(blip_decoding.share_cross_attention(
+        BlipForConditionalGeneration.from_pretrained(path).eval()))
     return {"processor": BlipProcessor.from_pretrained(path), "stock": stock, "fast": fast}
 
 
@@ -61,12 +61,22 @@ def test_same_sequences_as_stock_generate(blip: dict, num_beams: int, num_return
     assert cache.cross_attention_cache.layers[0].keys.shape[0] == 3
 
 
-def test_patched_model_without_the_cache_is_stock(blip: dict) -> None:
+def test_patched_model_without_the_cache_decodes_as_stock(blip: dict) -> None:
     inputs = _inputs(blip["processor"], None, count=2)
     kwargs = dict(num_beams=3, num_return_sequences=2, max_new_tokens=6, do_sample=False)
     with torch.inference_mode():
         assert torch.equal(blip["fast"].generate(**inputs, **kwargs),
                            blip["stock"].generate(**inputs, **kwargs))
+
+
+def test_fused_vision_attention_matches_stock(blip: dict) -> None:
+    pixels = _inputs(blip["processor"], None)["pixel_values"]
+    fused = type(blip["fast"].vision_model.encoder.layers[0].self_attn)
+    assert fused.__name__ == "FusedBlipAttention"
+    with torch.inference_mode():
+        want = blip["stock"].vision_model(pixel_values=pixels).last_hidden_state
+        got = blip["fast"].vision_model(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_cache_refuses_to_overflow(blip: dict) -> None:
