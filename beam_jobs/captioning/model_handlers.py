@@ -120,9 +120,27 @@ class _BaseHandler(ModelHandler):
             total += int(img.width) * int(img.height) * 3
         return total
 
+    def _bf16_on_cpu(self) -> bool:
+        return self.precision == "bf16" and self.device == "cpu"
+
+    def _prepare(self, lm: LoadedModel) -> LoadedModel:
+        """For bf16: store the Linear layers' weights in bf16 once, at load.
+
+        Autocast would otherwise cast every weight at every call (each decoding step reads
+        all decoder weights in fp32 and writes a bf16 copy: slower than fp32). Norms,
+        embeddings and everything else stay fp32; autocast casts activations as needed.
+        """
+        if self._bf16_on_cpu():
+            import torch
+
+            for module in lm.model.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.to(torch.bfloat16)
+        return lm
+
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         """bf16 autocast on CPU when asked for (matmuls in bf16, softmax/norms in fp32)."""
-        if self.precision == "bf16" and self.device == "cpu":
+        if self._bf16_on_cpu():
             import torch
 
             return torch.autocast("cpu", dtype=torch.bfloat16)
@@ -169,7 +187,7 @@ class BlipCaptionModelHandler(_BaseHandler):
         if self.fast_paths:
             blip_decoding.share_cross_attention(lm.model)
             fused_attention.fuse_vision_attention(lm.model)
-        return lm
+        return self._prepare(lm)
 
     def get_metrics_namespace(self) -> str:
         return "blip_captioning"
@@ -250,7 +268,7 @@ class ClipRankModelHandler(_BaseHandler):
                          share_across_processes=share_across_processes, precision=precision)
 
     def load_model(self) -> LoadedModel:
-        return _load("CLIPModel", "CLIPProcessor", self.model_ref, self.device)
+        return self._prepare(_load("CLIPModel", "CLIPProcessor", self.model_ref, self.device))
 
     def get_metrics_namespace(self) -> str:
         return "clip_ranking"

@@ -36,8 +36,10 @@ def test_blip_and_clip_run_in_the_chosen_precision(tiny_models: dict[str, str],
     clip = ClipRankModelHandler(tiny_models["clip"], batch_size=3, precision=precision)
     want = torch.bfloat16 if precision == "bf16" else torch.float32
     blip_model, clip_model = blip.load_model(), clip.load_model()
-    for lm in (blip_model, clip_model):
-        assert next(lm.model.parameters()).dtype == torch.float32  # weights stay fp32
+    for lm in (blip_model, clip_model):  # Linear weights stored in bf16, norms stay fp32
+        linear = next(m for m in lm.model.modules() if isinstance(m, torch.nn.Linear))
+        norm = next(m for m in lm.model.modules() if isinstance(m, torch.nn.LayerNorm))
+        assert linear.weight.dtype == want and norm.weight.dtype == torch.float32
     seen, hooks = _linear_output_dtypes(blip_model.model)
     seen_clip, hooks_clip = _linear_output_dtypes(clip_model.model)
     try:
