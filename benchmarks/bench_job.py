@@ -7,8 +7,10 @@
 Runs the real job (Beam's local in-process runner) end to end and prints images/s from its
 run_summary.json. ``--compare-reference`` also times the model handlers of Beam's reference
 pipeline (apache_beam.examples.inference.pytorch_image_captioning) against ours on the same
-decoded images, models and caption settings (model work only: the reference pipeline itself
-needs Pub/Sub and BigQuery). Numbers go to stdout as JSON; record them in RESULTS.md.
+decoded images, models and caption settings (model work only, in this environment). The
+whole-process comparison, with the reference in its own environment, is
+``bench_vs_reference.py`` (docs/PERFORMANCE.md). Numbers go to stdout as JSON; record them
+in RESULTS.md.
 """
 
 from __future__ import annotations

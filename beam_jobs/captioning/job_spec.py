@@ -159,12 +159,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("prompt", str, None,
             "Optional text prefix for conditional captioning, e.g. 'a photograph of'.",
             max_length=200, nullable=True, per_run=True),
-    Setting("blip_batch_size", int, 8, "Images per BLIP batch.", minimum=1, maximum=256,
+    Setting("blip_batch_size", int, 16,
+            "Images per BLIP batch (larger batches share each decoding step's weight reads; "
+            "16 measured faster than 8 on a 2-core CPU worker).", minimum=1, maximum=256,
             per_run=True),
     Setting("clip_batch_size", int, 8, "Images per CLIP batch.", minimum=1, maximum=1024,
             per_run=True),
     Setting("device", str, "cpu", "cpu, or cuda on GPU workers (half precision).",
             choices=("cpu", "cuda")),
+    Setting("precision", str, "fp32",
+            "fp32, or bf16: bfloat16 autocast of the models' matrix products on CPU workers "
+            "(fast on CPUs with AVX512-BF16/AMX; a caption may differ from fp32's). "
+            "cuda always runs fp16.",
+            choices=("fp32", "bf16"), per_run=True),
     Setting("max_image_bytes", int, 50 * 1024 * 1024,
             "Larger files are left out of the manifest (counted as too_large in its stats); "
             "one the job meets anyway is dead-lettered at stage read, unread.",

@@ -11,6 +11,7 @@ fail come back as ``{"error": ...}`` for the pipeline to dead-letter (stage ``in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
@@ -21,6 +22,7 @@ from typing import Any
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+from captioning import blip_decoding, fused_attention
 from captioning.counters import NAMESPACE as METRICS_NAMESPACE
 from captioning.images import DecodedImage
 from captioning.model_refs import check_generation_limit, resolve_model_ref
@@ -45,32 +47,6 @@ class LoadedModel:
 def sampling_seed(image_id: str) -> int:
     """Deterministic 63-bit seed from the image id: reruns sample the same captions."""
     return int(hashlib.md5(image_id.encode("utf-8")).hexdigest()[:15], 16)
-
-
-_SHARED_CROSS_CACHE_CLS: Any = None
-
-
-def _beam_search_cache(text_config: Any) -> Any:
-    """A KV cache for BLIP beam search that never reorders the cross-attention entries.
-
-    Beam search reorders the whole cache at every step (``index_select`` over batch*beams),
-    including the decoder's cross-attention keys/values over the image tokens. Those are
-    identical for all beams of one image and beams are only ever reordered within their own
-    image, so reordering them is a no-op that costs a full copy per layer per step (most of
-    generate's time on CPU with BLIP-base). Skipping it gives bit-identical results.
-    """
-    global _SHARED_CROSS_CACHE_CLS
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-
-    if _SHARED_CROSS_CACHE_CLS is None:
-
-        class SharedCrossAttentionCache(EncoderDecoderCache):
-            def reorder_cache(self, beam_idx: Any) -> None:
-                self.self_attention_cache.reorder_cache(beam_idx)
-
-        _SHARED_CROSS_CACHE_CLS = SharedCrossAttentionCache
-    return _SHARED_CROSS_CACHE_CLS(DynamicCache(config=text_config),
-                                   DynamicCache(config=text_config))
 
 
 def _load(model_cls_name: str, processor_cls_name: str, ref: str, device: str) -> LoadedModel:
@@ -118,11 +94,14 @@ class _BaseHandler(ModelHandler):
     _latency_name = ""
 
     def __init__(self, model_ref: str, *, device: str, batch_size: int,
-                 share_across_processes: bool = False) -> None:
+                 share_across_processes: bool = False, precision: str = "fp32") -> None:
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
         self.model_ref = model_ref
         self.device = device
         self.batch_size = batch_size
+        self.precision = precision
         self._share = share_across_processes
         self._latency = Metrics.distribution(METRICS_NAMESPACE, self._latency_name)
 
@@ -144,6 +123,32 @@ class _BaseHandler(ModelHandler):
             total += int(img.width) * int(img.height) * 3
         return total
 
+    def _bf16_on_cpu(self) -> bool:
+        return self.precision == "bf16" and self.device == "cpu"
+
+    def _prepare(self, lm: LoadedModel) -> LoadedModel:
+        """For bf16: store the Linear layers' weights in bf16 once, at load.
+
+        Autocast would otherwise cast every weight at every call (each decoding step reads
+        all decoder weights in fp32 and writes a bf16 copy: slower than fp32). Norms,
+        embeddings and everything else stay fp32; autocast casts activations as needed.
+        """
+        if self._bf16_on_cpu():
+            import torch
+
+            for module in lm.model.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.to(torch.bfloat16)
+        return lm
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """bf16 autocast on CPU when asked for (matmuls in bf16, softmax/norms in fp32)."""
+        if self._bf16_on_cpu():
+            import torch
+
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def _timed(self, batch: Sequence[Any],
                run_batch: Callable[[Sequence[Any]], list[dict[str, Any]]],
                model_id: str) -> list[PredictionResult]:
@@ -163,9 +168,9 @@ class BlipCaptionModelHandler(_BaseHandler):
                  num_beams: int = 5, max_new_tokens: int = 30, prompt: str | None = None,
                  device: str = "cpu", batch_size: int = 8, top_p: float = 0.9,
                  share_across_processes: bool = False,
-                 skip_cross_attention_reorder: bool = True) -> None:
+                 fast_paths: bool = True, precision: str = "fp32") -> None:
         super().__init__(model_ref, device=device, batch_size=batch_size,
-                         share_across_processes=share_across_processes)
+                         share_across_processes=share_across_processes, precision=precision)
         if decoding not in ("beam", "sample"):
             raise ValueError(f"decoding must be beam or sample, got {decoding!r}")
         if decoding == "beam" and num_beams < num_captions:
@@ -176,12 +181,17 @@ class BlipCaptionModelHandler(_BaseHandler):
         self.max_new_tokens = max_new_tokens
         self.prompt = prompt
         self.top_p = top_p
-        self.skip_cross_attention_reorder = skip_cross_attention_reorder
+        # captioning.blip_decoding and captioning.fused_attention: the same captions as
+        # stock transformers (within float rounding), less work per image.
+        self.fast_paths = fast_paths
 
     def load_model(self) -> LoadedModel:
-        loaded = _load("BlipForConditionalGeneration", "BlipProcessor", self.model_ref, self.device)
-        check_generation_limit(loaded, self.model_ref, self.max_new_tokens, self.prompt)
-        return loaded
+        lm = _load("BlipForConditionalGeneration", "BlipProcessor", self.model_ref, self.device)
+        check_generation_limit(lm, self.model_ref, self.max_new_tokens, self.prompt)
+        if self.fast_paths:
+            blip_decoding.share_cross_attention(lm.model)
+            fused_attention.fuse_vision_attention(lm.model)
+        return self._prepare(lm)
 
     def get_metrics_namespace(self) -> str:
         return "blip_captioning"
@@ -205,14 +215,17 @@ class BlipCaptionModelHandler(_BaseHandler):
 
         n = self.num_captions
         texts: list[str] = []
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             if self.decoding == "beam":
                 # Prompt (if any) is the same for every image: no padding, so an image's
                 # beams do not depend on what else is in its batch.
+                inputs = self._inputs(items, lm)
                 extra: dict[str, Any] = {}
-                if self.skip_cross_attention_reorder and self.num_beams > 1:
-                    extra["past_key_values"] = _beam_search_cache(lm.model.config.text_config)
-                ids = lm.model.generate(**self._inputs(items, lm), num_beams=self.num_beams,
+                if self.fast_paths and self.num_beams > 1:
+                    prompt_len = inputs["input_ids"].shape[1] if "input_ids" in inputs else 1
+                    extra["cache"] = blip_decoding.beam_search_cache(
+                        lm.model, self.num_beams, prompt_len + self.max_new_tokens)
+                ids = lm.model.generate(**inputs, num_beams=self.num_beams,
                                         num_return_sequences=n, do_sample=False,
                                         max_new_tokens=self.max_new_tokens, **extra)
                 texts = lm.processor.batch_decode(ids, skip_special_tokens=True)
@@ -254,12 +267,12 @@ class ClipRankModelHandler(_BaseHandler):
     _latency_name = "clip_batch_latency_ms"
 
     def __init__(self, model_ref: str, *, device: str = "cpu", batch_size: int = 8,
-                 share_across_processes: bool = False) -> None:
+                 share_across_processes: bool = False, precision: str = "fp32") -> None:
         super().__init__(model_ref, device=device, batch_size=batch_size,
-                         share_across_processes=share_across_processes)
+                         share_across_processes=share_across_processes, precision=precision)
 
     def load_model(self) -> LoadedModel:
-        return _load("CLIPModel", "CLIPProcessor", self.model_ref, self.device)
+        return self._prepare(_load("CLIPModel", "CLIPProcessor", self.model_ref, self.device))
 
     def get_metrics_namespace(self) -> str:
         return "clip_ranking"
@@ -287,7 +300,7 @@ class ClipRankModelHandler(_BaseHandler):
                                      return_tensors="pt")
         pixels = lm.processor.image_processor(images=[img.image for img, _ in items],
                                               return_tensors="pt")["pixel_values"]
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             out = lm.model(input_ids=tok["input_ids"].to(lm.device),
                            attention_mask=tok["attention_mask"].to(lm.device),
                            pixel_values=pixels.to(lm.device, lm.dtype))

@@ -214,9 +214,9 @@ def model_handlers(opts: CaptionOptions) -> tuple[BlipCaptionModelHandler,
     blip = BlipCaptionModelHandler(
         opts.blip_model, num_captions=opts.num_captions, decoding=opts.decoding,
         num_beams=opts.num_beams, max_new_tokens=opts.max_new_tokens, prompt=opts.prompt,
-        device=opts.device, batch_size=opts.blip_batch_size)
+        device=opts.device, batch_size=opts.blip_batch_size, precision=opts.precision)
     clip = ClipRankModelHandler(opts.clip_model, device=opts.device,
-                                batch_size=opts.clip_batch_size)
+                                batch_size=opts.clip_batch_size, precision=opts.precision)
     return blip, clip
 
 

@@ -133,15 +133,15 @@ def test_clip_ranks_each_image_against_its_own_candidates(tiny_models: dict[str,
     assert "error" in third  # no candidates: only this image fails
 
 
-def test_skipping_cross_attention_reorder_gives_identical_beams(
+def test_fast_paths_give_identical_beams(
         tiny_models: dict[str, str]) -> None:
     images = [_decoded(f"id{i}", Image.new("RGB", (40, 30), (i * 50, 90, 200 - i * 40)))
               for i in range(4)]
     outputs = []
-    for skip in (False, True):
+    for fast in (False, True):
         handler = BlipCaptionModelHandler(tiny_models["blip"], num_captions=3, num_beams=4,
                                           max_new_tokens=12, batch_size=4,
-                                          skip_cross_attention_reorder=skip)
+                                          fast_paths=fast)
         model = handler.load_model()
         outputs.append([r.inference for r in handler.run_inference(images, model)])
     assert outputs[0] == outputs[1]

@@ -104,7 +104,7 @@ def test_dataflow_row_from_job_and_metrics() -> None:
     assert row["cost_per_1k_images_usd"] == pytest.approx(expected)
     assert row["images_per_s"] == pytest.approx(1000 / 3600.123456)
     assert row["pricing_as_of"] == date(2025, 1, 1)
-    assert row["blip_batch_size"] == 8 and row["final_state"] == "JOB_STATE_DONE"
+    assert row["blip_batch_size"] == 16 and row["final_state"] == "JOB_STATE_DONE"  # default
     assert row["error"] is None
 
 

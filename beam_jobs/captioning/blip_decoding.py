@@ -1,0 +1,163 @@
+"""Faster BLIP beam search on CPU that computes the same captions as stock ``generate``.
+
+Two named changes, both switched on only for the cache object :func:`beam_search_cache`
+returns (any other call of the model runs transformers' own code path unchanged):
+
+1. **Cross-attention keys/values once per image.** ``generate`` repeats the image embeddings
+   for every beam, so stock BLIP projects the 577 image tokens to keys and values once per
+   beam (identical results, five times the work at 5 beams) and then, at every step, reads
+   five identical copies. :class:`SharedCrossAttention` projects one copy per image and
+   attends all beams of that image against it in one batched matmul: the same dot products,
+   grouped differently (results equal within float rounding).
+2. **A self-attention KV cache that is written in place.** ``DynamicLayer`` grows by
+   ``torch.cat`` (a full copy of the cache per layer per step) and beam search reorders it
+   (another copy). :class:`PreallocatedLayer` allocates the whole length once and writes each
+   step into it; reordering copies only the filled part.
+
+The cross-attention entries are never reordered: beams move only within their own image and
+those entries are per image, so reordering them would be a no-op copy.
+
+Equality with stock ``generate`` is tested in ``tests/beam_jobs/test_blip_decoding.py``.
+torch and transformers are imported inside functions (this module is imported where the
+pipeline is built, which may have neither).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+_CLASSES: dict[str, type] = {}
+
+
+def _classes() -> dict[str, type]:
+    """Build the torch/transformers subclasses once, on first use."""
+    if _CLASSES:
+        return _CLASSES
+    import torch
+    from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
+    from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
+
+    class PreallocatedLayer(DynamicLayer):
+        """Self-attention keys/values in buffers sized for the whole generation."""
+
+        def __init__(self, max_len: int) -> None:
+            super().__init__()
+            self.max_len = max_len
+            self.length = 0
+
+        def lazy_initialization(self, key_states: Any, value_states: Any) -> None:
+            n, heads, _, dim = key_states.shape
+            self.device = key_states.device
+            self.key_buffer = key_states.new_empty((n, heads, self.max_len, dim))
+            self.value_buffer = value_states.new_empty((n, heads, self.max_len, dim))
+            self.length = 0
+            self.is_initialized = True
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any
+                   ) -> tuple[Any, Any]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            start, end = self.length, self.length + key_states.shape[-2]
+            if end > self.max_len:
+                raise RuntimeError(f"KV cache holds {self.max_len} tokens, asked for {end}")
+            self.key_buffer[:, :, start:end].copy_(key_states)
+            self.value_buffer[:, :, start:end].copy_(value_states)
+            self.length = end
+            self.keys = self.key_buffer[:, :, :end]
+            self.values = self.value_buffer[:, :, :end]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length if self.is_initialized else 0
+
+        def get_max_length(self) -> int:
+            return self.max_len
+
+        def reorder_cache(self, beam_idx: Any) -> None:
+            if self.get_seq_length() > 0:
+                idx = beam_idx.to(self.device)
+                self.keys.copy_(self.keys.index_select(0, idx))
+                self.values.copy_(self.values.index_select(0, idx))
+
+        def reset(self) -> None:
+            self.length = 0
+            self.is_initialized = False
+            self.keys = self.values = None
+
+    class BeamSearchCache(EncoderDecoderCache):
+        """EncoderDecoderCache for BLIP beam search: see the module docstring."""
+
+        def __init__(self, text_config: Any, num_beams: int, max_len: int) -> None:
+            self_cache = DynamicCache(config=text_config)
+            self_cache.layers = [PreallocatedLayer(max_len) for _ in self_cache.layers]
+            super().__init__(self_cache, DynamicCache(config=text_config))
+            self.num_beams = num_beams
+
+        def reorder_cache(self, beam_idx: Any) -> None:
+            self.self_attention_cache.reorder_cache(beam_idx)
+
+    class SharedCrossAttention(BlipTextSelfAttention):
+        """BLIP's cross-attention, computing image keys/values once per image."""
+
+        def forward(self, hidden_states: Any, attention_mask: Any = None,
+                    encoder_hidden_states: Any = None, encoder_attention_mask: Any = None,
+                    cache: Any = None, **kwargs: Any) -> tuple[Any, Any]:
+            if "past_key_values" in kwargs and cache is None:
+                cache = kwargs.pop("past_key_values")
+            if not isinstance(cache, BeamSearchCache) or encoder_hidden_states is None:
+                return super().forward(hidden_states, attention_mask, encoder_hidden_states,
+                                       encoder_attention_mask, cache=cache, **kwargs)
+            group = cache.num_beams
+            n, length, _ = hidden_states.shape
+            images = n // group
+            heads, dim = self.num_attention_heads, self.attention_head_size
+            # [n, T, heads*dim] -> [images, heads, beams*T, dim], rows ordered (beam, token)
+            query = (self.query(hidden_states).view(images, group, length, heads, dim)
+                     .permute(0, 3, 1, 2, 4).reshape(images, heads, group * length, dim))
+            layer = cache.cross_attention_cache.layers[self.layer_idx]
+            if not cache.is_updated.get(self.layer_idx):
+                per_image = encoder_hidden_states[::group]  # beams of an image are adjacent
+                shape = (*per_image.shape[:-1], heads, dim)
+                keys = self.key(per_image).view(shape).transpose(1, 2)
+                values = self.value(per_image).view(shape).transpose(1, 2)
+                cache.cross_attention_cache.update(keys, values, self.layer_idx)
+                cache.is_updated[self.layer_idx] = True
+            keys, values = layer.keys, layer.values
+            scores = torch.matmul(query, keys.transpose(-1, -2)) / math.sqrt(dim)
+            if encoder_attention_mask is not None:
+                mask = encoder_attention_mask[::group]
+                if mask.shape[-2] > 1:
+                    mask = mask.repeat(1, 1, group, 1)
+                scores = scores + mask.to(scores.device)
+            probs = torch.nn.functional.softmax(scores, dim=-1)
+            context = torch.matmul(self.dropout(probs), values)  # [images, heads, g*T, dim]
+            context = (context.view(images, heads, group, length, dim)
+                       .permute(0, 2, 3, 1, 4).reshape(n, length, heads * dim))
+            return context, probs
+
+    _CLASSES.update(PreallocatedLayer=PreallocatedLayer, BeamSearchCache=BeamSearchCache,
+                    SharedCrossAttention=SharedCrossAttention)
+    return _CLASSES
+
+
+def share_cross_attention(model: Any) -> Any:
+    """Let ``model`` (``BlipForConditionalGeneration``) use :class:`SharedCrossAttention`.
+
+    Swaps the class of each decoder cross-attention module (same weights, same module tree);
+    it behaves as stock BLIP unless ``generate`` is given :func:`beam_search_cache`.
+    """
+    cls = _classes()["SharedCrossAttention"]
+    for layer in model.text_decoder.bert.encoder.layer:
+        cross = getattr(layer, "crossattention", None)
+        if cross is not None:
+            cross.self.__class__ = cls
+    return model
+
+
+def beam_search_cache(model: Any, num_beams: int, max_len: int) -> Any:
+    """The cache to pass as ``generate(cache=...)`` for beam search with ``num_beams``.
+
+    ``max_len`` is the longest sequence generate may reach (prompt plus new tokens).
+    """
+    return _classes()["BeamSearchCache"](model.config.text_config, num_beams, max_len)

@@ -1,0 +1,86 @@
+"""captioning.blip_decoding and captioning.fused_attention compute what stock BLIP computes.
+
+Real tiny random BLIP (``tiny_models``), real ``generate``: once stock, once with the shared
+cross-attention, the preallocated cache and the fused vision attention; the chosen
+sequences must be identical and their scores equal within float rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from transformers import BlipForConditionalGeneration, BlipProcessor
+
+from captioning import blip_decoding, fused_attention
+
+
+@pytest.fixture(scope="module")
+def blip(tiny_models: dict[str, str]) -> dict:
+    path = tiny_models["blip"]
+    stock = BlipForConditionalGeneration.from_pretrained(path).eval()
+    fast = fused_attention.fuse_vision_attention(blip_decoding.share_cross_attention(
+        BlipForConditionalGeneration.from_pretrained(path).eval()))
+    return {"processor": BlipProcessor.from_pretrained(path), "stock": stock, "fast": fast}
+
+
+def _inputs(processor, prompt: str | None, count: int = 3) -> dict:
+    images = [Image.new("RGB", (48 + 8 * i, 36), (40 * i, 120, 200 - 30 * i))
+              for i in range(count)]
+    kwargs = {"images": images, "return_tensors": "pt"}
+    if prompt:
+        kwargs["text"] = [prompt] * count
+    out = processor(**kwargs)
+    out.pop("token_type_ids", None)
+    return dict(out)
+
+
+@pytest.mark.parametrize(("num_beams", "num_return", "new_tokens", "min_tokens", "prompt"), [
+    (5, 5, 30, 30, None),  # the benchmark's settings: every beam runs the full length
+    (4, 2, 12, 0, None),  # beams may finish early (EOS allowed)
+    (3, 1, 8, 0, "a picture of"),  # a prompt: several query tokens at the first step
+])
+def test_same_sequences_as_stock_generate(blip: dict, num_beams: int, num_return: int,
+                                          new_tokens: int, min_tokens: int,
+                                          prompt: str | None) -> None:
+    inputs = _inputs(blip["processor"], prompt)
+    kwargs = dict(num_beams=num_beams, num_return_sequences=num_return, do_sample=False,
+                  max_new_tokens=new_tokens, min_new_tokens=min_tokens,
+                  return_dict_in_generate=True, output_scores=True)
+    prompt_len = inputs["input_ids"].shape[1] if "input_ids" in inputs else 1
+    with torch.inference_mode():
+        want = blip["stock"].generate(**inputs, **kwargs)
+        cache = blip_decoding.beam_search_cache(blip["fast"], num_beams,
+                                                prompt_len + new_tokens)
+        got = blip["fast"].generate(**inputs, cache=cache, **kwargs)
+    assert got.sequences.shape[0] == 3 * num_return
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(got.sequences_scores, want.sequences_scores,
+                               rtol=1e-5, atol=1e-5)
+    # The shared path really ran: one copy of the image keys per image, not per beam.
+    assert cache.cross_attention_cache.layers[0].keys.shape[0] == 3
+
+
+def test_patched_model_without_the_cache_decodes_as_stock(blip: dict) -> None:
+    inputs = _inputs(blip["processor"], None, count=2)
+    kwargs = dict(num_beams=3, num_return_sequences=2, max_new_tokens=6, do_sample=False)
+    with torch.inference_mode():
+        assert torch.equal(blip["fast"].generate(**inputs, **kwargs),
+                           blip["stock"].generate(**inputs, **kwargs))
+
+
+def test_fused_vision_attention_matches_stock(blip: dict) -> None:
+    pixels = _inputs(blip["processor"], None)["pixel_values"]
+    fused = type(blip["fast"].vision_model.encoder.layers[0].self_attn)
+    assert fused.__name__ == "FusedBlipAttention"
+    with torch.inference_mode():
+        want = blip["stock"].vision_model(pixel_values=pixels).last_hidden_state
+        got = blip["fast"].vision_model(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_refuses_to_overflow(blip: dict) -> None:
+    inputs = _inputs(blip["processor"], None, count=1)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="KV cache holds 4"):
+        blip["fast"].generate(**inputs, num_beams=2, max_new_tokens=8, min_new_tokens=8,
+                              cache=blip_decoding.beam_search_cache(blip["fast"], 2, 4))
