@@ -25,7 +25,7 @@ os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(REPO_ROOT / "plugins")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 # Settings come from each test's environment, never from a developer's shell.
 for _name in [n for n in os.environ if n.startswith("CAPTION_")]:
-    if _name != "CAPTION_TEST_MODELS_DIR":
+    if _name != "CAPTIONING_TEST_MODELS_DIR":
         del os.environ[_name]
 
 
@@ -33,12 +33,12 @@ for _name in [n for n in os.environ if n.startswith("CAPTION_")]:
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Tiny random BLIP and CLIP in save_pretrained layout: {"blip": dir, "clip": dir}.
 
-    Set CAPTION_TEST_MODELS_DIR to reuse a build across sessions (the factory skips folders
+    Set CAPTIONING_TEST_MODELS_DIR to reuse a build across sessions (the factory skips folders
     that already hold the tiny variant).
     """
     from captioning.model_factory import build_models
 
-    root = os.environ.get("CAPTION_TEST_MODELS_DIR")
+    root = os.environ.get("CAPTIONING_TEST_MODELS_DIR")
     out = Path(root) if root else tmp_path_factory.mktemp("tiny_models")
     return build_models(out, "tiny")
 
