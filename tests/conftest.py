@@ -25,8 +25,7 @@ os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(REPO_ROOT / "plugins")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 # Settings come from each test's environment, never from a developer's shell.
 for _name in [n for n in os.environ if n.startswith("CAPTION_")]:
-    if _name != "CAPTIONING_TEST_MODELS_DIR":
-        del os.environ[_name]
+    del os.environ[_name]
 
 
 @pytest.fixture(scope="session")

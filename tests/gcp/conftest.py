@@ -62,7 +62,7 @@ def gcp(gcp_stack: GcpStack, monkeypatch: pytest.MonkeyPatch) -> Gcp:
     from google.cloud import bigquery, storage
 
     for name in list(os.environ):
-        if name.startswith("CAPTION_") and name != "CAPTIONING_TEST_MODELS_DIR":
+        if name.startswith("CAPTION_"):
             monkeypatch.delenv(name)
     for key, value in gcp_stack.env().items():
         monkeypatch.setenv(key, value)
