@@ -109,7 +109,7 @@ def run_row_from_summary(
 
 #: The job settings a pipeline_runs row records: runs are compared by them.
 MODEL_SETTINGS = ("blip_model", "clip_model", "num_captions", "decoding", "num_beams",
-                  "max_new_tokens", "blip_batch_size", "clip_batch_size")
+                  "max_new_tokens", "blip_batch_size", "clip_batch_size", "precision")
 
 
 def model_settings(job_settings: dict[str, Any]) -> dict[str, Any]:

@@ -57,6 +57,7 @@ PIPELINE_RUNS_COLUMNS: dict[str, str] = {
     "decoding": "STRING",
     "num_beams": "INT64",
     "max_new_tokens": "INT64",
+    "precision": "STRING",  # fp32 | bf16 (job_spec): a bf16 run is never compared as fp32
     "caption_similarity_median": "FLOAT64",
 }
 
