@@ -6,6 +6,7 @@ staging-table life cycle (clear_staging, tables removed before publish)."""
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from caption_platform.warehouse import BigQueryWarehouse
 from captioning import schema
 from captioning.sinks import _to_bigquery_json
 from tests.gcp.conftest import Gcp
-from tests.plugins.conftest import caption_row, dead_row
+from tests.plugins.conftest import AT, caption_row, dead_row
 
 RUN = "scheduled__2026-01-02T00:00:00+00:00"
 PREFIX = "stg_test_run"
@@ -111,16 +112,32 @@ def test_publish_is_idempotent_and_validates(gcp: Gcp, wh: BigQueryWarehouse) ->
 def test_later_run_resolves_dead_letter_and_dedups_staged_rows(
         gcp: Gcp, wh: BigQueryWarehouse) -> None:
     wh.publish(RUN, stage(gcp, "stg_a", [caption_row("id1", RUN)], [dead_row("id2", RUN)]))
-    run2 = "run2"
+    run2, later = "run2", AT + timedelta(hours=1)  # newest outcome wins (docs/CONTRACTS.md)
     wh.load_manifest(run2, manifest(gcp, "r2", ["id1", "id2"]))
-    staged = stage(gcp, "stg_b", [caption_row("id1", run2, caption="new"),
-                                  caption_row("id2", run2), caption_row("id2", run2)], [])
+    staged = stage(gcp, "stg_b", [caption_row("id1", run2, caption="new", at=later),
+                                  caption_row("id2", run2, at=later),
+                                  caption_row("id2", run2, at=later)], [])
     result = wh.publish(run2, staged)
     assert result.captions_staged == 3
     assert count(gcp, "dead_letters") == 0  # id2 is captioned now
     assert count(gcp, "captions") == 2
     assert list(wh.captions_for_run(run2, 10))[0]["caption"] == "new"
     assert wh.validate(run2).ok
+
+
+def test_a_past_run_stays_provable_after_a_newer_run_takes_its_images(
+        gcp: Gcp, wh: BigQueryWarehouse) -> None:
+    """The provenance ledger (published_images) on BigQuery: the newer run relabels id1 in
+    captions, and the older run's validation still passes from what it published."""
+    wh.load_manifest(RUN, manifest(gcp, "r1", ["id1", "id2"]))
+    wh.publish(RUN, stage(gcp, "stg_a", [caption_row("id1", RUN)], [dead_row("id2", RUN)]))
+    run2, later = "run2", AT + timedelta(hours=1)
+    wh.load_manifest(run2, manifest(gcp, "r2", ["id1"]))
+    wh.publish(run2, stage(gcp, "stg_b", [caption_row("id1", run2, caption="new", at=later)], []))
+    assert (count(gcp, "captions"), count(gcp, "dead_letters")) == (1, 1)
+    wh.validate(RUN).raise_if_failed()
+    wh.validate(run2).raise_if_failed()
+    assert count(gcp, "published_images") == 3
 
 
 def test_rerun_clears_what_a_killed_attempt_staged(gcp: Gcp, wh: BigQueryWarehouse) -> None:
@@ -156,9 +173,11 @@ def test_validation_names_extra_both_and_duplicate_rows(gcp: Gcp, wh: BigQueryWa
     wh.load_manifest(RUN, manifest(gcp, "r", ["id1", "id2", "id3"]))
     wh.publish(RUN, stage(gcp, PREFIX, [caption_row(i, RUN) for i in ("id1", "id3", "id9")],
                           [dead_row("id3", RUN)]))
+    # id3 captioned and dead-lettered by the same run: the dead letter wins
     result = wh.validate(RUN)
     assert result.missing_ids == ["id2"] and result.extra_ids == ["id9"]
-    assert result.both_ids == ["id3"] and result.repeated_ids == ["id3"]
+    assert result.both_ids == [] and result.repeated_ids == []
+    assert (count(gcp, "captions"), count(gcp, "dead_letters")) == (2, 1)
     gcp.rows("INSERT INTO {ds}.captions SELECT * FROM {ds}.captions WHERE image_id = 'id1'")
     assert wh.validate(RUN).duplicate_caption_ids == ["id1"]
 
