@@ -33,6 +33,7 @@ from airflow_services import (
     postgres_unavailable_reason,
     wait_until,
 )
+from local_profile import local_profile_env
 from test_faults_dag import FAULT_JOB, assert_exactly_once, query, run_row
 
 pytestmark = pytest.mark.slow
@@ -59,11 +60,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory,
     write_sample_images(images, count=4, corrupt=True)
     db = root / "warehouse.duckdb"
     env = {
-        "CAPTION_DATA_ROOT": f"file://{root / 'data'}",
-        "CAPTION_SOURCE_URI": f"file://{images}",
-        "CAPTION_DUCKDB_PATH": str(db),
-        "CAPTION_JOB__BLIP_MODEL": tiny_models["blip"],
-        "CAPTION_JOB__CLIP_MODEL": tiny_models["clip"],
+        **local_profile_env(root, images, tiny_models),
         "CAPTION_JOB_FILE": str(FAULT_JOB),
         "FAULT_KILL": "first",
         "FAULT_MARKER": str(root / "killed_once"),

@@ -21,6 +21,7 @@ from airflow_services import (
     postgres_unavailable_reason,
     wait_until,
 )
+from local_profile import local_profile_env
 
 pytestmark = pytest.mark.slow
 
@@ -58,13 +59,7 @@ def caption_data(tmp_path_factory: pytest.TempPathFactory,
     images = root / "images"
     write_sample_images(images, count=3)
     db = root / "warehouse.duckdb"
-    env = {
-        "CAPTION_DATA_ROOT": f"file://{root / 'data'}",
-        "CAPTION_SOURCE_URI": f"file://{images}",
-        "CAPTION_DUCKDB_PATH": str(db),
-        "CAPTION_JOB__BLIP_MODEL": tiny_models["blip"],
-        "CAPTION_JOB__CLIP_MODEL": tiny_models["clip"],
-    }
+    env = local_profile_env(root, images, tiny_models)
     return {"env": env, "db": db, "images": images}
 
 

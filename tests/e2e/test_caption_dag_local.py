@@ -10,6 +10,7 @@ from typing import Any
 
 import pendulum
 import pytest
+from local_profile import local_profile_env
 
 DAGS_FOLDER = Path(__file__).resolve().parents[2] / "dags"
 pytestmark = pytest.mark.slow
@@ -28,13 +29,7 @@ def local_profile(
     (images / "notes.txt").write_text("not an image: filtered out by extension\n")
     (images / "nested").mkdir()
     shutil.copyfile(images / "img_0001.jpg", images / "nested" / "again.jpg")  # duplicate bytes
-    env = {
-        "CAPTION_DATA_ROOT": f"file://{tmp_path / 'data'}",
-        "CAPTION_SOURCE_URI": f"file://{images}",
-        "CAPTION_DUCKDB_PATH": str(tmp_path / "warehouse.duckdb"),
-        "CAPTION_JOB__BLIP_MODEL": tiny_models["blip"],
-        "CAPTION_JOB__CLIP_MODEL": tiny_models["clip"],
-    }
+    env = local_profile_env(tmp_path, images, tiny_models)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return {"images": images, "data": tmp_path / "data", "db": tmp_path / "warehouse.duckdb"}

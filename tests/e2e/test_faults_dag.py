@@ -12,6 +12,7 @@ from typing import Any
 
 import pendulum
 import pytest
+from local_profile import local_profile_env
 
 DAGS_FOLDER = Path(__file__).resolve().parents[2] / "dags"
 FAULT_JOB = Path(__file__).resolve().parent / "fault_job.py"
@@ -28,11 +29,7 @@ def profile(tmp_path: Path, tiny_models: dict[str, str], airflow_db: str,
     images = tmp_path / "images"
     write_sample_images(images, count=4, corrupt=True)
     env = {
-        "CAPTION_DATA_ROOT": f"file://{tmp_path / 'data'}",
-        "CAPTION_SOURCE_URI": f"file://{images}",
-        "CAPTION_DUCKDB_PATH": str(tmp_path / "warehouse.duckdb"),
-        "CAPTION_JOB__BLIP_MODEL": tiny_models["blip"],
-        "CAPTION_JOB__CLIP_MODEL": tiny_models["clip"],
+        **local_profile_env(tmp_path, images, tiny_models),
         "CAPTION_JOB_FILE": str(FAULT_JOB),
         "FAULT_MARKER": str(tmp_path / "killed_once"),
     }
