@@ -254,17 +254,19 @@ def validate_run(plan: Mapping[str, Any]) -> dict[str, Any]:
     return result.to_dict()
 
 
-def summary_uri(plan: Mapping[str, Any]) -> str:
+def summary_uri(plan: Mapping[str, Any], settings: Settings | None = None) -> str:
     """Where the job writes run_summary.json: beside file output, beside the manifest when
     the output is BigQuery (``captioning.layout.summary_folder``)."""
-    folder = summary_folder(plan["output"], manifest_uri(settings_from_plan(plan), plan["run_id"]))
+    settings = settings or settings_from_plan(plan)
+    folder = summary_folder(plan["output"], manifest_uri(settings, plan["run_id"]))
     return f"{folder.rstrip('/')}/{SUMMARY_FILE}"
 
 
 def _summary_path(plan: Mapping[str, Any]) -> Any:
     from caption_platform.storage import storage_path
 
-    return storage_path(summary_uri(plan), settings_from_plan(plan).storage_conn_id)
+    settings = settings_from_plan(plan)
+    return storage_path(summary_uri(plan, settings), settings.storage_conn_id)
 
 
 def read_run_summary(plan: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -285,7 +287,7 @@ def clear_run_summary(plan: Mapping[str, Any]) -> bool:
     if not path.exists():
         return False
     path.unlink()
-    log.info("removed %s left by an earlier attempt", summary_uri(plan))
+    log.info("removed %s left by an earlier attempt", path)
     return True
 
 
@@ -305,12 +307,13 @@ def record_metrics(
     if plan is None:
         return _record_plan_failure(dag_id=dag_id, run_id=str(run_id), params=params or {},
                                     run_kind=run_kind, error=error)
-    row = _run_row(plan, dag_id=dag_id, dataflow_job_id=dataflow_job_id,
-                   caption_error=errors.get("caption"))
     from caption_platform.metrics import DONE
     from caption_platform.warehouse import get_warehouse
 
-    warehouse = get_warehouse(settings_from_plan(plan))
+    settings = settings_from_plan(plan)
+    row = _run_row(plan, settings, dag_id=dag_id, dataflow_job_id=dataflow_job_id,
+                   caption_error=errors.get("caption"))
+    warehouse = get_warehouse(settings)
     row["run_kind"] = plan.get("run_kind")
     row["benchmark_id"] = plan.get("benchmark_id")
     if error:
@@ -322,8 +325,8 @@ def record_metrics(
     return _jsonable(row)
 
 
-def _run_row(plan: Mapping[str, Any], *, dag_id: str, dataflow_job_id: str | None,
-             caption_error: str | None) -> dict[str, Any]:
+def _run_row(plan: Mapping[str, Any], settings: Settings, *, dag_id: str,
+             dataflow_job_id: str | None, caption_error: str | None) -> dict[str, Any]:
     """The row from the job's own account: Dataflow's API or the local run_summary.json."""
     from caption_platform.cost_model import prices_from_settings
     from caption_platform.metrics import (
@@ -332,7 +335,6 @@ def _run_row(plan: Mapping[str, Any], *, dag_id: str, dataflow_job_id: str | Non
         run_row_from_summary,
     )
 
-    settings = settings_from_plan(plan)
     prices = prices_from_settings(settings)
     if settings.runner == "DataflowRunner":
         df = settings.dataflow
