@@ -67,6 +67,7 @@ sys.exit(main())
 
 
 def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
