@@ -1,18 +1,22 @@
 """Faster BLIP beam search on CPU that computes the same captions as stock ``generate``.
 
-Two named changes, both switched on only for the cache object :func:`beam_search_cache`
+Three named changes, all switched on only for the cache object :func:`beam_search_cache`
 returns (any other call of the model runs transformers' own code path unchanged):
 
 1. **Cross-attention keys/values once per image.** ``generate`` repeats the image embeddings
    for every beam, so stock BLIP projects the 577 image tokens to keys and values once per
    beam (identical results, five times the work at 5 beams) and then, at every step, reads
-   five identical copies. :class:`SharedCrossAttention` projects one copy per image and
-   attends all beams of that image against it in one batched matmul: the same dot products,
-   grouped differently (results equal within float rounding).
+   five identical copies. :class:`SharedCrossAttention` projects one copy per image, keys and
+   values in one matmul (their weights are stored side by side), and attends all beams of
+   that image against it in one batched matmul: the same dot products, grouped differently
+   (results equal within float rounding). Keys are kept transposed, ``[dim, tokens]``, so
+   the per-step score matmul reads them in order.
 2. **A self-attention KV cache that is written in place.** ``DynamicLayer`` grows by
    ``torch.cat`` (a full copy of the cache per layer per step) and beam search reorders it
-   (another copy). :class:`PreallocatedLayer` allocates the whole length once and writes each
-   step into it; reordering copies only the filled part.
+   (another copy). :class:`PreallocatedLayer` allocates the whole length once, writes each
+   step into it, and reorders by gathering into a second buffer (one copy, no temporary).
+3. **Nothing else changes:** the self-attention, the feed-forward layers, the LM head and
+   transformers' beam search run as they are.
 
 The cross-attention entries are never reordered: beams move only within their own image and
 those entries are per image, so reordering them would be a no-op copy.
@@ -49,8 +53,10 @@ def _classes() -> dict[str, type]:
         def lazy_initialization(self, key_states: Any, value_states: Any) -> None:
             n, heads, _, dim = key_states.shape
             self.device = key_states.device
-            self.key_buffer = key_states.new_empty((n, heads, self.max_len, dim))
-            self.value_buffer = value_states.new_empty((n, heads, self.max_len, dim))
+            # Two of each: reorder_cache gathers from one into the other.
+            self.key_buffers = key_states.new_empty((2, n, heads, self.max_len, dim))
+            self.value_buffers = value_states.new_empty((2, n, heads, self.max_len, dim))
+            self.current = 0
             self.length = 0
             self.is_initialized = True
 
@@ -61,11 +67,12 @@ def _classes() -> dict[str, type]:
             start, end = self.length, self.length + key_states.shape[-2]
             if end > self.max_len:
                 raise RuntimeError(f"KV cache holds {self.max_len} tokens, asked for {end}")
-            self.key_buffer[:, :, start:end].copy_(key_states)
-            self.value_buffer[:, :, start:end].copy_(value_states)
+            keys, values = self.key_buffers[self.current], self.value_buffers[self.current]
+            keys[:, :, start:end].copy_(key_states)
+            values[:, :, start:end].copy_(value_states)
             self.length = end
-            self.keys = self.key_buffer[:, :, :end]
-            self.values = self.value_buffer[:, :, :end]
+            self.keys = keys[:, :, :end]
+            self.values = values[:, :, :end]
             return self.keys, self.values
 
         def get_seq_length(self) -> int:
@@ -77,8 +84,12 @@ def _classes() -> dict[str, type]:
         def reorder_cache(self, beam_idx: Any) -> None:
             if self.get_seq_length() > 0:
                 idx = beam_idx.to(self.device)
-                self.keys.copy_(self.keys.index_select(0, idx))
-                self.values.copy_(self.values.index_select(0, idx))
+                other, end = 1 - self.current, self.length
+                self.keys = torch.index_select(self.keys, 0, idx,
+                                               out=self.key_buffers[other][:, :, :end])
+                self.values = torch.index_select(self.values, 0, idx,
+                                                 out=self.value_buffers[other][:, :, :end])
+                self.current = other
 
         def reset(self) -> None:
             self.length = 0
@@ -86,13 +97,18 @@ def _classes() -> dict[str, type]:
             self.keys = self.values = None
 
     class BeamSearchCache(EncoderDecoderCache):
-        """EncoderDecoderCache for BLIP beam search: see the module docstring."""
+        """EncoderDecoderCache for BLIP beam search: see the module docstring.
+
+        The per-image cross-attention keys (transposed) and values live in ``cross_kv``,
+        not in ``cross_attention_cache``, which stays empty.
+        """
 
         def __init__(self, text_config: Any, num_beams: int, max_len: int) -> None:
             self_cache = DynamicCache(config=text_config)
             self_cache.layers = [PreallocatedLayer(max_len) for _ in self_cache.layers]
             super().__init__(self_cache, DynamicCache(config=text_config))
             self.num_beams = num_beams
+            self.cross_kv: dict[int, tuple[Any, Any]] = {}
 
         def reorder_cache(self, beam_idx: Any) -> None:
             self.self_attention_cache.reorder_cache(beam_idx)
@@ -115,16 +131,11 @@ def _classes() -> dict[str, type]:
             # [n, T, heads*dim] -> [images, heads, beams*T, dim], rows ordered (beam, token)
             query = (self.query(hidden_states).view(images, group, length, heads, dim)
                      .permute(0, 3, 1, 2, 4).reshape(images, heads, group * length, dim))
-            layer = cache.cross_attention_cache.layers[self.layer_idx]
-            if not cache.is_updated.get(self.layer_idx):
-                per_image = encoder_hidden_states[::group]  # beams of an image are adjacent
-                shape = (*per_image.shape[:-1], heads, dim)
-                keys = self.key(per_image).view(shape).transpose(1, 2)
-                values = self.value(per_image).view(shape).transpose(1, 2)
-                cache.cross_attention_cache.update(keys, values, self.layer_idx)
-                cache.is_updated[self.layer_idx] = True
-            keys, values = layer.keys, layer.values
-            scores = torch.matmul(query, keys.transpose(-1, -2)) / math.sqrt(dim)
+            if self.layer_idx not in cache.cross_kv:
+                cache.cross_kv[self.layer_idx] = self._image_keys_values(
+                    encoder_hidden_states[::group])  # beams of an image are adjacent
+            keys_t, values = cache.cross_kv[self.layer_idx]
+            scores = torch.matmul(query, keys_t) / math.sqrt(dim)
             if encoder_attention_mask is not None:
                 mask = encoder_attention_mask[::group]
                 if mask.shape[-2] > 1:
@@ -135,6 +146,16 @@ def _classes() -> dict[str, type]:
             context = (context.view(images, heads, group, length, dim)
                        .permute(0, 2, 3, 1, 4).reshape(n, length, heads * dim))
             return context, probs
+
+        def _image_keys_values(self, per_image: Any) -> tuple[Any, Any]:
+            """Keys as ``[images, heads, dim, tokens]`` and values as ``[.., tokens, dim]``."""
+            heads, dim = self.num_attention_heads, self.attention_head_size
+            weight, bias = self._key_value  # set by share_cross_attention
+            kv = torch.nn.functional.linear(per_image.contiguous(), weight, bias)
+            kv = kv.view(*per_image.shape[:-1], 2, heads, dim)  # [images, tokens, 2, h, d]
+            keys_t = kv[:, :, 0].permute(0, 2, 3, 1).contiguous()
+            values = kv[:, :, 1].permute(0, 2, 1, 3).contiguous()
+            return keys_t, values
 
     _CLASSES.update(PreallocatedLayer=PreallocatedLayer, BeamSearchCache=BeamSearchCache,
                     SharedCrossAttention=SharedCrossAttention)
@@ -152,7 +173,27 @@ def share_cross_attention(model: Any) -> Any:
         cross = getattr(layer, "crossattention", None)
         if cross is not None:
             cross.self.__class__ = cls
+            _stack_key_value(cross.self)
     return model
+
+
+def _stack_key_value(module: Any) -> None:
+    """Store the key and value projections as one ``[2*hidden, hidden]`` weight (and bias).
+
+    The key and value parameters become views of it: one matmul projects both, no copy.
+    """
+    import torch
+
+    key, value = module.key, module.value
+    rows = key.weight.shape[0]
+    with torch.no_grad():
+        weight = torch.cat([key.weight, value.weight])
+        bias = torch.cat([key.bias, value.bias])
+    key.weight = torch.nn.Parameter(weight[:rows], requires_grad=False)
+    value.weight = torch.nn.Parameter(weight[rows:], requires_grad=False)
+    key.bias = torch.nn.Parameter(bias[:rows], requires_grad=False)
+    value.bias = torch.nn.Parameter(bias[rows:], requires_grad=False)
+    module._key_value = (weight, bias)
 
 
 def beam_search_cache(model: Any, num_beams: int, max_len: int) -> Any:

@@ -22,7 +22,7 @@ from typing import Any
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from captioning import blip_decoding, fused_attention
+from captioning import blip_decoding, blip_vision, cpu_memory
 from captioning.counters import NAMESPACE as METRICS_NAMESPACE
 from captioning.images import DecodedImage
 from captioning.model_refs import check_generation_limit, resolve_model_ref
@@ -55,6 +55,8 @@ def _load(model_cls_name: str, processor_cls_name: str, ref: str, device: str) -
 
     path = resolve_model_ref(ref)
     dtype = torch.float16 if device == "cuda" else torch.float32
+    if device == "cpu":
+        cpu_memory.keep_freed_memory()
     # Weights load without executing code: safetensors only (no pickle), no remote code.
     processor = getattr(transformers, processor_cls_name).from_pretrained(
         path, trust_remote_code=False)
@@ -181,7 +183,7 @@ class BlipCaptionModelHandler(_BaseHandler):
         self.max_new_tokens = max_new_tokens
         self.prompt = prompt
         self.top_p = top_p
-        # captioning.blip_decoding and captioning.fused_attention: the same captions as
+        # captioning.blip_decoding and captioning.blip_vision: the same captions as
         # stock transformers (within float rounding), less work per image.
         self.fast_paths = fast_paths
 
@@ -190,7 +192,7 @@ class BlipCaptionModelHandler(_BaseHandler):
         check_generation_limit(lm, self.model_ref, self.max_new_tokens, self.prompt)
         if self.fast_paths:
             blip_decoding.share_cross_attention(lm.model)
-            fused_attention.fuse_vision_attention(lm.model)
+            blip_vision.speed_up_vision(lm.model)
         return self._prepare(lm)
 
     def get_metrics_namespace(self) -> str:

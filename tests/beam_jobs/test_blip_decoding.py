@@ -1,7 +1,7 @@
-"""captioning.blip_decoding and captioning.fused_attention compute what stock BLIP computes.
+"""captioning.blip_decoding and captioning.blip_vision compute what stock BLIP computes.
 
 Real tiny random BLIP (``tiny_models``), real ``generate``: once stock, once with the shared
-cross-attention, the preallocated cache and the fused vision attention; the chosen
+cross-attention, the preallocated cache and the fused, chunked image encoder; the chosen
 sequences must be identical and their scores equal within float rounding.
 """
 
@@ -12,14 +12,14 @@ import torch
 from PIL import Image
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
-from captioning import blip_decoding, fused_attention
+from captioning import blip_decoding, blip_vision
 
 
 @pytest.fixture(scope="module")
 def blip(tiny_models: dict[str, str]) -> dict:
     path = tiny_models["blip"]
     stock = BlipForConditionalGeneration.from_pretrained(path).eval()
-    fast = fused_attention.fuse_vision_attention(blip_decoding.share_cross_attention(
+    fast = blip_vision.speed_up_vision(blip_decoding.share_cross_attention(
         BlipForConditionalGeneration.from_pretrained(path).eval()))
     return {"processor": BlipProcessor.from_pretrained(path), "stock": stock, "fast": fast}
 
@@ -58,7 +58,7 @@ def test_same_sequences_as_stock_generate(blip: dict, num_beams: int, num_return
     torch.testing.assert_close(got.sequences_scores, want.sequences_scores,
                                rtol=1e-5, atol=1e-5)
     # The shared path really ran: one copy of the image keys per image, not per beam.
-    assert cache.cross_attention_cache.layers[0].keys.shape[0] == 3
+    assert cache.cross_kv[0][0].shape[0] == 3
 
 
 def test_patched_model_without_the_cache_decodes_as_stock(blip: dict) -> None:
@@ -69,14 +69,27 @@ def test_patched_model_without_the_cache_decodes_as_stock(blip: dict) -> None:
                            blip["stock"].generate(**inputs, **kwargs))
 
 
-def test_fused_vision_attention_matches_stock(blip: dict) -> None:
-    pixels = _inputs(blip["processor"], None)["pixel_values"]
-    fused = type(blip["fast"].vision_model.encoder.layers[0].self_attn)
-    assert fused.__name__ == "FusedBlipAttention"
+def test_fast_image_encoder_matches_stock(blip: dict) -> None:
+    # 5 images: chunks of 2, 2 and 1 through the encoder layers
+    pixels = _inputs(blip["processor"], None, count=5)["pixel_values"]
+    encoder = blip["fast"].vision_model.encoder
+    assert type(encoder).__name__ == "ChunkedBlipEncoder"
+    assert encoder.chunk_images < pixels.shape[0]
+    assert type(encoder.layers[0].self_attn).__name__ == "FusedBlipAttention"
     with torch.inference_mode():
         want = blip["stock"].vision_model(pixel_values=pixels).last_hidden_state
         got = blip["fast"].vision_model(pixel_values=pixels).last_hidden_state
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_key_value_projections_share_one_weight(blip: dict) -> None:
+    cross = blip["fast"].text_decoder.bert.encoder.layer[0].crossattention.self
+    weight, bias = cross._key_value
+    assert cross.key.weight.data_ptr() == weight.data_ptr()
+    assert cross.value.weight.data_ptr() == weight[cross.key.weight.shape[0]:].data_ptr()
+    stock = blip["stock"].text_decoder.bert.encoder.layer[0].crossattention.self
+    assert torch.equal(cross.value.weight, stock.value.weight)
+    assert torch.equal(cross.value.bias, stock.value.bias)
 
 
 def test_cache_refuses_to_overflow(blip: dict) -> None:
