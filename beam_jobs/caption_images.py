@@ -15,10 +15,6 @@ import sys
 
 # `captioning` is installed (worker image, this checkout's .venv) or sits beside this file
 # (Cloud Composer's plugins/ folder): Python puts a script's own folder on sys.path.
-from captioning import cpu_memory
-
-cpu_memory.use_huge_pages()  # before anything imports torch
-
 import apache_beam as beam
 
 from captioning.counters import COUNTERS, DISTRIBUTIONS

@@ -1,22 +1,19 @@
-"""Let a CPU worker reuse freed tensor memory, and fault fresh memory in 2 MB pages.
+"""Let a CPU worker reuse freed tensor memory instead of page-faulting fresh memory.
 
-Two process-wide settings, same results, measured on the benchmark box (a VM, where a page
-fault costs microseconds; ``docs/PERFORMANCE.md``):
-
-* :func:`use_huge_pages`: torch asks the kernel for transparent huge pages for every tensor
-  of 2 MB or more (``THP_MEM_ALLOC_ENABLE``, read once when torch first allocates, so it
-  must be set before torch is imported). A BLIP batch of 12 images faulted 540,000 pages
-  without it, 200,000 with it, and ran about 2 s faster.
-* :func:`keep_freed_memory`: glibc's malloc gives every freed block above its mmap threshold back to the kernel, and
+glibc's malloc gives every freed block above its mmap threshold back to the kernel, and
 trims the top of the heap beyond its trim threshold. Inference frees and reallocates the
 same activation sizes thousands of times per batch, so each new tensor first page-faults
-through freshly zeroed pages: about 250,000 minor faults per BLIP batch of 12 images on the
-benchmark box, where a fault costs microseconds (a VM). Pinning both thresholds high keeps
-freed blocks up to 32 MB (glibc's cap for the mmap threshold) in the heap for reuse.
+through freshly zeroed pages: about a million minor faults for one BLIP batch of 12 images
+on the benchmark box, where a fault costs microseconds (a VM). Pinning both thresholds high
+keeps freed blocks up to 32 MB (glibc's cap for the mmap threshold) in the heap for reuse.
 
 Same results; the cost is that up to the largest set of transient activations stays mapped
-between batches (it would be mapped again by the next batch anyway). A no-op where the C
-library is not glibc.
+between batches (the next batch maps it again anyway). A no-op where the C library is not
+glibc.
+
+Transparent huge pages for torch's tensors (``THP_MEM_ALLOC_ENABLE=1``) were tried as well:
+fewer faults, but slower overall on the benchmark box (the kernel compacts memory on the
+fault path), so they are not used (``docs/PERFORMANCE.md``).
 """
 
 from __future__ import annotations
@@ -24,10 +21,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import os
-import sys
-
-HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -49,12 +42,3 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and \
         bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
-
-def use_huge_pages() -> bool:
-    """Ask torch for transparent huge pages, unless the environment already says otherwise.
-
-    Returns whether it took effect: False when torch was already imported (then the
-    setting comes from the environment the process started with).
-    """
-    os.environ.setdefault(HUGE_PAGES_ENV, "1")
-    return "torch" not in sys.modules
