@@ -1,6 +1,6 @@
 """Faster BLIP beam search on CPU that computes the same captions as stock ``generate``.
 
-Three named changes, all switched on only for the cache object :func:`beam_search_cache`
+Two named changes, both switched on only for the cache object :func:`beam_search_cache`
 returns (any other call of the model runs transformers' own code path unchanged):
 
 1. **Cross-attention keys/values once per image.** ``generate`` repeats the image embeddings
@@ -15,8 +15,9 @@ returns (any other call of the model runs transformers' own code path unchanged)
    ``torch.cat`` (a full copy of the cache per layer per step) and beam search reorders it
    (another copy). :class:`PreallocatedLayer` allocates the whole length once, writes each
    step into it, and reorders by gathering into a second buffer (one copy, no temporary).
-3. **Nothing else changes:** the self-attention, the feed-forward layers, the LM head and
-   transformers' beam search run as they are.
+
+Nothing else changes: the self-attention, the feed-forward layers, the LM head and
+transformers' beam search run as they are.
 
 The cross-attention entries are never reordered: beams move only within their own image and
 those entries are per image, so reordering them would be a no-op copy.
@@ -100,7 +101,8 @@ def _classes() -> dict[str, type]:
         """EncoderDecoderCache for BLIP beam search: see the module docstring.
 
         The per-image cross-attention keys (transposed) and values live in ``cross_kv``,
-        not in ``cross_attention_cache``, which stays empty.
+        not in ``cross_attention_cache``, which stays empty. ``image_states`` is the one
+        contiguous copy of each image's embeddings that every layer projects them from.
         """
 
         def __init__(self, text_config: Any, num_beams: int, max_len: int) -> None:
@@ -108,6 +110,7 @@ def _classes() -> dict[str, type]:
             self_cache.layers = [PreallocatedLayer(max_len) for _ in self_cache.layers]
             super().__init__(self_cache, DynamicCache(config=text_config))
             self.num_beams = num_beams
+            self.image_states: Any = None  # one row per image, contiguous, set at step 1
             self.cross_kv: dict[int, tuple[Any, Any]] = {}
 
         def reorder_cache(self, beam_idx: Any) -> None:
@@ -132,8 +135,9 @@ def _classes() -> dict[str, type]:
             query = (self.query(hidden_states).view(images, group, length, heads, dim)
                      .permute(0, 3, 1, 2, 4).reshape(images, heads, group * length, dim))
             if self.layer_idx not in cache.cross_kv:
-                cache.cross_kv[self.layer_idx] = self._image_keys_values(
-                    encoder_hidden_states[::group])  # beams of an image are adjacent
+                if cache.image_states is None:  # beams of an image are adjacent
+                    cache.image_states = encoder_hidden_states[::group].contiguous()
+                cache.cross_kv[self.layer_idx] = self._image_keys_values(cache.image_states)
             keys_t, values = cache.cross_kv[self.layer_idx]
             scores = torch.matmul(query, keys_t) / math.sqrt(dim)
             if encoder_attention_mask is not None:
@@ -151,7 +155,7 @@ def _classes() -> dict[str, type]:
             """Keys as ``[images, heads, dim, tokens]`` and values as ``[.., tokens, dim]``."""
             heads, dim = self.num_attention_heads, self.attention_head_size
             weight, bias = self._key_value  # set by share_cross_attention
-            kv = torch.nn.functional.linear(per_image.contiguous(), weight, bias)
+            kv = torch.nn.functional.linear(per_image, weight, bias)
             kv = kv.view(*per_image.shape[:-1], 2, heads, dim)  # [images, tokens, 2, h, d]
             keys_t = kv[:, :, 0].permute(0, 2, 3, 1).contiguous()
             values = kv[:, :, 1].permute(0, 2, 1, 3).contiguous()
