@@ -15,15 +15,18 @@ import sys
 
 # `captioning` is installed (worker image, this checkout's .venv) or sits beside this file
 # (Cloud Composer's plugins/ folder): Python puts a script's own folder on sys.path.
-import apache_beam as beam
+from captioning.garbage_collection import long_lived, skip_final_collection
 
-from captioning.counters import COUNTERS, DISTRIBUTIONS
-from captioning.layout import summary_folder
-from captioning.options import CaptionOptions, CaptionOptionsError, settings, validate
-from captioning.pipeline import build_pipeline
-from captioning.run_summary import RunClock, build_summary, human_line, write_summary
-from captioning.runner import exit_with_parent, is_local, make_runner, runner_name
-from captioning.sinks import folder_path
+with long_lived():  # Beam's import tree: about a million objects the collector need not walk
+    import apache_beam as beam
+
+    from captioning.counters import COUNTERS, DISTRIBUTIONS
+    from captioning.layout import summary_folder
+    from captioning.options import CaptionOptions, CaptionOptionsError, settings, validate
+    from captioning.pipeline import build_pipeline
+    from captioning.run_summary import RunClock, build_summary, human_line, write_summary
+    from captioning.runner import exit_with_parent, is_local, make_runner, runner_name
+    from captioning.sinks import folder_path
 
 
 def run(argv: list[str] | None = None) -> dict | None:
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except CaptionOptionsError as e:
         print(f"caption_images.py: {e}", file=sys.stderr)
         return 2
+    skip_final_collection()  # the job is done: exit without walking every object again
     return 0
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from captioning import blip_decoding, blip_vision, cpu_memory
+from captioning import blip_decoding, blip_vision, cpu_memory, garbage_collection
 from captioning.counters import NAMESPACE as METRICS_NAMESPACE
 from captioning.images import DecodedImage
 from captioning.model_refs import check_generation_limit, resolve_model_ref
@@ -50,21 +50,22 @@ def sampling_seed(image_id: str) -> int:
 
 
 def _load(model_cls_name: str, processor_cls_name: str, ref: str, device: str) -> LoadedModel:
-    import torch
-    import transformers
+    with garbage_collection.long_lived():  # transformers' import tree and the model live on
+        import torch
+        import transformers
 
-    path = resolve_model_ref(ref)
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    if device == "cpu":
-        cpu_memory.keep_freed_memory()
-    # Weights load without executing code: safetensors only (no pickle), no remote code.
-    processor = getattr(transformers, processor_cls_name).from_pretrained(
-        path, trust_remote_code=False)
-    model = getattr(transformers, model_cls_name).from_pretrained(
-        path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
-    model.to(device)
-    model.eval()
-    return LoadedModel(model, processor, device, dtype)
+        path = resolve_model_ref(ref)
+        dtype = torch.float16 if device == "cuda" else torch.float32
+        if device == "cpu":
+            cpu_memory.keep_freed_memory()
+        # Weights load without executing code: safetensors only (no pickle), no remote code.
+        processor = getattr(transformers, processor_cls_name).from_pretrained(
+            path, trust_remote_code=False)
+        model = getattr(transformers, model_cls_name).from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+        model.to(device)
+        model.eval()
+        return LoadedModel(model, processor, device, dtype)
 
 
 def _error(e: BaseException) -> dict[str, str]:
