@@ -68,6 +68,21 @@ def _load(model_cls_name: str, processor_cls_name: str, ref: str, device: str) -
         return LoadedModel(model, processor, device, dtype)
 
 
+def _distinct_token_rows(input_ids: Any, attention_mask: Any) -> tuple[Any, Any, Any]:
+    """Each distinct (tokens, mask) row once, and for every text the index of its row.
+
+    Different texts can be the same model input: CLIP sees 77 tokens, so beam-search
+    candidates that differ only after that are identical to it (as are texts that differ
+    only in case or spacing). Encoding each distinct input once gives the same logits.
+    """
+    import torch
+
+    width = input_ids.shape[1]
+    rows, which = torch.unique(torch.cat([input_ids, attention_mask], dim=1), dim=0,
+                               return_inverse=True)
+    return rows[:, :width], rows[:, width:], which
+
+
 def _error(e: BaseException) -> dict[str, str]:
     return {"error": describe_error(e)}
 
@@ -263,8 +278,8 @@ class ClipRankModelHandler(_BaseHandler):
     best one and the image.
 
     Each image is encoded once and its candidates as one text batch (Beam's reference
-    pipeline encodes the image once per candidate); probabilities are a softmax over that
-    image's own candidates, so they sum to 1 per image.
+    pipeline encodes the image once per candidate), each distinct token sequence once;
+    probabilities are a softmax over that image's own candidates, so they sum to 1 per image.
     """
 
     _latency_name = "clip_batch_latency_ms"
@@ -301,13 +316,16 @@ class ClipRankModelHandler(_BaseHandler):
         max_len = int(getattr(lm.model.config.text_config, "max_position_embeddings", 77))
         tok = lm.processor.tokenizer(texts, padding=True, truncation=True, max_length=max_len,
                                      return_tensors="pt")
+        input_ids, attention_mask, which = _distinct_token_rows(
+            tok["input_ids"], tok["attention_mask"])
         pixels = lm.processor.image_processor(images=[img.image for img, _ in items],
                                               return_tensors="pt")["pixel_values"]
         with torch.inference_mode(), self._autocast():
-            out = lm.model(input_ids=tok["input_ids"].to(lm.device),
-                           attention_mask=tok["attention_mask"].to(lm.device),
+            out = lm.model(input_ids=input_ids.to(lm.device),
+                           attention_mask=attention_mask.to(lm.device),
                            pixel_values=pixels.to(lm.device, lm.dtype))
-            logits = out.logits_per_image.float().cpu()  # [images, all texts]
+            # [images, all texts]: texts with the same tokens share their column.
+            logits = out.logits_per_image.float().cpu()[:, which]
             scale = float(lm.model.logit_scale.exp())  # logits = scale * cosine similarity
         results: list[dict[str, Any]] = []
         for i, (start, end) in enumerate(spans):

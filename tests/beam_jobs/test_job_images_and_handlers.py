@@ -133,6 +133,39 @@ def test_clip_ranks_each_image_against_its_own_candidates(tiny_models: dict[str,
     assert "error" in third  # no candidates: only this image fails
 
 
+def test_clip_encodes_each_distinct_token_sequence_once(tiny_models: dict[str, str]) -> None:
+    import torch
+
+    handler = ClipRankModelHandler(tiny_models["clip"], batch_size=2)
+    lm = handler.load_model()
+    long = "red dog " * 60  # past CLIP's 77 tokens: what follows is cut off
+    a = _decoded("a", Image.new("RGB", (40, 30), (200, 10, 10)))
+    b = _decoded("b", Image.new("RGB", (40, 30), (10, 10, 200)))
+    examples = [(a, [long + "sky", long + "sea", "blue sky"]), (b, ["blue sky", "red dog"])]
+    encoded: list[int] = []
+    hook = lm.model.text_model.register_forward_hook(
+        lambda _m, args, kwargs, out: encoded.append(kwargs["input_ids"].shape[0]),
+        with_kwargs=True)
+    try:
+        results = [r.inference for r in handler.run_inference(examples, lm)]
+    finally:
+        hook.remove()
+    assert encoded == [3]  # 5 texts, 3 distinct token sequences ("blue sky" twice, long twice)
+
+    # Stock CLIP on every text, one row each, gives the same probabilities.
+    for (image, texts), got in zip(examples, results, strict=True):
+        tok = lm.processor(text=texts, images=[image.image], padding=True, truncation=True,
+                           max_length=77, return_tensors="pt")
+        with torch.inference_mode():
+            probs = lm.model(**tok).logits_per_image[0].softmax(dim=0).tolist()
+        got_probs = dict(got["ranked"])
+        assert got_probs.keys() == set(texts)
+        for text, p in zip(texts, probs, strict=True):
+            assert math.isclose(got_probs[text], p, rel_tol=1e-4, abs_tol=1e-6), text
+    long_probs = dict(results[0]["ranked"])
+    assert long_probs[long + "sky"] == long_probs[long + "sea"]  # one input, one score
+
+
 def test_fast_paths_give_identical_beams(
         tiny_models: dict[str, str]) -> None:
     images = [_decoded(f"id{i}", Image.new("RGB", (40, 30), (i * 50, 90, 200 - i * 40)))
