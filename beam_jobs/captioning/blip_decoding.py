@@ -131,15 +131,18 @@ def _classes() -> dict[str, type]:
             n, length, _ = hidden_states.shape
             images = n // group
             heads, dim = self.num_attention_heads, self.attention_head_size
-            # [n, T, heads*dim] -> [images, heads, beams*T, dim], rows ordered (beam, token)
-            query = (self.query(hidden_states).view(images, group, length, heads, dim)
+            # [n, T, heads*dim] -> [images, heads, beams*T, dim], rows ordered (beam, token).
+            # Scaled here rather than the scores after (64 values per query row, not 577),
+            # and the same numbers when 1/sqrt(dim) is a power of two (dim 64 in BLIP).
+            query = (self.query(hidden_states) * (1.0 / math.sqrt(dim)))
+            query = (query.view(images, group, length, heads, dim)
                      .permute(0, 3, 1, 2, 4).reshape(images, heads, group * length, dim))
             if self.layer_idx not in cache.cross_kv:
                 if cache.image_states is None:  # beams of an image are adjacent
                     cache.image_states = encoder_hidden_states[::group].contiguous()
                 cache.cross_kv[self.layer_idx] = self._image_keys_values(cache.image_states)
             keys_t, values = cache.cross_kv[self.layer_idx]
-            scores = torch.matmul(query, keys_t) / math.sqrt(dim)
+            scores = torch.matmul(query, keys_t)
             if encoder_attention_mask is not None:
                 mask = encoder_attention_mask[::group]
                 if mask.shape[-2] > 1:
