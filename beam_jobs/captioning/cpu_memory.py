@@ -19,7 +19,6 @@ fault path), so they are not used (``docs/PERFORMANCE.md``).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 
 _M_TRIM_THRESHOLD = -1
@@ -31,13 +30,10 @@ TRIM_THRESHOLD_BYTES = 1024 * 1024 * 1024
 @functools.cache
 def keep_freed_memory() -> bool:
     """Set glibc's malloc thresholds once per process; whether they were set."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        # The process's own symbols include its C library's: no ldconfig subprocess to find it.
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # no mallopt (macOS): nothing to tune
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and \
         bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))

@@ -1,6 +1,6 @@
 """Keep Python's cyclic garbage collector off the objects that live as long as the process.
 
-Importing Beam, torch and transformers and loading two models creates millions of Python
+Importing Beam, torch and transformers and loading two models creates about 750,000 Python
 objects that are never garbage. The collector still walks all of them: every time the heap
 grows by a quarter it runs a full collection (eight of them, 1.1 s, in one 12-image run on
 the benchmark box), and once more when the interpreter exits (1.2 s, after the job's work
