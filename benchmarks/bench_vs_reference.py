@@ -16,6 +16,12 @@ own virtualenv (its requirements pin transformers below 5), created from the pac
 registry on first use and cached under ``--cache_dir``; see ``reference_launcher.py`` for the
 few adaptations it needs to run locally (they are printed in the output).
 
+The ratio depends on the run's length: both pipelines pay a fixed start-up (imports, model
+load) before a per-image cost. ``--images 12,24,48`` times several run sizes in the same
+alternating rounds, fits ``wall = fixed + per_image * images`` to each pipeline's medians,
+reports from how many images the ratio reaches ``TARGET_RATIO`` and where it tends on long
+runs, and ``--plot PNG`` draws both.
+
 ``--smoke`` runs a cheap version on tiny random models (2 images, 1 round, 8 tokens);
 ``--skip_reference`` times only our job (no reference virtualenv needed).
 """
@@ -26,6 +32,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import resource
@@ -58,6 +65,7 @@ REFERENCE_REQUIREMENTS = (
     "safetensors>=0.4.3",
 )
 PHOTO_SIZES = ((480, 360), (667, 481))  # smallest and largest generated photo
+TARGET_RATIO = 3.0  # issue 7: ours at least 3x the reference's images/s
 
 
 @dataclass
@@ -289,6 +297,7 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
             "images_per_s_median": round(statistics.median(r.images_per_s for r in mine), 4),
             "images_per_s_runs": [round(r.images_per_s, 4) for r in mine],
             "wall_s_runs": [round(r.wall_s, 1) for r in mine],
+            "wall_s_median": round(statistics.median(r.wall_s for r in mine), 2),
             "cpu_s_per_image_median": round(statistics.median(r.cpu_s for r in mine)
                                             / mine[0].images, 2),
             "peak_rss_mb_max": round(max(r.peak_rss_mb for r in mine)),
@@ -319,7 +328,127 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
     return out
 
 
+def scaling(by_size: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Fixed seconds and seconds per image of each pipeline, and the ratio they imply.
+
+    A least-squares line through each pipeline's median wall time at each run size. Where
+    both pipelines are fitted: the run size from which ours reaches ``TARGET_RATIO`` times
+    the reference's images/s (None: never, on this fit) and the ratio on long runs.
+    """
+    fits: dict[str, dict[str, float]] = {}
+    for name in ("reference", "ours"):
+        sizes = [n for n in sorted(by_size) if name in by_size[n]]
+        if len(sizes) >= 2:
+            walls = [by_size[n][name]["wall_s_median"] for n in sizes]
+            slope, intercept = statistics.linear_regression(sizes, walls)
+            fits[name] = {"fixed_s": intercept, "s_per_image": slope}
+    out: dict[str, Any] = {"fit": {k: {m: round(v, 3) for m, v in f.items()}
+                                   for k, f in fits.items()}}
+    if "reference" in fits and "ours" in fits:
+        ref, ours = fits["reference"], fits["ours"]
+        out["ratio_long_runs"] = round(ref["s_per_image"] / ours["s_per_image"], 2)
+        gain = ref["s_per_image"] - TARGET_RATIO * ours["s_per_image"]
+        need = TARGET_RATIO * ours["fixed_s"] - ref["fixed_s"]
+        out["images_for_target"] = (max(1, math.ceil(need / gain)) if gain > 0
+                                    else (1 if need <= 0 else None))
+        out["target_ratio"] = TARGET_RATIO
+    return out
+
+
+def fitted_ratio(fit: dict[str, dict[str, float]], images: float) -> float:
+    """ours / reference images/s at ``images`` on the fitted lines."""
+    ref, ours = fit["reference"], fit["ours"]
+    return ((ref["fixed_s"] + ref["s_per_image"] * images)
+            / (ours["fixed_s"] + ours["s_per_image"] * images))
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """Wall time against run size for both pipelines and, with the reference, the ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_size = {int(n): s for n, s in result["by_size"].items()}
+    sizes = sorted(by_size)
+    fit = result.get("scaling", {}).get("fit", {})
+    has_ratio = all("ratio" in by_size[n] for n in sizes)
+    fig, axes = plt.subplots(1, 2 if has_ratio else 1, figsize=(11 if has_ratio else 6, 4.2),
+                             squeeze=False)
+    ax = axes[0][0]
+    span = [0, max(sizes) * 1.1]
+    labels = {"reference": "Beam reference pipeline", "ours": "ours"}
+    for name, colour in (("reference", "tab:gray"), ("ours", "tab:blue")):
+        if not any(name in by_size[n] for n in sizes):
+            continue
+        xs = [n for n in sizes for _ in by_size[n][name]["wall_s_runs"]]
+        ys = [w for n in sizes for w in by_size[n][name]["wall_s_runs"]]
+        ax.scatter(xs, ys, color=colour, s=18, alpha=0.6, label=f"{labels[name]} (each run)")
+        if name in fit:
+            f = fit[name]
+            ax.plot(span, [f["fixed_s"] + f["s_per_image"] * x for x in span], color=colour,
+                    linestyle="--", label=f"{f['fixed_s']:.1f} s + {f['s_per_image']:.2f} s/image")
+    ax.set(xlabel="images in the run", ylabel="whole-process wall time (s)",
+           title="Wall time per run", xlim=span, ylim=(0, None))
+    ax.legend(fontsize=8)
+    if has_ratio:
+        ax = axes[0][1]
+        ax.plot(sizes, [by_size[n]["ratio"] for n in sizes], "o", color="tab:blue",
+                label="measured (medians)")
+        if "reference" in fit and "ours" in fit:
+            xs = [span[1] * i / 100 for i in range(1, 101)]
+            ax.plot(xs, [fitted_ratio(fit, x) for x in xs], "--", color="tab:blue",
+                    label=f"fitted (long runs: {result['scaling']['ratio_long_runs']}x)")
+        ax.axhline(TARGET_RATIO, color="tab:red", linewidth=1,
+                   label=f"target {TARGET_RATIO:g}x")
+        ax.set(xlabel="images in the run", ylabel="ours / reference images/s",
+               title="Speed-up over Beam's reference", xlim=span, ylim=(0, None))
+        ax.legend(fontsize=8, loc="lower right")
+    st, m = result["settings"], result["machine"]
+    fig.suptitle(f"{result['date_utc']} UTC, {m['cpu_count']} CPUs, {st['rounds']} rounds, "
+                 f"fp32, {st['num_captions']} candidates, {st['num_beams']} beams, "
+                 f"{st['new_tokens_forced']} forced tokens", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def markdown(result: dict[str, Any]) -> str:
+    sizes = sorted(int(n) for n in result["by_size"])
+    parts = []
+    for n in sizes:
+        one = dict(result, summary=result["by_size"][str(n)])
+        parts.append((f"**{n} images**\n\n" if len(sizes) > 1 else "") + _size_table(one))
+    if len(sizes) > 1 and all("ratio" in result["by_size"][str(n)] for n in sizes):
+        rows = ["| images | reference s (median) | ours s (median) | ratio | CPU ratio "
+                "| RSS ours/ref | same best caption |", "|---|---|---|---|---|---|---|"]
+        for n in sizes:
+            s = result["by_size"][str(n)]
+            rows.append(f"| {n} | {s['reference']['wall_s_median']} | "
+                        f"{s['ours']['wall_s_median']} | **{s['ratio']}x** | {s['cpu_ratio']}x "
+                        f"| {s['rss_ratio']}x | {s['same_best_caption']} |")
+        sc = result.get("scaling", {})
+        if "ratio_long_runs" in sc:
+            ref, ours = sc["fit"]["reference"], sc["fit"]["ours"]
+            when = (f"from {sc['images_for_target']} images" if sc["images_for_target"]
+                    else "at no run size")
+            rows += ["", f"fitted: reference {ref['fixed_s']:.1f} s + {ref['s_per_image']:.2f} "
+                     f"s/image, ours {ours['fixed_s']:.1f} s + {ours['s_per_image']:.2f} s/image;"
+                     f" ours reaches {sc['target_ratio']:g}x {when}, and "
+                     f"{sc['ratio_long_runs']}x on long runs"]
+        parts.append("\n".join(rows))
+    m, st = result["machine"], result["settings"]
+    parts.append(f"{result['date_utc']} UTC, {m['cpu_count']} CPUs ({m['processor']}), load "
+                 f"average {m['load_avg_at_start'][0]} at start, {m['load_avg_at_end'][0]} at "
+                 f"end; {', '.join(map(str, sizes))} images, {st['rounds']} rounds, fp32, "
+                 f"{st['num_captions']} candidates, {st['num_beams']} beams, "
+                 f"{st['new_tokens_forced']} forced new tokens")
+    return "\n\n".join(parts)
+
+
+def _size_table(result: dict[str, Any]) -> str:
     s = result["summary"]
     lines = ["| pipeline | images/s (median) | runs | wall s | CPU s/image | peak RSS (tree) |",
              "|---|---|---|---|---|---|"]
@@ -342,22 +471,41 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"bf16 option: {s['bf16_speedup']}x our fp32 images/s; same best caption "
                      f"as our fp32 on {s['bf16_same_best_caption']} images, same candidate "
                      f"set on {s['bf16_same_candidates']}")
-    m = result["machine"]
-    lines.append("")
-    lines.append(f"{result['date_utc']} UTC, {m['cpu_count']} CPUs ({m['processor']}), load "
-                 f"average {m['load_avg_at_start'][0]} at start, {m['load_avg_at_end'][0]} at "
-                 f"end; {result['settings']['images']} images, {result['settings']['rounds']} "
-                 f"rounds, fp32, {result['settings']['num_captions']} candidates, "
-                 f"{result['settings']['num_beams']} beams, "
-                 f"{result['settings']['new_tokens_forced']} forced new tokens")
     return "\n".join(lines)
+
+
+def run_sizes(text: str) -> list[int]:
+    """``--images``: one run size or several, comma-separated (``12`` or ``12,24,48``)."""
+    try:
+        sizes = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        sizes = []
+    if not sizes or sizes[0] < 1:
+        raise argparse.ArgumentTypeError(
+            f"--images takes positive image counts separated by commas, e.g. 12 or 12,24,48; "
+            f"got {text!r}")
+    return sizes
+
+
+def prepare_inputs(folder: Path, count: int) -> tuple[Path, Path]:
+    """``count`` photos in ``folder``, with our manifest and the reference's URI list."""
+    from captioning.sample_images import write_manifest
+
+    photos = write_photos(folder / "images", count)
+    manifest = folder / "manifest.jsonl"
+    write_manifest(folder / "images", manifest)
+    uris = folder / "uris.txt"
+    uris.write_text("".join(f"{p.resolve()}\n" for p in photos))
+    return manifest, uris
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blip_model", help="BLIP folder (default: full-size random, built)")
     parser.add_argument("--clip_model", help="CLIP folder (default: full-size random, built)")
-    parser.add_argument("--images", type=int, default=12)
+    parser.add_argument("--images", type=run_sizes, default=[12],
+                        help="images per run; several sizes, e.g. 12,24,48, are timed in the "
+                             "same rounds and fitted (default 12)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--num_captions", type=int, default=5)
     parser.add_argument("--num_beams", type=int, default=5)
@@ -374,10 +522,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny models, 2 images, 1 round, 8 tokens (a cheap check)")
     parser.add_argument("--json_out", type=Path)
+    parser.add_argument("--plot", type=Path,
+                        help="PNG: wall time against run size and, with the reference, the ratio")
     args = parser.parse_args(argv)
 
     if args.smoke:
-        args.images, args.rounds, args.new_tokens = 2, 1, 8
+        args.images, args.rounds, args.new_tokens = [2], 1, 8
         args.num_captions, args.num_beams = 2, 2
     settings = Settings(args.num_captions, args.num_beams, args.new_tokens)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-vs-ref-"))
@@ -391,43 +541,42 @@ def main(argv: list[str] | None = None) -> int:
         args.clip_model = args.clip_model or built["clip"]
     models = forced_token_models(args.blip_model, args.clip_model, work / "models",
                                  settings.new_tokens)
-    photos = write_photos(work / "images", args.images)
-    from captioning.sample_images import write_manifest
-
-    manifest = work / "manifest.jsonl"
-    write_manifest(work / "images", manifest)
-    uris = work / "uris.txt"
-    uris.write_text("".join(f"{p.resolve()}\n" for p in photos))
+    # Each size is its own set of photos spanning PHOTO_SIZES, as a run of that size would be.
+    inputs = {n: prepare_inputs(work / f"{n}-images", n) for n in args.images}
 
     ref_python = None if args.skip_reference else reference_python(args.cache_dir)
     load_at_start = [round(v, 2) for v in os.getloadavg()]
-    runs: list[Run] = []
+    runs: dict[int, list[Run]] = {n: [] for n in args.images}
     for r in range(args.rounds):
         order = ["reference", "ours"] if r % 2 == 0 else ["ours", "reference"]
         if args.bf16:
             order.insert(1, "ours_bf16")
-        for name in order:
-            if name == "reference" and ref_python is None:
-                continue
-            if name == "ours":
-                run = run_ours(work, manifest, models, settings, args.ours_args.split(), r)
-            elif name == "ours_bf16":
-                run = run_ours(work, manifest, models, settings,
-                               [*args.ours_args.split(), "--precision", "bf16"], r, name)
-            else:
-                run = run_reference(work, ref_python, uris, models, settings, r)
-            print(f"round {r} {name}: {run.wall_s:.1f} s (cpu {run.cpu_s:.1f} s), "
-                  f"{run.images_per_s:.3f} images/s, "
-                  f"peak RSS {run.peak_rss_mb:.0f} MB, {run.images}/{args.images} captioned",
-                  file=sys.stderr, flush=True)
-            if run.images != args.images:
-                raise RuntimeError(f"{name} captioned {run.images} of {args.images} images")
-            runs.append(run)
+        for n, (manifest, uris) in inputs.items():
+            folder = manifest.parent
+            for name in order:
+                if name == "reference" and ref_python is None:
+                    continue
+                if name == "ours":
+                    run = run_ours(folder, manifest, models, settings, args.ours_args.split(), r)
+                elif name == "ours_bf16":
+                    run = run_ours(folder, manifest, models, settings,
+                                   [*args.ours_args.split(), "--precision", "bf16"], r, name)
+                else:
+                    run = run_reference(folder, ref_python, uris, models, settings, r)
+                print(f"round {r} {name}: {run.wall_s:.1f} s (cpu {run.cpu_s:.1f} s), "
+                      f"{run.images_per_s:.3f} images/s, "
+                      f"peak RSS {run.peak_rss_mb:.0f} MB, {run.images}/{n} captioned",
+                      file=sys.stderr, flush=True)
+                if run.images != n:
+                    raise RuntimeError(f"{name} captioned {run.images} of {n} images")
+                runs[n].append(run)
 
     versions = {"ours": package_versions(sys.executable, ("apache-beam", "torch", "transformers"))}
     if ref_python:
         versions["reference"] = package_versions(
             ref_python, ("apache-beam", "torch", "transformers"))
+    by_size = {n: summarize(runs[n]) for n in args.images}
+    all_runs = [run for n in args.images for run in runs[n]]
     result = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "machine": {"cpu_count": os.cpu_count(), "processor": _cpu_model(),
@@ -439,11 +588,14 @@ def main(argv: list[str] | None = None) -> int:
                      "new_tokens_forced": settings.new_tokens, "ours_args": args.ours_args,
                      "models": models},
         "versions": versions,
-        "reference_adaptations": next((r.extra["adaptations"] for r in runs
+        "reference_adaptations": next((r.extra["adaptations"] for r in all_runs
                                        if r.name == "reference"), []),
-        "summary": summarize(runs),
+        "summary": by_size[args.images[-1]],  # the largest run size
+        "by_size": {str(n): s for n, s in by_size.items()},
         "work_dir": str(work),
     }
+    if len(args.images) > 1:
+        result["scaling"] = scaling(by_size)
     print(json.dumps(result, indent=2))
     print()
     print(markdown(result))
@@ -451,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\nReference adaptations: " + "; ".join(result["reference_adaptations"]))
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2))
+    if args.plot:
+        print(f"\nchart: {plot(result, args.plot)}")
     return 0
 
 

@@ -63,12 +63,70 @@ def test_reference_model_bundle_is_weak_referenceable() -> None:
 
 def test_smoke_run_of_our_job(bench: ModuleType, tiny_models: dict[str, str],
                               tmp_path: Path) -> None:
-    out = tmp_path / "result.json"
+    out, png = tmp_path / "result.json", tmp_path / "chart.png"
     assert bench.main(["--smoke", "--skip_reference", "--work_dir", str(tmp_path / "work"),
                        "--blip_model", tiny_models["blip"], "--clip_model", tiny_models["clip"],
-                       "--json_out", str(out)]) == 0
+                       "--json_out", str(out), "--plot", str(png)]) == 0
     result = json.loads(out.read_text())
     ours = result["summary"]["ours"]
     assert ours["images"] == 2 and ours["images_per_s_median"] > 0
     assert ours["peak_rss_mb_max"] > 100 and ours["cpu_s_per_image_median"] > 0
-    assert "reference" not in result["summary"]
+    assert abs(ours["wall_s_median"] - ours["wall_s_runs"][0]) <= 0.05  # one run: its wall
+    assert "reference" not in result["summary"] and result["by_size"] == {"2": result["summary"]}
+    assert "scaling" not in result  # one run size: nothing to fit
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def _timed(name: str, walls: list[float], images: int) -> list:
+    bench = sys.modules["bench_vs_reference"]
+    return [bench.Run(name, w, w * 1.8, 3000.0, images,
+                      {"captions": {f"p{i}.jpg": "a cap" for i in range(images)}})
+            for w in walls]
+
+
+def test_run_size_sweep_fits_and_draws(bench: ModuleType, tmp_path: Path) -> None:
+    # Wall times of the shape measured on the 2-core box (docs/PERFORMANCE.md): a fixed
+    # start-up plus a per-image cost, the reference's per-image cost about 3.4x ours.
+    ref = {12: [46.7, 50.2, 46.5], 24: [80.4, 82.5, 81.0], 48: [151.4, 162.8, 163.3]}
+    ours = {12: [18.2, 19.3, 17.8], 24: [27.6, 28.1, 28.0], 48: [49.0, 49.8, 52.8]}
+    by_size = {n: bench.summarize(_timed("reference", ref[n], n) + _timed("ours", ours[n], n))
+               for n in ref}
+    scaling = bench.scaling(by_size)
+    fit = scaling["fit"]
+    assert 7 < fit["ours"]["fixed_s"] < 9 and 0.8 < fit["ours"]["s_per_image"] < 0.95
+    assert 2.8 < fit["reference"]["s_per_image"] < 3.4
+    assert by_size[12]["ratio"] < 3 < by_size[48]["ratio"]
+    # The fitted crossing lies between the sizes that straddle the target.
+    assert 12 < scaling["images_for_target"] < 48
+    assert bench.fitted_ratio(fit, scaling["images_for_target"]) >= bench.TARGET_RATIO
+    assert bench.fitted_ratio(fit, scaling["images_for_target"] - 1) < bench.TARGET_RATIO
+    assert scaling["ratio_long_runs"] > by_size[48]["ratio"]
+
+    result = {"date_utc": "2026-11-25 02:00", "summary": by_size[48],
+              "by_size": {str(n): s for n, s in by_size.items()}, "scaling": scaling,
+              "machine": {"cpu_count": 2, "processor": "x", "load_avg_at_start": [0.1],
+                          "load_avg_at_end": [0.2]},
+              "settings": {"images": [12, 24, 48], "rounds": 3, "num_captions": 5,
+                           "num_beams": 5, "new_tokens_forced": 30}}
+    text = bench.markdown(result)
+    assert "**12 images**" in text and "**48 images**" in text
+    assert f"reaches 3x from {scaling['images_for_target']} images" in text
+    png = bench.plot(result, tmp_path / "chart.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_no_crossing_is_reported_as_such(bench: ModuleType) -> None:
+    # Ours only 2x per image: the ratio never reaches 3x, however long the run.
+    by_size = {n: bench.summarize(_timed("reference", [10 + 2.0 * n], n)
+                                  + _timed("ours", [5 + 1.0 * n], n)) for n in (10, 20)}
+    scaling = bench.scaling(by_size)
+    assert scaling["images_for_target"] is None and scaling["ratio_long_runs"] == 2.0
+
+
+@pytest.mark.parametrize("text", ["", "0", "12,x", "-3"])
+def test_run_sizes_refuse_what_is_not_a_count(bench: ModuleType, text: str) -> None:
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match="positive image counts"):
+        bench.run_sizes(text)
+    assert bench.run_sizes("48,12, 24,12") == [12, 24, 48]
