@@ -377,6 +377,9 @@ def plot(result: dict[str, Any], path: Path) -> Path:
                              squeeze=False)
     ax = axes[0][0]
     span = [0, max(sizes) * 1.1]
+    crossing = result.get("scaling", {}).get("images_for_target")
+    if crossing and crossing <= 4 * max(sizes):  # show where the fitted ratio reaches the target
+        span[1] = max(span[1], crossing * 1.25)
     labels = {"reference": "Beam reference pipeline", "ours": "ours"}
     for name, colour in (("reference", "tab:gray"), ("ours", "tab:blue")):
         if not any(name in by_size[n] for n in sizes):
@@ -401,6 +404,9 @@ def plot(result: dict[str, Any], path: Path) -> Path:
                     label=f"fitted (long runs: {result['scaling']['ratio_long_runs']}x)")
         ax.axhline(TARGET_RATIO, color="tab:red", linewidth=1,
                    label=f"target {TARGET_RATIO:g}x")
+        if crossing and crossing <= span[1]:
+            ax.axvline(crossing, color="tab:red", linewidth=1, linestyle=":",
+                       label=f"fitted: {TARGET_RATIO:g}x from {crossing} images")
         ax.set(xlabel="images in the run", ylabel="ours / reference images/s",
                title="Speed-up over Beam's reference", xlim=span, ylim=(0, None))
         ax.legend(fontsize=8, loc="lower right")
@@ -524,7 +530,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json_out", type=Path)
     parser.add_argument("--plot", type=Path,
                         help="PNG: wall time against run size and, with the reference, the ratio")
+    parser.add_argument("--report", type=Path, metavar="JSON",
+                        help="run nothing: print and --plot a result saved with --json_out")
     args = parser.parse_args(argv)
+    if args.report:
+        saved = json.loads(args.report.read_text())
+        print(markdown(saved))
+        if args.plot:
+            print(f"\nchart: {plot(saved, args.plot)}")
+        return 0
 
     if args.smoke:
         args.images, args.rounds, args.new_tokens = [2], 1, 8

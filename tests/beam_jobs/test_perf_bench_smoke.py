@@ -84,7 +84,8 @@ def _timed(name: str, walls: list[float], images: int) -> list:
             for w in walls]
 
 
-def test_run_size_sweep_fits_and_draws(bench: ModuleType, tmp_path: Path) -> None:
+def test_run_size_sweep_fits_and_draws(bench: ModuleType, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
     # Wall times of the shape measured on the 2-core box (docs/PERFORMANCE.md): a fixed
     # start-up plus a per-image cost, the reference's per-image cost about 3.4x ours.
     ref = {12: [46.7, 50.2, 46.5], 24: [80.4, 82.5, 81.0], 48: [151.4, 162.8, 163.3]}
@@ -113,6 +114,13 @@ def test_run_size_sweep_fits_and_draws(bench: ModuleType, tmp_path: Path) -> Non
     assert f"reaches 3x from {scaling['images_for_target']} images" in text
     png = bench.plot(result, tmp_path / "chart.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+    # --report re-prints and redraws a saved result without running anything.
+    saved, again = tmp_path / "result.json", tmp_path / "again.png"
+    saved.write_text(json.dumps(result))
+    assert bench.main(["--report", str(saved), "--plot", str(again)]) == 0
+    assert again.read_bytes()[:8] == png.read_bytes()[:8]
+    assert f"reaches 3x from {scaling['images_for_target']} images" in capsys.readouterr().out
 
 
 def test_no_crossing_is_reported_as_such(bench: ModuleType) -> None:
