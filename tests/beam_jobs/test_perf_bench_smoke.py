@@ -77,8 +77,8 @@ def test_smoke_run_of_our_job(bench: ModuleType, tiny_models: dict[str, str],
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
-def _timed(name: str, walls: list[float], images: int) -> list:
-    bench = sys.modules["bench_vs_reference"]
+def _timed(bench: ModuleType, name: str, walls: list[float], images: int) -> list:
+    """Runs of ``name`` that took ``walls`` seconds each and captioned ``images``."""
     return [bench.Run(name, w, w * 1.8, 3000.0, images,
                       {"captions": {f"p{i}.jpg": "a cap" for i in range(images)}})
             for w in walls]
@@ -90,7 +90,8 @@ def test_run_size_sweep_fits_and_draws(bench: ModuleType, tmp_path: Path,
     # start-up plus a per-image cost, the reference's per-image cost about 3.4x ours.
     ref = {12: [46.7, 50.2, 46.5], 24: [80.4, 82.5, 81.0], 48: [151.4, 162.8, 163.3]}
     ours = {12: [18.2, 19.3, 17.8], 24: [27.6, 28.1, 28.0], 48: [49.0, 49.8, 52.8]}
-    by_size = {n: bench.summarize(_timed("reference", ref[n], n) + _timed("ours", ours[n], n))
+    by_size = {n: bench.summarize(_timed(bench, "reference", ref[n], n)
+                                  + _timed(bench, "ours", ours[n], n))
                for n in ref}
     scaling = bench.scaling(by_size)
     fit = scaling["fit"]
@@ -125,8 +126,8 @@ def test_run_size_sweep_fits_and_draws(bench: ModuleType, tmp_path: Path,
 
 def test_no_crossing_is_reported_as_such(bench: ModuleType) -> None:
     # Ours only 2x per image: the ratio never reaches 3x, however long the run.
-    by_size = {n: bench.summarize(_timed("reference", [10 + 2.0 * n], n)
-                                  + _timed("ours", [5 + 1.0 * n], n)) for n in (10, 20)}
+    by_size = {n: bench.summarize(_timed(bench, "reference", [10 + 2.0 * n], n)
+                                  + _timed(bench, "ours", [5 + 1.0 * n], n)) for n in (10, 20)}
     scaling = bench.scaling(by_size)
     assert scaling["images_for_target"] is None and scaling["ratio_long_runs"] == 2.0
 
