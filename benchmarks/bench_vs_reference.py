@@ -355,11 +355,14 @@ def scaling(by_size: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def fitted_wall(line: dict[str, float], images: float) -> float:
+    """Seconds for a run of ``images`` on one pipeline's fitted line."""
+    return line["fixed_s"] + line["s_per_image"] * images
+
+
 def fitted_ratio(fit: dict[str, dict[str, float]], images: float) -> float:
     """ours / reference images/s at ``images`` on the fitted lines."""
-    ref, ours = fit["reference"], fit["ours"]
-    return ((ref["fixed_s"] + ref["s_per_image"] * images)
-            / (ours["fixed_s"] + ours["s_per_image"] * images))
+    return fitted_wall(fit["reference"], images) / fitted_wall(fit["ours"], images)
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
@@ -389,7 +392,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         ax.scatter(xs, ys, color=colour, s=18, alpha=0.6, label=f"{labels[name]} (each run)")
         if name in fit:
             f = fit[name]
-            ax.plot(span, [f["fixed_s"] + f["s_per_image"] * x for x in span], color=colour,
+            ax.plot(span, [fitted_wall(f, x) for x in span], color=colour,
                     linestyle="--", label=f"{f['fixed_s']:.1f} s + {f['s_per_image']:.2f} s/image")
     ax.set(xlabel="images in the run", ylabel="whole-process wall time (s)",
            title="Wall time per run", xlim=span, ylim=(0, None))
@@ -505,6 +508,17 @@ def prepare_inputs(folder: Path, count: int) -> tuple[Path, Path]:
     return manifest, uris
 
 
+def load_result(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """A result saved with ``--json_out``, including one saved before run sizes existed."""
+    try:
+        result = json.loads(path.read_text())
+        if "by_size" not in result:  # one run size: its summary is the only one
+            result["by_size"] = {str(result["settings"]["images"]): result["summary"]}
+        return result
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        parser.error(f"--report needs a result saved with --json_out; {path}: {e!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blip_model", help="BLIP folder (default: full-size random, built)")
@@ -534,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run nothing: print and --plot a result saved with --json_out")
     args = parser.parse_args(argv)
     if args.report:
-        saved = json.loads(args.report.read_text())
+        saved = load_result(args.report, parser)
         print(markdown(saved))
         if args.plot:
             print(f"\nchart: {plot(saved, args.plot)}")

@@ -139,3 +139,25 @@ def test_run_sizes_refuse_what_is_not_a_count(bench: ModuleType, text: str) -> N
     with pytest.raises(argparse.ArgumentTypeError, match="positive image counts"):
         bench.run_sizes(text)
     assert bench.run_sizes("48,12, 24,12") == [12, 24, 48]
+
+
+def test_report_reads_a_single_size_result_and_refuses_other_files(
+        bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A result saved before run sizes existed: one summary, "images" a number, no by_size.
+    summary = bench.summarize(_timed(bench, "reference", [46.7, 50.2], 12)
+                              + _timed(bench, "ours", [18.2, 19.3], 12))
+    saved = tmp_path / "old.json"
+    saved.write_text(json.dumps({
+        "date_utc": "2026-11-24 22:27", "summary": summary,
+        "machine": {"cpu_count": 2, "processor": "x", "load_avg_at_start": [0.1],
+                    "load_avg_at_end": [0.2]},
+        "settings": {"images": 12, "rounds": 2, "num_captions": 5, "num_beams": 5,
+                     "new_tokens_forced": 30}}))
+    assert bench.main(["--report", str(saved)]) == 0
+    assert f"**{summary['ratio']}x**" in capsys.readouterr().out
+    not_a_result = tmp_path / "other.json"
+    not_a_result.write_text("[1, 2]")
+    for path in (not_a_result, tmp_path / "missing.json"):
+        with pytest.raises(SystemExit):
+            bench.main(["--report", str(path)])
+        assert "--report needs a result saved with --json_out" in capsys.readouterr().err
