@@ -347,10 +347,13 @@ def scaling(by_size: dict[int, dict[str, Any]]) -> dict[str, Any]:
     if "reference" in fits and "ours" in fits:
         ref, ours = fits["reference"], fits["ours"]
         out["ratio_long_runs"] = round(ref["s_per_image"] / ours["s_per_image"], 2)
+        # ratio >= target  <=>  images * gain >= need; "from N" means for every run of N or more.
         gain = ref["s_per_image"] - TARGET_RATIO * ours["s_per_image"]
         need = TARGET_RATIO * ours["fixed_s"] - ref["fixed_s"]
-        out["images_for_target"] = (max(1, math.ceil(need / gain)) if gain > 0
-                                    else (1 if need <= 0 else None))
+        if gain > 0:
+            out["images_for_target"] = max(1, math.ceil(need / gain))
+        else:  # the ratio falls (or stays) as runs grow: only a flat line at or above holds
+            out["images_for_target"] = 1 if gain == 0 and need <= 0 else None
         out["target_ratio"] = TARGET_RATIO
     return out
 

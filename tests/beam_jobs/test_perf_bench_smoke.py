@@ -130,6 +130,12 @@ def test_no_crossing_is_reported_as_such(bench: ModuleType) -> None:
                                   + _timed(bench, "ours", [5 + 1.0 * n], n)) for n in (10, 20)}
     scaling = bench.scaling(by_size)
     assert scaling["images_for_target"] is None and scaling["ratio_long_runs"] == 2.0
+    # Cheaper start-up but under 3x per image: above 3x on short runs only, so never
+    # "3x from N images on".
+    by_size = {n: bench.summarize(_timed(bench, "reference", [40 + 2.0 * n], n)
+                                  + _timed(bench, "ours", [2 + 1.0 * n], n)) for n in (10, 20)}
+    assert by_size[10]["ratio"] > 3 > bench.scaling(by_size)["ratio_long_runs"]
+    assert bench.scaling(by_size)["images_for_target"] is None
 
 
 @pytest.mark.parametrize("text", ["", "0", "12,x", "-3"])
