@@ -157,8 +157,7 @@ def _classes() -> dict[str, type]:
         def _image_keys_values(self, per_image: Any) -> tuple[Any, Any]:
             """Keys as ``[images, heads, dim, tokens]`` and values as ``[.., tokens, dim]``."""
             heads, dim = self.num_attention_heads, self.attention_head_size
-            weight, bias = self._key_value  # set by share_cross_attention
-            kv = torch.nn.functional.linear(per_image, weight, bias)
+            kv = self.key_value(per_image)  # set by share_cross_attention
             kv = kv.view(*per_image.shape[:-1], 2, heads, dim)  # [images, tokens, 2, h, d]
             keys_t = kv[:, :, 0].permute(0, 2, 3, 1).contiguous()
             values = kv[:, :, 1].permute(0, 2, 1, 3).contiguous()
@@ -185,9 +184,10 @@ def share_cross_attention(model: Any) -> Any:
 
 
 def _stack_key_value(module: Any) -> None:
-    """Store the key and value projections as one ``[2*hidden, hidden]`` weight (and bias).
+    """Add ``key_value``: the key and value projections as one ``[2*hidden, hidden]`` Linear.
 
-    The key and value parameters become views of it: one matmul projects both, no copy.
+    The key and value parameters become views of its weight and bias: one matmul projects
+    both, no copy.
     """
     import torch
 
@@ -196,11 +196,14 @@ def _stack_key_value(module: Any) -> None:
     with torch.no_grad():
         weight = torch.cat([key.weight, value.weight])
         bias = torch.cat([key.bias, value.bias])
+    key_value = torch.nn.Linear(weight.shape[1], weight.shape[0], device="meta")
+    key_value.weight = torch.nn.Parameter(weight, requires_grad=False)
+    key_value.bias = torch.nn.Parameter(bias, requires_grad=False)
+    module.key_value = key_value
     key.weight = torch.nn.Parameter(weight[:rows], requires_grad=False)
     value.weight = torch.nn.Parameter(weight[rows:], requires_grad=False)
     key.bias = torch.nn.Parameter(bias[:rows], requires_grad=False)
     value.bias = torch.nn.Parameter(bias[rows:], requires_grad=False)
-    module._key_value = (weight, bias)
 
 
 def beam_search_cache(model: Any, num_beams: int, max_len: int) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,11 +23,13 @@ from typing import Any
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from captioning import blip_decoding, blip_vision, cpu_memory, garbage_collection
+from captioning import blip_decoding, blip_vision, cpu_memory, garbage_collection, onednn_linear
 from captioning.counters import NAMESPACE as METRICS_NAMESPACE
 from captioning.images import DecodedImage
 from captioning.model_refs import check_generation_limit, resolve_model_ref
 from captioning.records import describe_error
+
+log = logging.getLogger(__name__)
 
 # torch's global RNG is per process: seeded sampling of one image at a time must hold it.
 _RNG_LOCK = threading.Lock()
@@ -112,7 +115,8 @@ class _BaseHandler(ModelHandler):
     _latency_name = ""
 
     def __init__(self, model_ref: str, *, device: str, batch_size: int,
-                 share_across_processes: bool = False, precision: str = "fp32") -> None:
+                 share_across_processes: bool = False, precision: str = "fp32",
+                 fast_paths: bool = True) -> None:
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
@@ -120,6 +124,9 @@ class _BaseHandler(ModelHandler):
         self.device = device
         self.batch_size = batch_size
         self.precision = precision
+        # The same results as stock transformers within float rounding, less time per image
+        # (captioning.onednn_linear here; BLIP adds blip_decoding and blip_vision).
+        self.fast_paths = fast_paths
         self._share = share_across_processes
         self._latency = Metrics.distribution(METRICS_NAMESPACE, self._latency_name)
 
@@ -145,10 +152,11 @@ class _BaseHandler(ModelHandler):
         return self.precision == "bf16" and self.device == "cpu"
 
     def _prepare(self, lm: LoadedModel) -> LoadedModel:
-        """For bf16: store the Linear layers' weights in bf16 once, at load.
+        """Settle the Linear layers' weights once, at load.
 
-        Autocast would otherwise cast every weight at every call (each decoding step reads
-        all decoder weights in fp32 and writes a bf16 copy: slower than fp32). Norms,
+        fp32 on CPU: multiplied by oneDNN (``captioning.onednn_linear``). bf16: stored in bf16,
+        since autocast would otherwise cast every weight at every call (each decoding step
+        reads all decoder weights in fp32 and writes a bf16 copy: slower than fp32). Norms,
         embeddings and everything else stay fp32; autocast casts activations as needed.
         """
         if self._bf16_on_cpu():
@@ -157,6 +165,9 @@ class _BaseHandler(ModelHandler):
             for module in lm.model.modules():
                 if isinstance(module, torch.nn.Linear):
                     module.to(torch.bfloat16)
+        elif self.fast_paths and self.device == "cpu" and self.precision == "fp32":
+            swapped = onednn_linear.use_onednn(lm.model)
+            log.info("%s: %d linear layers multiply with oneDNN", self.model_ref, swapped)
         return lm
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -188,7 +199,8 @@ class BlipCaptionModelHandler(_BaseHandler):
                  share_across_processes: bool = False,
                  fast_paths: bool = True, precision: str = "fp32") -> None:
         super().__init__(model_ref, device=device, batch_size=batch_size,
-                         share_across_processes=share_across_processes, precision=precision)
+                         share_across_processes=share_across_processes, precision=precision,
+                         fast_paths=fast_paths)
         if decoding not in ("beam", "sample"):
             raise ValueError(f"decoding must be beam or sample, got {decoding!r}")
         if decoding == "beam" and num_beams < num_captions:
@@ -199,9 +211,6 @@ class BlipCaptionModelHandler(_BaseHandler):
         self.max_new_tokens = max_new_tokens
         self.prompt = prompt
         self.top_p = top_p
-        # captioning.blip_decoding and captioning.blip_vision: the same captions as
-        # stock transformers (within float rounding), less work per image.
-        self.fast_paths = fast_paths
 
     def load_model(self) -> LoadedModel:
         lm = _load("BlipForConditionalGeneration", "BlipProcessor", self.model_ref, self.device)
@@ -285,9 +294,11 @@ class ClipRankModelHandler(_BaseHandler):
     _latency_name = "clip_batch_latency_ms"
 
     def __init__(self, model_ref: str, *, device: str = "cpu", batch_size: int = 8,
-                 share_across_processes: bool = False, precision: str = "fp32") -> None:
+                 share_across_processes: bool = False, precision: str = "fp32",
+                 fast_paths: bool = True) -> None:
         super().__init__(model_ref, device=device, batch_size=batch_size,
-                         share_across_processes=share_across_processes, precision=precision)
+                         share_across_processes=share_across_processes, precision=precision,
+                         fast_paths=fast_paths)
 
     def load_model(self) -> LoadedModel:
         return self._prepare(_load("CLIPModel", "CLIPProcessor", self.model_ref, self.device))

@@ -84,9 +84,10 @@ def test_fast_image_encoder_matches_stock(blip: dict) -> None:
 
 def test_key_value_projections_share_one_weight(blip: dict) -> None:
     cross = blip["fast"].text_decoder.bert.encoder.layer[0].crossattention.self
-    weight, bias = cross._key_value
+    weight, bias = cross.key_value.weight, cross.key_value.bias
     assert cross.key.weight.data_ptr() == weight.data_ptr()
     assert cross.value.weight.data_ptr() == weight[cross.key.weight.shape[0]:].data_ptr()
+    assert cross.value.bias.data_ptr() == bias[cross.key.bias.shape[0]:].data_ptr()
     stock = blip["stock"].text_decoder.bert.encoder.layer[0].crossattention.self
     assert torch.equal(cross.value.weight, stock.value.weight)
     assert torch.equal(cross.value.bias, stock.value.bias)
