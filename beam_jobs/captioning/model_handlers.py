@@ -247,14 +247,15 @@ class BlipCaptionModelHandler(_BaseHandler):
                 # Prompt (if any) is the same for every image: no padding, so an image's
                 # beams do not depend on what else is in its batch.
                 inputs = self._inputs(items, lm)
-                extra: dict[str, Any] = {}
+                kwargs = dict(num_beams=self.num_beams, num_return_sequences=n,
+                              do_sample=False, max_new_tokens=self.max_new_tokens)
                 if self.fast_paths and self.num_beams > 1:
                     prompt_len = inputs["input_ids"].shape[1] if "input_ids" in inputs else 1
-                    extra["cache"] = blip_decoding.beam_search_cache(
+                    cache = blip_decoding.beam_search_cache(
                         lm.model, self.num_beams, prompt_len + self.max_new_tokens)
-                ids = lm.model.generate(**inputs, num_beams=self.num_beams,
-                                        num_return_sequences=n, do_sample=False,
-                                        max_new_tokens=self.max_new_tokens, **extra)
+                    ids = blip_decoding.generate(lm.model, cache, **inputs, **kwargs)
+                else:
+                    ids = lm.model.generate(**inputs, **kwargs)
                 texts = lm.processor.batch_decode(ids, skip_special_tokens=True)
             else:
                 for item in items:

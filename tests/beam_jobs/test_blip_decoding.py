@@ -35,6 +35,7 @@ def _inputs(processor, prompt: str | None, count: int = 3) -> dict:
     return dict(out)
 
 
+@pytest.mark.parametrize("entry", ["blip_decoding.generate", "model.generate"])
 @pytest.mark.parametrize(("num_beams", "num_return", "new_tokens", "min_tokens", "prompt"), [
     (5, 5, 30, 30, None),  # the benchmark's settings: every beam runs the full length
     (4, 2, 12, 0, None),  # beams may finish early (EOS allowed)
@@ -42,7 +43,7 @@ def _inputs(processor, prompt: str | None, count: int = 3) -> dict:
 ])
 def test_same_sequences_as_stock_generate(blip: dict, num_beams: int, num_return: int,
                                           new_tokens: int, min_tokens: int,
-                                          prompt: str | None) -> None:
+                                          prompt: str | None, entry: str) -> None:
     inputs = _inputs(blip["processor"], prompt)
     kwargs = dict(num_beams=num_beams, num_return_sequences=num_return, do_sample=False,
                   max_new_tokens=new_tokens, min_new_tokens=min_tokens,
@@ -52,7 +53,13 @@ def test_same_sequences_as_stock_generate(blip: dict, num_beams: int, num_return
         want = blip["stock"].generate(**inputs, **kwargs)
         cache = blip_decoding.beam_search_cache(blip["fast"], num_beams,
                                                 prompt_len + new_tokens)
-        got = blip["fast"].generate(**inputs, cache=cache, **kwargs)
+        if entry == "model.generate":  # stock generate, the cache finds one copy per image
+            got = blip["fast"].generate(**inputs, cache=cache, **kwargs)
+        else:  # the decoder gets a stand-in, the cache the image embeddings
+            got = blip_decoding.generate(blip["fast"], cache, **inputs, **kwargs)
+            with torch.inference_mode():
+                embeds = blip["stock"].vision_model(pixel_values=inputs["pixel_values"])[0]
+            torch.testing.assert_close(cache.image_states, embeds, rtol=1e-5, atol=1e-5)
     assert got.sequences.shape[0] == 3 * num_return
     assert torch.equal(got.sequences, want.sequences)
     torch.testing.assert_close(got.sequences_scores, want.sequences_scores,
