@@ -1,6 +1,6 @@
 """Faster BLIP beam search on CPU that computes the same captions as stock ``generate``.
 
-Two named changes, both switched on only for the cache object :func:`beam_search_cache`
+Three named changes, all switched on only for the cache object :func:`beam_search_cache`
 returns (any other call of the model runs transformers' own code path unchanged):
 
 1. **Cross-attention keys/values once per image.** ``generate`` repeats the image embeddings
@@ -15,6 +15,13 @@ returns (any other call of the model runs transformers' own code path unchanged)
    ``torch.cat`` (a full copy of the cache per layer per step) and beam search reorders it
    (another copy). :class:`PreallocatedLayer` allocates the whole length once, writes each
    step into it, and reorders by gathering into a second buffer (one copy, no temporary).
+3. **The image embeddings reach the cache, not the decoder's inputs.** :func:`generate` is
+   ``BlipForConditionalGeneration.generate`` with one difference: the decoder gets a
+   one-token stand-in for the image embeddings, so ``generate`` has nothing large to repeat
+   per beam, and the shared cross-attention reads the one copy per image from the cache.
+   Those keys and values are projected two images at a time (on CPU) straight into the
+   cache tensors, a product shape the matmul kernels run at full speed, with no per-layer
+   temporary of all images' keys and values to map and fault in afresh.
 
 Nothing else changes: the self-attention, the feed-forward layers, the LM head and
 transformers' beam search run as they are.
@@ -167,13 +174,14 @@ def _classes() -> dict[str, type]:
             """
             heads, dim = self.num_attention_heads, self.attention_head_size
             images, tokens, _ = per_image.shape
+            step = PROJECT_IMAGES if per_image.device.type == "cpu" else images  # GPUs: one
             keys_t = per_image.new_empty((images, heads, dim, tokens))
             values = per_image.new_empty((images, heads, tokens, dim))
-            for i in range(0, images, PROJECT_IMAGES):
-                part = per_image[i:i + PROJECT_IMAGES]
+            for i in range(0, images, step):
+                part = per_image[i:i + step]
                 kv = self.key_value(part).view(*part.shape[:-1], 2, heads, dim)  # [n, t, 2, h, d]
-                keys_t[i:i + PROJECT_IMAGES].copy_(kv[:, :, 0].permute(0, 2, 3, 1))
-                values[i:i + PROJECT_IMAGES].copy_(kv[:, :, 1].permute(0, 2, 1, 3))
+                keys_t[i:i + step].copy_(kv[:, :, 0].permute(0, 2, 3, 1))
+                values[i:i + step].copy_(kv[:, :, 1].permute(0, 2, 1, 3))
             return keys_t, values
 
     _CLASSES.update(PreallocatedLayer=PreallocatedLayer, BeamSearchCache=BeamSearchCache,
