@@ -30,19 +30,19 @@ models: setup
 	$(BIN)/python -m captioning.model_factory --variant tiny --out data/models
 
 demo: setup
-	PYTHONPATH=plugins $(BIN)/python -m caption_platform.demo
+	PYTHONPATH=plugins $(BIN)/python -m tools.demo
 
 clean:
 	rm -rf data airflow_home .pytest_cache
 
-# The local "gcp" stack (plugins/caption_platform/gcp_emulators.py, docs/TESTING.md):
+# The local "gcp" stack (tools/gcp_emulators.py, docs/TESTING.md):
 # fake-gcs-server and the BigQuery emulator (a venv of its own under data/emulators/, built
 # on first use from requirements-bqemulator.txt) on free local ports. Prints the variables
 # that point google-cloud-storage/-bigquery, gcsfs and Airflow's google_cloud_default at
 # them; Ctrl-C stops both.   make gcp-stack [ARGS='--project my-project']
 .PHONY: gcp-stack
 gcp-stack: setup
-	PYTHONPATH=plugins $(BIN)/python -m caption_platform.gcp_emulators $(ARGS)
+	PYTHONPATH=plugins $(BIN)/python -m tools.gcp_emulators $(ARGS)
 
 # Dataflow GPU worker image (beam_jobs/Dockerfile): Beam's Python SDK image of the pinned
 # Beam version + the job's pinned stack (CUDA torch) + the captioning package. Built with
@@ -67,7 +67,7 @@ worker-image:
 	$(DOCKER) build --platform linux/amd64 -f beam_jobs/Dockerfile $(strip $(WORKER_BUILD_ARGS)) -t $(WORKER_TAG) beam_jobs
 	$(DOCKER) push $(WORKER_TAG)
 
-# Airflow against this checkout (plugins/caption_platform/local_airflow.py): AIRFLOW_HOME=
+# Airflow against this checkout (tools/local_airflow.py): AIRFLOW_HOME=
 # airflow_home/ (SQLite), dags/ and plugins/ of this repository, no example DAGs.
 #   make airflow                       # set up airflow_home/airflow.cfg + DB, print how to use
 #   make airflow ARGS='dags list'
@@ -75,12 +75,12 @@ worker-image:
 #   make standalone [ARGS='--port 8081']   # the UI at http://localhost:8080, prints the login
 .PHONY: airflow standalone
 airflow: setup
-	PYTHONPATH=plugins $(BIN)/python -m caption_platform.local_airflow airflow $(ARGS)
+	PYTHONPATH=plugins $(BIN)/python -m tools.local_airflow airflow $(ARGS)
 
 standalone: setup
-	PYTHONPATH=plugins $(BIN)/python -m caption_platform.local_airflow standalone $(ARGS)
+	PYTHONPATH=plugins $(BIN)/python -m tools.local_airflow standalone $(ARGS)
 
-# Cloud Composer (plugins/caption_platform/composer.py): sync the DAG, the Airflow-side
+# Cloud Composer (tools/composer.py): sync the DAG, the Airflow-side
 # library, the job package and its entry point into the environment's bucket (only our own
 # paths), install the PyPI packages Composer lacks (no torch, no transformers), and set
 # environment variables from a KEY=VALUE file. The bundle and the PyPI file stay in
@@ -91,7 +91,7 @@ standalone: setup
 deploy-composer: setup
 	$(if $(strip $(COMPOSER_ENV)),,$(error COMPOSER_ENV is not set: make deploy-composer COMPOSER_ENV=NAME COMPOSER_LOCATION=REGION))
 	$(if $(strip $(COMPOSER_LOCATION)),,$(error COMPOSER_LOCATION is not set: make deploy-composer COMPOSER_ENV=NAME COMPOSER_LOCATION=REGION))
-	PYTHONPATH=plugins $(BIN)/python -m caption_platform.composer deploy \
+	PYTHONPATH=plugins $(BIN)/python -m tools.composer deploy \
 		--environment $(strip $(COMPOSER_ENV)) --location $(strip $(COMPOSER_LOCATION)) \
 		$(if $(strip $(COMPOSER_PROJECT)),--project $(strip $(COMPOSER_PROJECT))) \
 		$(if $(strip $(COMPOSER_ENV_FILE)),--env-file $(strip $(COMPOSER_ENV_FILE))) \

@@ -1,6 +1,6 @@
 """The captioning job on several Apache Beam SDK versions: is the upgrade slower or dearer?
 
-Thin: the work lives in `caption_platform.benchmark`. Parsing reads no configuration.
+Thin: the work lives in `caption_platform.benchmark.steps`. Parsing reads no configuration.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import dag, get_current_context, task
 
-from caption_platform import benchmark
+from caption_platform.benchmark import steps as benchmark
 from caption_platform.params import benchmark_dag_params
 
 DOC_MD = """
@@ -61,7 +61,7 @@ def benchmark_beam_sdks() -> None:
     # one at a time: runs on one machine must not compete for its cores
     @task(max_active_tis_per_dagrun=1)
     def run(spec: dict) -> dict:
-        return benchmark.run_once(spec)
+        return benchmark.run_once(spec, get_current_context())
 
     @task
     def report(bench: dict, results: list[dict]) -> dict:

@@ -1,6 +1,6 @@
 """Caption every image under a folder or bucket with BLIP + CLIP, exactly once.
 
-Thin and declarative: the work itself lives in `caption_platform.run_steps` (plugins/)
+Thin and declarative: the work itself lives in `caption_platform.tasks` (plugins/)
 and in the Beam job (beam_jobs/). Parsing imports nothing heavy and reads no
 configuration (no Airflow Variable, no settings): the plan task resolves each run's
 settings once, and every later task uses that resolved plan.
@@ -13,7 +13,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Asset, dag, get_current_context, task
 
-from caption_platform import run_steps
+from caption_platform import tasks
 from caption_platform.operators import CaptionJobOperator
 from caption_platform.params import dag_params
 
@@ -52,7 +52,7 @@ Leave a parameter empty to use the configured default. Beam search needs
 
 
 @dag(
-    dag_id=run_steps.DAG_ID,
+    dag_id=tasks.DAG_ID,
     schedule="@daily",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
@@ -70,8 +70,8 @@ def caption_images() -> None:
     @task
     def plan() -> dict:
         ctx = get_current_context()
-        with run_steps.error_in_xcom(ctx["ti"]):
-            return run_steps.plan_task(ctx["run_id"], ctx["params"],
+        with tasks.error_in_xcom(ctx["ti"]):
+            return tasks.plan_task(ctx["run_id"], ctx["params"],
                                        run_kind=ctx["dag_run"].run_type)
 
     @task.short_circuit
@@ -83,15 +83,15 @@ def caption_images() -> None:
     @task(outlets=[CAPTIONS_ASSET])
     def publish(run: dict) -> dict:
         ctx = get_current_context()
-        with run_steps.error_in_xcom(ctx["ti"]):
-            result = run_steps.publish_run(run)
+        with tasks.error_in_xcom(ctx["ti"]):
+            result = tasks.publish_run(run)
         ctx["outlet_events"][CAPTIONS_ASSET].extra = result
         return result
 
     @task
     def validate(run: dict) -> dict:
-        with run_steps.error_in_xcom(get_current_context()["ti"]):
-            return run_steps.validate_run(run)
+        with tasks.error_in_xcom(get_current_context()["ti"]):
+            return tasks.validate_run(run)
 
     @task(trigger_rule="all_done", retries=0)
     def record_metrics() -> dict | None:
@@ -99,10 +99,10 @@ def caption_images() -> None:
         # row must still say why (an XComArg would fail this task with "XCom not found").
         ctx = get_current_context()
         ti = ctx["ti"]
-        errors = {t: ti.xcom_pull(task_ids=t, key=run_steps.ERROR_KEY)
-                  for t in run_steps.RUN_TASKS}
-        return run_steps.record_metrics(
-            ti.xcom_pull(task_ids="plan"), dag_id=run_steps.DAG_ID,
+        errors = {t: ti.xcom_pull(task_ids=t, key=tasks.ERROR_KEY)
+                  for t in tasks.RUN_TASKS}
+        return tasks.record_metrics(
+            ti.xcom_pull(task_ids="plan"), dag_id=tasks.DAG_ID,
             dataflow_job_id=ti.xcom_pull(task_ids="caption", key="dataflow_job_id"),
             errors=errors, run_id=ctx["run_id"], params=ctx["params"],
             run_kind=ctx["dag_run"].run_type)
@@ -111,7 +111,7 @@ def caption_images() -> None:
     def export(run: dict) -> dict | None:
         if not get_current_context()["params"]["export_hf"]:
             return None
-        return run_steps.export_run(run)
+        return tasks.export_run(run)
 
     run = plan()
     gate = has_new_images(run)

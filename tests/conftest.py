@@ -48,3 +48,26 @@ def airflow_db() -> str:
     airflow = str(Path(sys.executable).with_name("airflow"))
     subprocess.run([airflow, "db", "migrate"], check=True, capture_output=True)
     return os.environ["AIRFLOW_HOME"]
+
+
+@pytest.fixture
+def make_plan():
+    """Build a RunPlan for settings and a run id without listing anything (the fields the
+    plan task derives, the rest as given): ``make_plan(settings, "manual__x", images=5)``."""
+
+    def make(settings, run_id: str, **fields):
+        from caption_platform.config import job_output, manifest_uri, run_folder
+        from caption_platform.launch import job_options, launch_spec
+        from caption_platform.plan import RunPlan
+        from captioning.layout import run_key
+
+        values = {"run_id": run_id, "run_key": run_key(run_id),
+                  "run_folder": run_folder(settings, run_id),
+                  "manifest_uri": manifest_uri(settings, run_id),
+                  "output": job_output(settings, run_id), "images": 0,
+                  "job_options": job_options(settings, run_id),
+                  "launch": launch_spec(settings), "settings": settings}
+        values.update(fields)
+        return RunPlan(**values)
+
+    return make

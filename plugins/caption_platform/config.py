@@ -38,14 +38,14 @@ from pydantic import (
     model_validator,
 )
 
-from captioning import job_spec, layout
-
 #: The checkout (or, on Cloud Composer, the environment bucket's mount) this file lives in.
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from caption_platform import REPO_ROOT
+from captioning import job_spec, layout
 
 PROFILES = ("local", "gcp")
 WAREHOUSES = ("duckdb", "bigquery")
-RUNNERS = ("DirectRunner", "PrismRunner", "DataflowRunner")
+DATAFLOW = "DataflowRunner"
+RUNNERS = ("DirectRunner", "PrismRunner", DATAFLOW)
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _ENV_PREFIX = "CAPTION_"
@@ -239,6 +239,11 @@ class Settings(_Model):
     max_dead_letter_share: float = Field(default=0.5, ge=0, le=1)
     pricing: dict[str, Any] = Field(default_factory=dict)
 
+    @property
+    def on_dataflow(self) -> bool:
+        """Whether runs go to Dataflow (GPU workers, deferrable launch, job metrics from its API)."""
+        return self.runner == DATAFLOW
+
     @field_validator("bq_dataset")
     @classmethod
     def _dataset(cls, v: str | None) -> str | None:
@@ -251,7 +256,7 @@ class Settings(_Model):
             missing += [n for n in ("gcp_project", "bq_dataset") if not getattr(self, n)]
         if self.warehouse == "duckdb" and not self.duckdb_path:
             missing.append("duckdb_path")
-        if self.runner == "DataflowRunner":
+        if self.on_dataflow:
             if not self.gcp_project and "gcp_project" not in missing:
                 missing.append("gcp_project")
             if not self.dataflow.temp_location:
@@ -296,7 +301,7 @@ class Settings(_Model):
         from caption_platform.cost_model import PriceTable
 
         prices = PriceTable().with_overrides(self.pricing or None)
-        if self.runner == "DataflowRunner" and self.dataflow.worker_accelerator():
+        if self.on_dataflow and self.dataflow.worker_accelerator():
             try:
                 prices.gpu_price(str(self.dataflow.accelerator_type))
             except ValueError as exc:
@@ -324,7 +329,7 @@ def _gcp_defaults() -> dict[str, Any]:
     return {
         "profile": "gcp",
         "warehouse": "bigquery",
-        "runner": "DataflowRunner",
+        "runner": DATAFLOW,
         "job": {"device": "cuda"},
     }
 
@@ -501,11 +506,6 @@ def default_job_file() -> str:
     import captioning
 
     return str(Path(captioning.__file__).resolve().parent.parent / "caption_images.py")
-
-
-def run_key(run_id: str) -> str:
-    """Filesystem- and table-safe slug of an Airflow run id (``captioning.layout``)."""
-    return layout.run_key(run_id)
 
 
 def run_folder(settings: Settings, run_id: str) -> str:

@@ -57,9 +57,9 @@ def _describe(key: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in key.items() if v is not None)
 
 
-def run_key(settings: Settings) -> dict[str, Any]:
+def comparison_key(settings: Settings) -> dict[str, Any]:
     """The fields a past run must share with this one to price it."""
-    on_dataflow = settings.runner == "DataflowRunner"
+    on_dataflow = settings.on_dataflow
     df = settings.dataflow
     key: dict[str, Any] = {
         "runner": settings.runner,

@@ -1,5 +1,7 @@
 """Build the run's pipeline_runs row (contract) from what the job actually used.
 
+:func:`run_row` is what the record_metrics task writes for a planned run, and
+:func:`plan_failure_row` for a run whose plan failed.
 Local runs: the job's ``run_summary.json`` (wall/CPU time, peak RSS, counters).
 Dataflow runs: the job resource and its job-level metrics (``TotalVcpuTime`` ...).
 Cost comes from :mod:`caption_platform.cost_model`, GPU time included. A run that did
@@ -13,15 +15,17 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from caption_platform.cost_model import PriceTable, Resources, estimate_cost
+from caption_platform.cost_model import PriceTable, Resources, estimate_cost, prices_from_settings
+from caption_platform.warehouse.tables import DONE, PLAN_FAILED
 from captioning.counters import DEAD_LETTER_COUNTERS
 
 if TYPE_CHECKING:
     from caption_platform.config import Settings
+    from caption_platform.plan import RunPlan
 
-DONE = "JOB_STATE_DONE"
-#: final_state of a run whose plan task failed: no job was launched.
-PLAN_FAILED = "PLAN_FAILED"
+__all__ = ["DONE", "MODEL_SETTINGS", "PLAN_FAILED", "fetch_dataflow_job_resources",
+           "job_metric", "model_settings", "plan_failure_row", "resources_from_dataflow",
+           "run_row", "run_row_from_dataflow", "run_row_from_summary"]
 _SYSTEM_ORIGIN = "dataflow/v1b3"
 # Context keys of per-step entries. Job-level totals carry `original_name` (for example
 # "Service-cpu_num_seconds") and no step, so `original_name` alone marks nothing.
@@ -254,3 +258,68 @@ def fetch_dataflow_job_resources(
             return job, metrics
         previous = vcpu
         time.sleep(poll_s)
+
+
+def run_row(plan: RunPlan, *, dag_id: str, dataflow_job_id: str | None,
+            caption_error: str | None) -> dict[str, Any]:
+    """The row from the job's own account: Dataflow's API or the local run_summary.json."""
+    from caption_platform.job_summary import read_run_summary
+
+    settings = plan.settings
+    prices = prices_from_settings(settings)
+    if settings.on_dataflow:
+        df = settings.dataflow
+        if dataflow_job_id:
+            job, metrics = fetch_dataflow_job_resources(
+                dataflow_job_id, settings.gcp_project or "", df.region, settings.gcp_conn_id,
+                wait_s=df.metrics_wait_s,
+            )
+        else:  # the launch failed before Dataflow accepted a job: still a (failed) run
+            job, metrics = {"currentState": "JOB_STATE_FAILED"}, []
+        row = run_row_from_dataflow(
+            job,
+            metrics,
+            run_id=plan.run_id,
+            dag_id=dag_id,
+            images_in=plan.images,
+            machine_type=df.machine_type,
+            gpu_type=df.accelerator_type if df.accelerator_count else None,
+            num_workers_max=df.max_num_workers,
+            settings=settings,
+            prices=prices,
+        )
+        if not dataflow_job_id:
+            row["error"] = ("the Dataflow launch failed before a job id was recorded "
+                            "(see the caption task's log)")
+    else:
+        summary = read_run_summary(plan)
+        if summary is None:  # the job died before writing it: record the failure, not a run
+            summary = {
+                "counters": {},
+                "wall_s": 0.0,
+                "final_state": "JOB_STATE_FAILED",
+                "error": caption_error or
+                "the Beam job wrote no run_summary.json (see the caption task log)",
+                "settings": settings.job.model_dump(),
+                "runner": settings.runner,
+            }
+        row = run_row_from_summary(summary, run_id=plan.run_id, dag_id=dag_id,
+                                   images_in=plan.images, prices=prices)
+    row["run_kind"] = plan.run_kind
+    row["benchmark_id"] = plan.benchmark_id
+    return row
+
+
+def plan_failure_row(settings: Settings, *, run_id: str, dag_id: str, run_kind: str | None,
+                     error: str | None) -> dict[str, Any]:
+    """The row of a run whose plan failed: nothing launched, the cause named."""
+    return {
+        "run_id": run_id,
+        "dag_id": dag_id,
+        "runner": settings.runner,
+        "run_kind": run_kind,
+        "images_in": 0,
+        "final_state": PLAN_FAILED,
+        "error": error or "plan: failed before it recorded an error (see the plan task log)",
+        **model_settings(settings.job.model_dump()),
+    }

@@ -10,46 +10,87 @@ on kill and, on Dataflow, deferral to the triggerer while the GPU job runs.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.providers.apache.beam.operators.beam import BeamRunPythonPipelineOperator
+from airflow.version import version as airflow_version
 
 from captioning.layout import EXIT_WITH_PARENT_ENV
 
+if TYPE_CHECKING:
+    from caption_platform.plan import RunPlan
+
 
 class CaptionJobOperator(BeamRunPythonPipelineOperator):
-    """Run the captioning Beam job with the launch settings in the plan task's XCom."""
+    """Run the captioning Beam job with the launch settings of the plan task's XCom."""
 
     def __init__(self, *, plan_task_id: str = "plan", **kwargs: Any) -> None:
-        # Placeholders until execute(): the plan decides (see run_steps.launch_config).
+        # Placeholders until execute(): the plan decides (caption_platform.launch).
         super().__init__(py_file="caption_images.py", runner="DirectRunner",
                          deferrable=False, **kwargs)
         self.plan_task_id = plan_task_id
 
-    def apply_plan(self, plan: dict[str, Any]) -> None:
+    def apply_plan(self, plan: RunPlan) -> None:
         """Take the runner, job file, options and deferral the plan resolved for this run."""
-        launch = plan["launch"]
-        self.py_file = launch["py_file"]
-        self.py_interpreter = launch["py_interpreter"]
-        self.runner = launch["runner"]
-        self.default_pipeline_options = dict(launch["default_pipeline_options"])
-        self.pipeline_options = dict(plan["job_options"])
-        self.dataflow_config = launch["dataflow_config"] or {}
-        self.gcp_conn_id = launch["gcp_conn_id"]
-        self.deferrable = bool(launch["deferrable"])
+        launch = plan.launch
+        self.py_file = launch.py_file
+        self.py_interpreter = launch.py_interpreter
+        self.runner = launch.runner
+        self.default_pipeline_options = dict(launch.default_pipeline_options)
+        self.pipeline_options = dict(plan.job_options)
+        # The operator adds its airflow-version label to pipeline_options["labels"], which
+        # then replaces the default options' labels whole: the deployment's labels go here.
+        labels = self.default_pipeline_options.pop("labels", None)
+        if labels:
+            self.pipeline_options["labels"] = dict(labels)
+        self.dataflow_config = launch.dataflow_config or {}
+        self.gcp_conn_id = launch.gcp_conn_id
+        self.deferrable = launch.deferrable
+
+    def _take(self, plan: RunPlan) -> None:
+        from caption_platform.job_summary import clear_run_summary
+
+        self.apply_plan(plan)
+        # this attempt's success is the only one record_metrics may read
+        clear_run_summary(plan)
+        # a local job (a child of this task) ends with the task, however it is killed
+        os.environ[EXIT_WITH_PARENT_ENV] = "1"
+        self.log.info("launching %s with %s on %s (deferrable: %s)", self.py_file,
+                      self.py_interpreter, self.runner, self.deferrable)
 
     def execute(self, context: Any) -> Any:
-        from caption_platform import run_steps
+        from caption_platform.plan import RunPlan
+        from caption_platform.tasks import error_in_xcom
 
-        with run_steps.error_in_xcom(context["ti"]):
-            plan = context["ti"].xcom_pull(task_ids=self.plan_task_id)
-            if not plan:
+        with error_in_xcom(context["ti"]):
+            xcom = context["ti"].xcom_pull(task_ids=self.plan_task_id)
+            if not xcom:
                 raise ValueError(f"no plan in XCom from task {self.plan_task_id!r}")
-            self.apply_plan(plan)
-            # this attempt's success is the only one record_metrics may read
-            run_steps.clear_run_summary(plan)
-            # a local job (a child of this task) ends with the task, however it is killed
-            os.environ[EXIT_WITH_PARENT_ENV] = "1"
-            self.log.info("launching %s on %s (deferrable: %s)", self.py_file, self.runner,
-                          self.deferrable)
+            self._take(RunPlan.from_xcom(xcom))
             return super().execute(context)
+
+    def run_to_completion(self, plan: RunPlan, context: Any) -> str | None:
+        """Launch ``plan``'s job and wait for its end inside the calling task; return the
+        Dataflow job id (None off Dataflow).
+
+        For the benchmark, whose runs must follow one another within one task each: these
+        are the steps of the provider's own ``execute`` on its synchronous path (its
+        Dataflow options and job-id tracking, its hooks), which Airflow refuses to have
+        called from inside another task.
+        """
+        self._take(plan)
+        self.deferrable = False
+        self._execute_context = context
+        self._cast_dataflow_config()
+        self.pipeline_options.setdefault("labels", {}).update(
+            {"airflow-version": "v" + airflow_version.replace(".", "-").replace("+", "-")})
+        (self.is_dataflow, self.dataflow_job_name, self.snake_case_pipeline_options,
+         self.process_line_callback, self.is_dataflow_job_id_exist_callback,
+         ) = self._init_pipeline_options(format_pipeline_options=True,
+                                         job_name_variable_key="job_name")
+        if self.is_dataflow:
+            return self.execute_on_dataflow(context)["dataflow_job_id"]
+        self.beam_hook.start_python_pipeline(
+            variables=self.snake_case_pipeline_options, py_file=self.py_file,
+            py_options=self.py_options, py_interpreter=self.py_interpreter)
+        return None

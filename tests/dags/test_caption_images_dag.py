@@ -116,7 +116,7 @@ def test_good_parameters_pass_the_trigger_form() -> None:
 def test_beam_search_needs_enough_beams() -> None:
     """A combination JSON schema cannot express is refused by the first task, clearly."""
     from caption_platform.config import SettingsError
-    from caption_platform.run_steps import settings_for_run
+    from caption_platform.tasks import settings_for_run
 
     with pytest.raises(SettingsError, match=r"num_beams \(2\) must be >= num_captions \(4\)"):
         settings_for_run({"num_captions": 4, "num_beams": 2, "decoding": "beam"})
@@ -128,7 +128,7 @@ def test_a_wrong_combination_fails_the_plan_task_at_once_without_retries(
 ) -> None:
     from airflow.sdk.exceptions import AirflowFailException
 
-    from caption_platform.run_steps import plan_task
+    from caption_platform.tasks import plan_task
 
     monkeypatch.setenv("CAPTION_DATA_ROOT", f"file://{tmp_path}")
     monkeypatch.setenv("CAPTION_DUCKDB_PATH", str(tmp_path / "wh.duckdb"))
@@ -213,7 +213,7 @@ def test_job_settings_are_generated_from_the_job_declaration() -> None:
     """Each per-run job setting is a Param with the declaration's bounds; the job's options
     carry every job setting, including the limit the manifest filters by."""
     from caption_platform.config import load_settings
-    from caption_platform.run_steps import job_options
+    from caption_platform.launch import job_options
     from captioning import job_spec
 
     dag = load_dagbag().dags["caption_images"]
@@ -247,25 +247,26 @@ GCP_ENV = {
 }
 
 
-def gcp_plan(monkeypatch: pytest.MonkeyPatch, params: dict | None = None) -> dict:
-    """The launch part of what the plan task returns on the gcp profile (no cloud call)."""
-    from caption_platform.run_steps import job_options, launch_config, settings_for_run
+@pytest.fixture
+def gcp_plan(monkeypatch: pytest.MonkeyPatch, make_plan):
+    """What the plan task returns on the gcp profile (no cloud call), for some parameters."""
+    from caption_platform.tasks import settings_for_run
 
-    for key, value in GCP_ENV.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("CAPTION_IGNORE_AIRFLOW_VARIABLES", "1")
-    settings = settings_for_run(params or {})
-    run_id = "manual__2026-11-01"
-    return {"run_id": run_id, "images": 3, "settings": settings.model_dump(mode="json"),
-            "job_options": job_options(settings, run_id), "launch": launch_config(settings),
-            "params": params or {}}
+    def plan(params: dict | None = None):
+        for key, value in GCP_ENV.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("CAPTION_IGNORE_AIRFLOW_VARIABLES", "1")
+        return make_plan(settings_for_run(params or {}), "manual__2026-11-01", images=3,
+                         params=params or {})
+
+    return plan
 
 
-def test_gcp_profile_renders_the_full_dataflow_gpu_job(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gcp_profile_renders_the_full_dataflow_gpu_job(gcp_plan) -> None:
     """Every option of the gcp profile reaches the command line the Beam hook would run."""
     from airflow.providers.apache.beam.hooks.beam import beam_options_to_args
 
-    plan = gcp_plan(monkeypatch)
+    plan = gcp_plan()
     op = load_dagbag().dags["caption_images"].task_dict["caption"]
     op.apply_plan(plan)
     assert op.runner == "DataflowRunner" and op.py_interpreter == "python3"
@@ -309,12 +310,10 @@ def test_gcp_profile_renders_the_full_dataflow_gpu_job(monkeypatch: pytest.Monke
     validate(CaptionOptions([a for a in args if not a.startswith("--labels")]))
 
 
-def test_gcp_job_builds_for_the_dataflow_runner_without_torch(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_gcp_job_builds_for_the_dataflow_runner_without_torch(gcp_plan) -> None:
     """Composer submits the job from an environment without torch or transformers."""
-    plan = gcp_plan(monkeypatch, {"prompt": "a photo of"})
-    argv = [f"--{k}={v}" for k, v in plan["job_options"].items()]
+    plan = gcp_plan({"prompt": "a photo of"})
+    argv = [f"--{k}={v}" for k, v in plan.job_options.items()]
     code = textwrap.dedent(
         f"""
         import importlib.abc, json, sys
@@ -348,10 +347,10 @@ def test_gcp_job_builds_for_the_dataflow_runner_without_torch(
 
 
 def test_gcp_failed_launch_is_recorded_as_a_failed_run(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, gcp_plan
 ) -> None:
     """A launch that dies before Dataflow gives a job id still leaves a pipeline_runs row."""
-    from caption_platform import run_steps, warehouse
+    from caption_platform import tasks, warehouse
 
     recorded: list[dict] = []
 
@@ -359,10 +358,10 @@ def test_gcp_failed_launch_is_recorded_as_a_failed_run(
         def record_run(self, row: dict) -> None:
             recorded.append(row)
 
-    plan = gcp_plan(monkeypatch)
+    plan = gcp_plan()
     monkeypatch.setattr(warehouse, "get_warehouse", lambda settings: Recorder())
-    row = run_steps.record_metrics(plan, dag_id="caption_images", dataflow_job_id=None)
-    assert recorded and recorded[0]["run_id"] == plan["run_id"]
+    row = tasks.record_metrics(plan.to_xcom(), dag_id="caption_images", dataflow_job_id=None)
+    assert recorded and recorded[0]["run_id"] == plan.run_id
     assert row["final_state"] == "JOB_STATE_FAILED"
     assert "launch failed" in row["error"]
     assert row["images_in"] == 3 and row["images_per_s"] is None
@@ -370,10 +369,11 @@ def test_gcp_failed_launch_is_recorded_as_a_failed_run(
 
 
 def test_local_profile_launches_in_process_not_deferred(monkeypatch: pytest.MonkeyPatch) -> None:
-    from caption_platform.run_steps import launch_config, settings_for_run
+    from caption_platform.launch import launch_spec
+    from caption_platform.tasks import settings_for_run
 
     monkeypatch.setenv("CAPTION_IGNORE_AIRFLOW_VARIABLES", "1")
-    launch = launch_config(settings_for_run({}))
-    assert launch["runner"] == "DirectRunner" and launch["deferrable"] is False
-    assert launch["default_pipeline_options"] == {} and launch["dataflow_config"] is None
-    assert launch["py_interpreter"] == sys.executable
+    launch = launch_spec(settings_for_run({}))
+    assert launch.runner == "DirectRunner" and launch.deferrable is False
+    assert launch.default_pipeline_options == {} and launch.dataflow_config is None
+    assert launch.py_interpreter == sys.executable

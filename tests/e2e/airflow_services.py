@@ -28,8 +28,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from caption_platform.gcp_emulators import free_port
-from caption_platform.local_airflow import (
+from tools.gcp_emulators import free_port
+from tools.local_airflow import (
     airflow_env,
     airflow_executable,
     stop_process_group,

@@ -176,7 +176,7 @@ def _query(db: Path, sql: str, *params: Any) -> list[tuple]:
 def test_plain_airflow_reads_the_project_settings_from_airflow_cfg(tmp_path: Path) -> None:
     """`make airflow` writes airflow.cfg so that plain `airflow` (only AIRFLOW_HOME set)
     finds this project's DAGs; rewriting keeps the secrets and the user's own lines."""
-    from caption_platform import local_airflow as la
+    from tools import local_airflow as la
 
     home = tmp_path / "home"
     home.mkdir()

@@ -42,7 +42,7 @@ def query(db: Path, sql: str) -> list[tuple[Any, ...]]:
 def test_benchmark_runs_each_version_and_reports(bench_profile: dict[str, Path]) -> None:
     from airflow.dag_processing.dagbag import DagBag
 
-    from caption_platform.sdk_envs import installed_beam_version
+    from caption_platform.benchmark.sdk_envs import installed_beam_version
 
     installed = installed_beam_version()
     bag = DagBag(str(DAGS_FOLDER))
@@ -84,30 +84,69 @@ def test_benchmark_runs_each_version_and_reports(bench_profile: dict[str, Path])
     assert "data:image/png;base64" in html and installed in html
 
 
+FAKE_PYTHON = """#!/bin/sh
+# Stands in for a Beam version's interpreter: answers the Beam hook's version probe, records
+# the job's command line, and prints the line Beam's DataflowRunner prints once Dataflow has
+# accepted a job.
+if [ "$1" = "-c" ]; then echo 2.76.0; exit 0; fi
+printf '%s\\n' "$@" > "$(dirname "$0")/argv.txt"
+echo "Created job with id: [2026-12-04_01_02_03-42]"
+"""
+
+
 def test_on_dataflow_each_version_gets_its_worker_image_and_launcher(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, make_plan,
 ) -> None:
-    """On the gcp profile a benchmark run launches with that version's Python (the env) and
-    the worker image tag of that version, with the deployment's Dataflow shape."""
-    from caption_platform import benchmark, run_steps
-    from caption_platform.sdk_envs import SdkEnv, job_command
+    """On the gcp profile a benchmark run launches through the caption DAG's own operator
+    (run to completion in the run's task) and the Beam hook, with that version's Python (the env) and the worker image tag of that
+    version, with the deployment's Dataflow shape. Faked: the interpreter (a script that
+    records its command line) and the Google edge (Dataflow's wait, the summary on GCS)."""
+    from airflow.providers.google.cloud.hooks.dataflow import DataflowHook
+
+    from caption_platform import job_summary, tasks
+    from caption_platform.benchmark import steps as benchmark
+    from caption_platform.benchmark.sdk_envs import SdkEnv
+    from caption_platform.launch import for_sdk_version
+    from caption_platform.operators import CaptionJobOperator
 
     for key, value in {
         "CAPTION_PROFILE": "gcp", "CAPTION_GCP_PROJECT": "my-proj",
         "CAPTION_BQ_DATASET": "captioning", "CAPTION_DATAFLOW__TEMP_LOCATION": "gs://b-1/tmp",
         "CAPTION_DATAFLOW__WORKER_CONTAINER_IMAGE": "us-docker.pkg.dev/p/r/caption-worker:2.77.0",
         "CAPTION_DATAFLOW__LABELS": '{"team": "ml"}', "CAPTION_IGNORE_AIRFLOW_VARIABLES": "1",
+        "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT": "google-cloud-platform://",
     }.items():
         monkeypatch.setenv(key, value)
-    settings = run_steps.settings_for_run({}, benchmark.OVERRIDES)
+    settings = tasks.settings_for_run({}, benchmark.OVERRIDES)
     assert settings.tables.captions == "benchmark_captions"  # never the production table
-    plan = {"job_options": run_steps.job_options(settings, "bench__beam_2.76.0__rep1")}
-    env = SdkEnv(version="2.76.0", path="/envs/beam-2.76.0", python="/envs/beam-2.76.0/bin/python",
-                 status="ok")
-    argv = job_command(env, settings.job_file, benchmark._launch_argv(plan, settings, "2.76.0"))
-    assert argv[0] == "/envs/beam-2.76.0/bin/python" and argv[1].endswith("caption_images.py")
+    python = tmp_path / "beam-2.76.0" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    env = SdkEnv(version="2.76.0", path=str(python.parents[1]), python=str(python), status="ok")
+    plan = make_plan(settings, "bench__beam_2.76.0__rep1", images=3)
+    plan = plan.model_copy(update={"launch": for_sdk_version(plan.launch, "2.76.0",
+                                                             env.interpreter())})
+    waited: list[dict] = []
+    monkeypatch.setattr(DataflowHook, "wait_for_done", lambda self, **kw: waited.append(kw))
+    monkeypatch.setattr(job_summary, "clear_run_summary", lambda plan: False)
+    pushed: dict[str, object] = {}
+
+    class TaskInstance:
+        def xcom_push(self, key: str, value: object) -> None:
+            pushed[key] = value
+
+    job_id = CaptionJobOperator(task_id="caption").run_to_completion(plan, {"ti": TaskInstance()})
+
+    assert job_id == "2026-12-04_01_02_03-42"
+    assert pushed["dataflow_job_id"] == "2026-12-04_01_02_03-42"
+    assert waited and waited[0]["job_id"] == "2026-12-04_01_02_03-42"
+    argv = (python.parent / "argv.txt").read_text().splitlines()
+    assert argv[0].endswith("caption_images.py")
     for expected in ("--runner=DataflowRunner", "--project=my-proj", "--region=us-central1",
                      "--sdk_container_image=us-docker.pkg.dev/p/r/caption-worker:2.76.0",
-                     "--labels=team=ml", "--device=cuda", "--job_name=caption-bench-2-76-0"):
+                     "--labels=team=ml", "--device=cuda"):
         assert expected in argv, expected
+    assert any(a.startswith("--job_name=caption-bench-2-76-0") for a in argv)
+    assert any(a.startswith("--labels=airflow-version=") for a in argv)
     assert any(a.startswith("--output=bq://my-proj.captioning.stg_bench") for a in argv)

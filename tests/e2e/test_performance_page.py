@@ -68,8 +68,7 @@ def chromium_binary() -> str | None:
 # -- the warehouse ------------------------------------------------------------------------
 def write_warehouse(path: Path) -> list[dict[str, Any]]:
     """pipeline_runs rows with known values, through the project's own warehouse code."""
-    from caption_platform import tables
-    from caption_platform.warehouse import DuckDBWarehouse
+    from caption_platform.warehouse import DuckDBWarehouse, tables
 
     declared = tables.columns(tables.PIPELINE_RUNS)
     start = datetime(2026, 11, 1, 2, 0, tzinfo=UTC)
@@ -225,8 +224,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
 
 # -- the page's logic, without a server ------------------------------------------------------
 def test_page_logic_without_a_server() -> None:
-    import caption_performance as page
+    import caption_performance as plugin
 
+    from caption_platform.benchmark import page_app as page
+
+    # the plugin file loads outside Airflow and mounts the page's lazily built app
+    assert isinstance(plugin.app, page.LazyASGIApp)
+    assert plugin.CaptioningPerformancePlugin.fastapi_apps == [
+        {"app": plugin.app, "url_prefix": page.URL_PREFIX, "name": page.VIEW_NAME}]
     assert page.parse_query([("runner", " DirectRunner "), ("limit", ""), ("threshold", "5")]) \
         == ({"runner": "DirectRunner"}, {"threshold": "5"})
     for bad in ([("runner", "a"), ("runner", "b")], [("x", "1")], [("dag_id", "a\nb")],
@@ -326,7 +331,7 @@ def test_logged_in_user_sees_the_report(server: ApiServer) -> None:
 
 @pytest.mark.slow
 def test_filters_narrow_the_runs_and_bad_values_are_refused(server: ApiServer) -> None:
-    from caption_platform import tables
+    from caption_platform.warehouse import tables
 
     token = server.token()
     query = urlencode({"dag_id": "benchmark_beam_sdks", "gpu_type": "nvidia-tesla-t4",

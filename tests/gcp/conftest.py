@@ -1,4 +1,4 @@
-"""The local gcp stack (caption_platform.gcp_emulators) for the tests in this folder:
+"""The local gcp stack (tools.gcp_emulators) for the tests in this folder:
 fake-gcs-server and bqemulator started once per session; each test gets its own bucket
 and dataset, and the Google clients, Airflow's default connection and the settings
 environment pointed at them."""
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from caption_platform.gcp_emulators import GcpStack, start_stack
+from tools.gcp_emulators import GcpStack, start_stack
 
 # gcsfs reads this once, when first imported: before any test of the session imports it.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")

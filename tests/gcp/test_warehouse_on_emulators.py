@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 
-from caption_platform import tables
 from caption_platform.validation import ExactlyOnceError
-from caption_platform.warehouse import BigQueryWarehouse
+from caption_platform.warehouse import BigQueryWarehouse, tables
 from captioning import schema
 from captioning.sinks import _to_bigquery_json
 from tests.gcp.conftest import Gcp

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from caption_platform import tables
+from caption_platform.warehouse import tables
 
 
 @pytest.fixture(autouse=True)

@@ -11,9 +11,9 @@ from caption_platform.config import (
     load_settings,
     manifest_uri,
     run_folder,
-    run_key,
     validate_identifier,
 )
+from captioning.layout import run_key
 
 
 def test_local_defaults() -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from caption_platform import run_steps
-from caption_platform.forecast import BudgetExceeded, forecast, run_key
+from caption_platform import tasks
+from caption_platform.forecast import BudgetExceeded, comparison_key, forecast
 
 
 @pytest.fixture
@@ -59,17 +59,17 @@ def test_plan_refuses_a_run_over_its_budget_and_launches_under_it(local_settings
 
     from caption_platform.warehouse import get_warehouse
 
-    settings = run_steps.settings_for_run({})
+    settings = tasks.settings_for_run({})
     warehouse = get_warehouse(settings)
     warehouse.ensure_tables()
-    key = run_key(settings)
+    key = comparison_key(settings)
     warehouse.record_run(past_run(key, "earlier", per_1k=50.0))  # $0.05 per image
 
-    plan = run_steps.plan_task("manual__cheap", {"max_cost_usd": 1.0})
+    plan = tasks.plan_task("manual__cheap", {"max_cost_usd": 1.0})
     assert plan["images"] == 4 and plan["forecast_cost_usd"] == pytest.approx(0.2)
     with pytest.raises(AirflowFailException, match=r"not launched: forecast for 4 images: "
                        r"\$0\.2000.*exceeds max_cost_usd \$0\.1000"):
-        run_steps.plan_task("manual__dear", {"max_cost_usd": 0.1})
+        tasks.plan_task("manual__dear", {"max_cost_usd": 0.1})
 
 
 def test_a_configured_budget_applies_to_scheduled_runs(
@@ -79,11 +79,11 @@ def test_a_configured_budget_applies_to_scheduled_runs(
 
     from caption_platform.warehouse import get_warehouse
 
-    settings = run_steps.settings_for_run({})
+    settings = tasks.settings_for_run({})
     warehouse = get_warehouse(settings)
     warehouse.ensure_tables()
-    warehouse.record_run(past_run(run_key(settings), "earlier", per_1k=50.0))
+    warehouse.record_run(past_run(comparison_key(settings), "earlier", per_1k=50.0))
     monkeypatch.setenv("CAPTION_MAX_COST_USD", "0.1")
     with pytest.raises(AirflowFailException, match="exceeds max_cost_usd"):
-        run_steps.plan_task("scheduled__x", {})
-    assert run_steps.plan_task("manual__raised", {"max_cost_usd": 5})["images"] == 4
+        tasks.plan_task("scheduled__x", {})
+    assert tasks.plan_task("manual__raised", {"max_cost_usd": 5})["images"] == 4

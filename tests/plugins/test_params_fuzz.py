@@ -113,7 +113,8 @@ def test_whatever_a_trigger_sends_is_refused_or_safe(params: dict[str, Any],
     from airflow.providers.apache.beam.hooks.beam import beam_options_to_args
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from caption_platform.run_steps import job_options, settings_for_run
+    from caption_platform.launch import job_options
+    from caption_platform.tasks import settings_for_run
     from captioning.options import CaptionOptions
 
     form = dag_params()

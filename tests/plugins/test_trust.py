@@ -97,7 +97,7 @@ def test_declared_lists_from_the_environment(deployment: dict[str, Path],
 
 def test_a_run_parameter_cannot_widen_the_lists(deployment: dict[str, Path]) -> None:
     """Trigger parameters arrive as keyword overrides: they are checked, never trusted."""
-    from caption_platform.run_steps import settings_for_run
+    from caption_platform.tasks import settings_for_run
 
     with pytest.raises(SettingsError, match="outside the allowed source roots"):
         settings_for_run({"source_uri": f"file://{deployment['outside']}"})
@@ -114,7 +114,7 @@ def test_the_plan_task_fails_at_once_before_reading(deployment: dict[str, Path],
                                                     params: dict, message: str) -> None:
     from airflow.sdk.exceptions import AirflowFailException
 
-    from caption_platform.run_steps import plan_task
+    from caption_platform.tasks import plan_task
 
     params = {k: v.format(images=deployment["images"]) for k, v in params.items()}
     with pytest.raises(AirflowFailException, match=message):  # no retries: it cannot change
@@ -140,7 +140,7 @@ def test_the_form_refuses_what_it_can_express() -> None:
 
 
 def test_the_job_gets_the_lists_on_its_command_line(deployment: dict[str, Path]) -> None:
-    from caption_platform.run_steps import job_options
+    from caption_platform.launch import job_options
 
     options = job_options(load_settings(), "manual__1")
     assert options["source_roots"] == load_settings().job.source_roots

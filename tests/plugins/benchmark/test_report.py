@@ -29,9 +29,15 @@ from typing import Any
 
 import pytest
 
-from caption_platform import report as rpt
+from caption_platform.benchmark.pages import html_page, render
+from caption_platform.benchmark.statistics import (
+    MetricStats,
+    Report,
+    caption_agreement,
+    summarize,
+)
 
-PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
+PLUGINS = Path(__file__).resolve().parents[3] / "plugins"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GENERATED = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 DAY0 = datetime(2026, 11, 1, 2, 0, tzinfo=UTC)
@@ -88,16 +94,16 @@ def runs() -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def report(runs: list[dict[str, Any]]) -> rpt.Report:
-    return rpt.summarize(runs, agreement=AGREEMENT, generated_at=GENERATED)
+def report(runs: list[dict[str, Any]]) -> Report:
+    return summarize(runs, agreement=AGREEMENT, generated_at=GENERATED)
 
 
-def stats(report: rpt.Report, version: str, metric: str) -> rpt.MetricStats:
+def stats(report: Report, version: str, metric: str) -> MetricStats:
     return report.version(version).metrics[metric]
 
 
 # -- statistics -----------------------------------------------------------------------------
-def test_versions_in_order_and_failed_runs_counted_not_measured(report: rpt.Report) -> None:
+def test_versions_in_order_and_failed_runs_counted_not_measured(report: Report) -> None:
     assert [v.version for v in report.versions] == ["2.75.0", "2.76.0", "2.77.0"]
     v276 = report.version("2.76.0")
     assert (v276.runs, v276.failed, v276.succeeded) == (4, 1, 3)
@@ -109,7 +115,7 @@ def test_versions_in_order_and_failed_runs_counted_not_measured(report: rpt.Repo
     assert v276.last_started_at == DAY0 + timedelta(days=3)  # the failed run is a run
 
 
-def test_median_and_spread(report: rpt.Report) -> None:
+def test_median_and_spread(report: Report) -> None:
     s = stats(report, "2.75.0", "runtime_s")
     assert (s.median, s.min, s.max, s.half_range, s.n) == (100.0, 98.0, 102.0, 2.0, 3)
     s = stats(report, "2.77.0", "runtime_s")
@@ -120,7 +126,7 @@ def test_median_and_spread(report: rpt.Report) -> None:
     assert stats(report, "2.77.0", "cost_per_1k_images_usd").median == 2.2
 
 
-def test_changes_against_previous_and_baseline(report: rpt.Report) -> None:
+def test_changes_against_previous_and_baseline(report: Report) -> None:
     assert report.baseline == "2.75.0"  # default: the oldest version
     first = stats(report, "2.75.0", "runtime_s")
     assert first.change_vs_previous_pct is None and first.change_vs_baseline_pct is None
@@ -138,19 +144,19 @@ def test_changes_against_previous_and_baseline(report: rpt.Report) -> None:
 
 
 def test_chosen_baseline_and_unknown_baseline(runs: list[dict[str, Any]]) -> None:
-    report = rpt.summarize(runs, baseline="2.76.0")
+    report = summarize(runs, baseline="2.76.0")
     assert report.baseline == "2.76.0"
     assert stats(report, "2.75.0", "runtime_s").change_vs_baseline_pct == pytest.approx(
         -100 * 5 / 105)
     assert stats(report, "2.77.0", "runtime_s").change_vs_baseline_pct == pytest.approx(
         100 * 11 / 105)
-    assert rpt.summarize(runs, baseline="2.76").baseline == "2.76.0"
+    assert summarize(runs, baseline="2.76").baseline == "2.76.0"
     with pytest.raises(ValueError, match=r"2\.70\.0.*2\.75\.0, 2\.76\.0, 2\.77\.0"):
-        rpt.summarize(runs, baseline="2.70.0")
+        summarize(runs, baseline="2.70.0")
 
 
 # -- the regression rule ------------------------------------------------------------------
-def test_regression_flags_on_the_known_table(report: rpt.Report) -> None:
+def test_regression_flags_on_the_known_table(report: Report) -> None:
     # +10.48% and outside 2.76.0's range 104..106: flagged (vs previous and vs baseline).
     s = stats(report, "2.77.0", "runtime_s")
     assert s.regression_vs_previous and s.regression_vs_baseline
@@ -182,13 +188,13 @@ def test_regression_flags_on_the_known_table(report: rpt.Report) -> None:
     assert "116.0 s vs 105.0 s (+10.5%" in line and "range 104.0..106.0 s" in line
 
 
-def two_versions(metric: str, old: list[float], new: list[float], **kwargs: Any) -> rpt.Report:
+def two_versions(metric: str, old: list[float], new: list[float], **kwargs: Any) -> Report:
     rows = [run_row("2.0.0", **{metric: x}) for x in old]
     rows += [run_row("2.1.0", **{metric: x}) for x in new]
-    return rpt.summarize(rows, metrics=[metric], **kwargs)
+    return summarize(rows, metrics=[metric], **kwargs)
 
 
-def flagged(report: rpt.Report, metric: str) -> bool:
+def flagged(report: Report, metric: str) -> bool:
     return report.version("2.1.0").metrics[metric].regression_vs_previous
 
 
@@ -243,7 +249,7 @@ def test_a_version_with_only_failed_runs_is_skipped_as_a_reference() -> None:
             run_row("2.1.0", runtime_s=100.0), run_row("2.1.0", runtime_s=100.0),
             run_row("2.2.0", runtime_s=1.0, **failed),
             run_row("2.3.0", runtime_s=120.0), run_row("2.3.0", runtime_s=121.0)]
-    report = rpt.summarize(rows)
+    report = summarize(rows)
     assert report.baseline == "2.1.0"  # the oldest version with a successful run
     broken = report.version("2.2.0")
     assert (broken.runs, broken.failed, broken.metrics["runtime_s"].median) == (1, 1, None)
@@ -251,7 +257,7 @@ def test_a_version_with_only_failed_runs_is_skipped_as_a_reference() -> None:
     assert after.previous_version == "2.1.0"
     assert after.change_vs_previous_pct == pytest.approx(20.5)
     assert after.regression_vs_previous
-    written = rpt.html_page(report, rows)  # a version with nothing to draw still renders
+    written = html_page(report, rows)  # a version with nothing to draw still renders
     assert written.count("data:image/png;base64,") == 1  # runs have no dates: by version only
 
 
@@ -259,14 +265,14 @@ def test_threshold_is_validated() -> None:
     with pytest.raises(ValueError, match="threshold"):
         two_versions("runtime_s", [1.0], [1.0], threshold=-0.1)
     with pytest.raises(ValueError, match="unknown"):
-        rpt.summarize([run_row("2.0.0", runtime_s=1.0)], metrics=["walltime"])
+        summarize([run_row("2.0.0", runtime_s=1.0)], metrics=["walltime"])
 
 
 # -- ordering and tolerance -----------------------------------------------------------------
 def test_versions_sort_semantically_not_as_strings() -> None:
     rows = [run_row(v, runtime_s=10.0) for v in
             ("2.10.0", "2.9.0", "unknown-build", "2.9.1", "2.10.0rc1", None, "2.9.0")]
-    report = rpt.summarize(rows)
+    report = summarize(rows)
     assert [v.version for v in report.versions] == [
         "2.9.0", "2.9.1", "2.10.0rc1", "2.10.0", "unknown", "unknown-build"]
     assert report.baseline == "2.9.0"
@@ -280,7 +286,7 @@ def test_missing_optional_columns_are_tolerated(tmp_path: Path) -> None:
             {"beam_sdk_version": "2.76.0", "runtime_s": 102.0, "images_per_s": "0.9"},
             {"beam_sdk_version": "2.77.0", "runtime_s": 130.0, "images_per_s": None},
             {"beam_sdk_version": "2.77.0", "runtime_s": 131.0, "final_state": None}]
-    report = rpt.summarize(rows)
+    report = summarize(rows)
     assert [m.name for m in report.metrics] == ["runtime_s", "images_per_s"]
     assert stats(report, "2.76.0", "images_per_s").median == pytest.approx(0.95)
     assert stats(report, "2.77.0", "images_per_s").n == 0
@@ -289,7 +295,7 @@ def test_missing_optional_columns_are_tolerated(tmp_path: Path) -> None:
     table = report.rows()
     assert not any(k.startswith("caption_similarity") for k in table[0])
     assert table[0]["caption_agreement"] is None and table[1]["first_started_at"] is None
-    written = rpt.render(report, rows, tmp_path)
+    written = render(report, rows, tmp_path)
     assert sorted(written) == ["csv", "html", "images_per_s_by_version",
                                "runtime_s_by_version"]  # no dates: no over-time charts
 
@@ -297,7 +303,7 @@ def test_missing_optional_columns_are_tolerated(tmp_path: Path) -> None:
 # -- caption agreement ----------------------------------------------------------------------
 def test_caption_agreement_share() -> None:
     base = {"a": "a cat", "b": "a dog", "c": "a red car", "d": "two birds"}
-    shares = rpt.caption_agreement({
+    shares = caption_agreement({
         "2.75.0": base,
         "2.76.0": dict(base),
         "2.77.0": {**base, "c": "a red bus"},
@@ -306,22 +312,22 @@ def test_caption_agreement_share() -> None:
     }, baseline="2.75.0")
     assert shares == {"2.75.0": 1.0, "2.76.0": 1.0, "2.77.0": 0.75, "2.78.0": 0.6}
     with pytest.raises(ValueError, match="2.70.0"):
-        rpt.caption_agreement({"2.75.0": base}, baseline="2.70.0")
+        caption_agreement({"2.75.0": base}, baseline="2.70.0")
 
 
-def test_agreement_in_the_report(report: rpt.Report, runs: list[dict[str, Any]]) -> None:
+def test_agreement_in_the_report(report: Report, runs: list[dict[str, Any]]) -> None:
     assert report.version("2.77.0").agreement == 0.75
     assert report.version("2.77.0").agreement_flag
     assert not report.version("2.76.0").agreement_flag
     assert any("caption agreement with baseline 2.75.0 is 75.0%" in r
                for r in report.regressions)
-    relaxed = rpt.summarize(runs, agreement=AGREEMENT, min_agreement=0.7)
+    relaxed = summarize(runs, agreement=AGREEMENT, min_agreement=0.7)
     assert not relaxed.version("2.77.0").agreement_flag
     assert not any("caption agreement" in r for r in relaxed.regressions)
 
 
 # -- tables ---------------------------------------------------------------------------------
-def test_rows_are_flat_and_uniform(report: rpt.Report) -> None:
+def test_rows_are_flat_and_uniform(report: Report) -> None:
     rows = report.rows()
     assert [r["beam_sdk_version"] for r in rows] == ["2.75.0", "2.76.0", "2.77.0"]
     assert len({tuple(r) for r in rows}) == 1  # same keys, same order in every row
@@ -334,7 +340,7 @@ def test_rows_are_flat_and_uniform(report: rpt.Report) -> None:
     assert rows[0]["is_baseline"] is True and rows[1]["is_baseline"] is False
 
 
-def test_text_table_for_the_task_log(report: rpt.Report) -> None:
+def test_text_table_for_the_task_log(report: Report) -> None:
     text = report.text()
     assert "baseline 2.75.0, threshold 10%" in text
     runtime_lines = [ln for ln in text.splitlines() if "Runtime (s)" in ln]
@@ -347,9 +353,9 @@ def test_text_table_for_the_task_log(report: rpt.Report) -> None:
 
 # -- outputs --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def rendered(report: rpt.Report, runs: list[dict[str, Any]],
+def rendered(report: Report, runs: list[dict[str, Any]],
              tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return rpt.render(report, runs, tmp_path_factory.mktemp("report") / "out")
+    return render(report, runs, tmp_path_factory.mktemp("report") / "out")
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -369,7 +375,7 @@ def test_render_writes_the_charts(rendered: dict[str, Path]) -> None:
         assert len(data) > 10_000, name  # drawn, not blank
 
 
-def test_render_writes_the_csv(rendered: dict[str, Path], report: rpt.Report) -> None:
+def test_render_writes_the_csv(rendered: dict[str, Path], report: Report) -> None:
     with rendered["csv"].open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["beam_sdk_version"] for r in rows] == ["2.75.0", "2.76.0", "2.77.0"]
@@ -382,7 +388,7 @@ def test_render_writes_the_csv(rendered: dict[str, Path], report: rpt.Report) ->
 
 
 def test_render_writes_a_self_contained_html_page(
-    rendered: dict[str, Path], report: rpt.Report, runs: list[dict[str, Any]]
+    rendered: dict[str, Path], report: Report, runs: list[dict[str, Any]]
 ) -> None:
     page = rendered["html"].read_text()
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
@@ -395,14 +401,15 @@ def test_render_writes_a_self_contained_html_page(
     assert "+10.5%" in page and "Generated 2026-11-24T12:00:00Z" in page
     assert "runtime_s: 2.77.0 is worse than 2.76.0 (previous)" in page
     # the page a web view serves is the very same, byte for byte (deterministic charts)
-    assert rpt.html_page(report, runs) == page
+    assert html_page(report, runs) == page
 
 
 def test_import_is_light() -> None:
-    """DAG files import this module at parse time: no plotting or data libraries then."""
+    """DAG files import these modules at parse time: no plotting or data libraries then."""
     code = (
         "import sys\n"
-        "import caption_platform.report\n"
+        "import caption_platform.benchmark.statistics, caption_platform.benchmark.formatting\n"
+        "import caption_platform.benchmark.charts, caption_platform.benchmark.pages\n"
         "heavy = ('matplotlib', 'numpy', 'duckdb', 'pyarrow', 'pandas', 'packaging')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )

@@ -1,6 +1,6 @@
 """Cloud Composer, reproduced: the bucket layout `make deploy-composer` uploads, and its gcloud calls.
 
-(a) The bundle (caption_platform.composer.bundle, the code that deploys) is parsed and used
+(a) The bundle (tools.composer.bundle, the code that deploys) is parsed and used
     the way Composer does: one subprocess whose sys.path starts with the bundle's dags/ and
     plugins/ (Composer's own order), Airflow's dags and plugins folders pointing into it, and
     torch and transformers (Composer has neither) and sqlglot (not installed there) refused at
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from caption_platform import composer
+from tools import composer
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Refused at import in the Composer-like process: Composer has neither torch nor
@@ -107,7 +107,7 @@ try:
     import caption_platform
     import captioning
     from caption_platform.config import default_job_file, load_settings
-    from caption_platform.run_steps import job_options, launch_config
+    from caption_platform.launch import job_options, launch_spec
 
     report["captioning_file"] = captioning.__file__
     report["caption_platform_file"] = caption_platform.__file__
@@ -123,8 +123,8 @@ try:
     run_id = "manual__2026-01-01T00:00:00+00:00"
     options = job_options(settings, run_id)
     report["job_options"] = options
-    launch = launch_config(settings)
-    report["launch_py_file"] = launch["py_file"]
+    launch = launch_spec(settings)
+    report["launch_py_file"] = launch.py_file
 
     # The job's entry point as the operator runs it (a script in plugins/), minus the run,
     # with the command line the Beam operator makes of the plan's options.
@@ -135,7 +135,7 @@ try:
     entry = runpy.run_path(str(bundle / "plugins" / "caption_images.py"), run_name="caption_job")
     # dry_run: Beam's switch for testing runners, which also skips its GCS soft-delete check.
     argv = ["--runner=DataflowRunner"] + beam_options_to_args({
-        **launch["default_pipeline_options"], **options,
+        **launch.default_pipeline_options, **options,
         "project": "caption-project", "region": "us-central1", "dry_run": "True"})
     pipeline_options = entry["CaptionOptions"](argv)
     opts = pipeline_options.view_as(entry["CaptionOptions"])
@@ -211,9 +211,17 @@ def test_bundle_is_exactly_the_documented_tree(tmp_path: Path) -> None:
                    "plugins/captioning"]
     job = sorted(p.name for p in (ROOT / "beam_jobs" / "captioning").glob("*.py"))
     assert sorted(f.split("/")[-1] for f in files if f.startswith("plugins/captioning/")) == job
-    library = {p.name for p in (ROOT / "plugins" / "caption_platform").glob("*.py")}
-    shipped = {f.split("/")[-1] for f in files if f.startswith("plugins/caption_platform/")}
-    assert shipped == library - composer.LOCAL_ONLY_MODULES
+    # the Airflow-side library ships whole; the developer and deploy tooling never does
+    library = {str(p.relative_to(ROOT / "plugins")) for p in
+               (ROOT / "plugins" / "caption_platform").rglob("*.py")}
+    shipped = {f.removeprefix("plugins/") for f in files
+               if f.startswith("plugins/caption_platform/")}
+    assert shipped == library
+    assert {"caption_platform/warehouse/base.py", "caption_platform/benchmark/steps.py",
+            "caption_platform/tasks.py"} <= shipped
+    tooling = {p.name for p in (ROOT / "tools").glob("*.py")} - {"__init__.py"}
+    assert {"local_airflow.py", "composer.py", "gcp_emulators.py", "demo.py"} <= tooling
+    assert not [f for f in files if f.split("/")[-1] in tooling]
     assert not [f for f in files if "__pycache__" in f or f.endswith((".pyc", ".egg-info"))]
     assert (tree / "plugins/caption_images.py").read_bytes() == \
         (ROOT / "beam_jobs/caption_images.py").read_bytes()
@@ -238,7 +246,7 @@ def test_the_bundle_wins_over_the_checkout(composer_run: dict) -> None:
 
 
 def test_no_library_module_is_loaded_as_a_plugin(composer_run: dict) -> None:
-    assert {"config", "sql", "tables", "metrics", "run_steps", "job_spec", "schema", "records",
+    assert {"config", "sql", "tables", "metrics", "tasks", "job_spec", "schema", "records",
             "pipeline", "caption_images"} <= set(composer_run["library_modules"])
     assert composer_run["top_level_after_plugins"] == []
     assert composer_run["plugin_leaks"] == []
@@ -442,7 +450,7 @@ def test_makefile_target_calls_the_deploy_command() -> None:
         cwd=ROOT, capture_output=True, text=True, check=True,
     ).stdout
     line = " ".join([ln for ln in out.replace("\\\n", " ").splitlines()
-                     if "caption_platform.composer" in ln][-1].split())
+                     if "tools.composer" in ln][-1].split())
     assert "PYTHONPATH=plugins" in line
     for part in ("deploy", "--environment env-1", "--location us-central1",
                  "--env-file composer.env", "--dry-run"):

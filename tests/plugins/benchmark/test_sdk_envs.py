@@ -1,7 +1,7 @@
 """Per-Beam-SDK-version environments: fast and offline.
 
 The installed version reuses the running interpreter for real (no venv, no download); the
-build path runs against a fake command runner (``sdk_envs._run``) that plays venv, pip and
+build path runs against a fake command runner (``sdk_envs.run_command``) that plays venv, pip and
 the verification step, so the marker, hash, lock and failure logic is exercised end to end
 without the network.
 """
@@ -12,33 +12,16 @@ import fcntl
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from caption_platform import sdk_envs
-from caption_platform.sdk_envs import SdkEnv
+from caption_platform.benchmark import sdk_envs, versions
+from caption_platform.benchmark.sdk_envs import SdkEnv
 
-PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
-INSTALLED = sdk_envs.installed_beam_version()
+PLUGINS = Path(__file__).resolve().parents[3] / "plugins"
+INSTALLED = versions.installed_beam_version()
 OTHER = "2.70.0"
-
-
-@pytest.fixture
-def job(tmp_path: Path) -> tuple[Path, Path]:
-    """A small job package and requirements file in the shape of beam_jobs/."""
-    pkg = tmp_path / "job"
-    (pkg / "captioning").mkdir(parents=True)
-    (pkg / "pyproject.toml").write_text("[project]\nname = 'caption-beam-job'\n")
-    (pkg / "captioning" / "__init__.py").write_text("")
-    (pkg / "captioning" / "pipeline.py").write_text("X = 1\n")
-    (pkg / "models").mkdir()
-    (pkg / "models" / "weights.bin").write_bytes(b"large")
-    reqs = tmp_path / "requirements.txt"
-    reqs.write_text("# the stack\napache-beam[gcp]==2.77.0\ntorch==2.13.0  # cpu here\n"
-                    "transformers==5.24.0\npillow>=12.1.1,<13\n")
-    return pkg, reqs
 
 
 class FakeRunner:
@@ -112,20 +95,19 @@ def test_installed_version_reuses_the_running_interpreter(tmp_path, monkeypatch,
     def no_commands(*a, **k):
         raise AssertionError("no command may run for the installed version")
 
-    monkeypatch.setattr(sdk_envs, "_run", no_commands)
+    monkeypatch.setattr(sdk_envs, "run_command", no_commands)
     env = _ensure(INSTALLED, tmp_path / "envs", job)
     assert env.ok and env.current_interpreter and env.reused
     assert env.python == sys.executable
     assert env.beam_version_reported == INSTALLED
     assert not (tmp_path / "envs").exists()
-    assert sdk_envs.job_command(env, "job.py", ["--run_id", "r1"]) == [
-        sys.executable, "job.py", "--run_id", "r1"]
+    assert env.interpreter() == sys.executable
 
 
 def test_cli_prints_the_environment_as_json(tmp_path) -> None:
     out = subprocess.run(
         # --timeout: were the installed-version shortcut broken, fail fast, download nothing
-        [sys.executable, "-m", "caption_platform.sdk_envs", "ensure", INSTALLED,
+        [sys.executable, "-m", "caption_platform.benchmark.sdk_envs", "ensure", INSTALLED,
          "--root", str(tmp_path), "--timeout", "3"],
         capture_output=True, text=True, env={"PYTHONPATH": str(PLUGINS), "PATH": "/usr/bin:/bin"},
     )
@@ -137,7 +119,7 @@ def test_cli_prints_the_environment_as_json(tmp_path) -> None:
 
 def test_cli_refuses_a_bad_version_with_exit_2(tmp_path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "caption_platform.sdk_envs", "ensure", "2.76.0;id",
+        [sys.executable, "-m", "caption_platform.benchmark.sdk_envs", "ensure", "2.76.0;id",
          "--root", str(tmp_path)],
         capture_output=True, text=True, env={"PYTHONPATH": str(PLUGINS), "PATH": "/usr/bin:/bin"},
     )
@@ -146,7 +128,7 @@ def test_cli_refuses_a_bad_version_with_exit_2(tmp_path) -> None:
 
 
 def test_import_is_light() -> None:
-    code = ("import sys, caption_platform.sdk_envs\n"
+    code = ("import sys, caption_platform.benchmark.sdk_envs\n"
             "print(sorted(m for m in ('apache_beam', 'torch', 'transformers', 'packaging',"
             " 'airflow') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -164,106 +146,10 @@ def test_import_is_light() -> None:
 ])
 def test_bad_versions_are_refused_before_any_command(bad, tmp_path, monkeypatch, job) -> None:
     fake = FakeRunner(reports="2.76.0")
-    monkeypatch.setattr(sdk_envs, "_run", fake)
+    monkeypatch.setattr(sdk_envs, "run_command", fake)
     with pytest.raises(ValueError, match="not a Beam SDK version"):
         _ensure(bad, tmp_path / "envs", job)
     assert fake.calls == [] and not (tmp_path / "envs").exists()
-
-
-@pytest.mark.parametrize("good", ["2.76.0", "2.77.0rc1", "2.58.1", "3.0", "2.77.0.dev1"])
-def test_plain_releases_are_accepted(good) -> None:
-    assert sdk_envs.check_version(good) == good
-
-
-def test_same_version_is_pep440_equality() -> None:
-    assert sdk_envs.same_version("2.77", "2.77.0")
-    assert sdk_envs.same_version("2.13.0+cpu", "2.13.0")
-    assert not sdk_envs.same_version("2.77.0rc1", "2.77.0")
-    assert not sdk_envs.same_version("2.76.0", "2.77.0")
-
-
-# --- requirements ------------------------------------------------------------------------
-
-
-def test_derivation_replaces_only_apache_beam(job) -> None:
-    _, reqs = job
-    lines = sdk_envs.read_requirements(reqs)
-    assert lines == ["apache-beam[gcp]==2.77.0", "torch==2.13.0", "transformers==5.24.0",
-                     "pillow>=12.1.1,<13"]
-    derived = sdk_envs.derive_requirements(lines, "2.76.0")
-    assert derived == ["apache-beam[gcp]==2.76.0", "torch==2.13.0", "transformers==5.24.0",
-                       "pillow>=12.1.1,<13"]
-
-
-def test_derivation_keeps_extras_and_normalises_the_name() -> None:
-    assert sdk_envs.derive_requirements(["Apache_Beam[gcp,dataframe] >= 2.70", "six"],
-                                        "2.71.0") == ["apache-beam[gcp,dataframe]==2.71.0",
-                                                      "six"]
-    assert sdk_envs.derive_requirements(["apache-beam==2.77.0"], "2.75.0") == [
-        "apache-beam[gcp]==2.75.0"]
-    assert sdk_envs.derive_requirements(["apache-beam-extra==1.0", "apache-beam==2.77.0"],
-                                        "2.75.0")[0] == "apache-beam-extra==1.0"
-
-
-def test_derivation_needs_an_apache_beam_line() -> None:
-    with pytest.raises(ValueError, match="no apache-beam line"):
-        sdk_envs.derive_requirements(["torch==2.13.0"], "2.76.0")
-
-
-def test_project_requirements_give_the_pinned_version() -> None:
-    pinned = sdk_envs.pinned_beam_version()
-    assert sdk_envs.same_version(pinned, INSTALLED)
-    derived = sdk_envs.derive_requirements(
-        sdk_envs.read_requirements(sdk_envs.DEFAULT_REQUIREMENTS), "2.76.0")
-    assert "apache-beam[gcp]==2.76.0" in derived
-    assert any(line.startswith("torch==") for line in derived)
-    assert any(line.startswith("transformers==") for line in derived)
-
-
-def test_requirements_follow_includes_and_refuse_other_options(tmp_path) -> None:
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "job.txt").write_text("apache-beam==2.77.0\n")
-    (tmp_path / "all.txt").write_text("-r sub/job.txt\nduckdb==1.0  # db\n")
-    assert sdk_envs.read_requirements(tmp_path / "all.txt") == ["apache-beam==2.77.0",
-                                                                 "duckdb==1.0"]
-    (tmp_path / "bad.txt").write_text("--index-url http://example\napache-beam==2.77.0\n")
-    with pytest.raises(ValueError, match="unsupported pip option"):
-        sdk_envs.read_requirements(tmp_path / "bad.txt")
-
-
-# --- default versions --------------------------------------------------------------------
-
-
-def test_default_versions_offline_decrement_the_minor_version() -> None:
-    assert sdk_envs.default_versions("2.77.0") == ["2.75.0", "2.76.0", "2.77.0"]
-    assert sdk_envs.default_versions("2.77.1", 2) == ["2.76.0", "2.77.1"]
-    assert sdk_envs.default_versions("3.1.0", 4) == ["3.0.0", "3.1.0"]
-    assert sdk_envs.default_versions("2.77.0", 1) == ["2.77.0"]
-
-
-def test_default_versions_from_a_release_list_take_real_releases() -> None:
-    available = ["2.77.0", "2.76.0rc2", "2.59.0", "2.58.0", "2.58.1", "2.57.0", "2.60.0"]
-    assert sdk_envs.default_versions("2.60.0", 3, available=available) == [
-        "2.58.1", "2.59.0", "2.60.0"]
-    # a minor release that never happened is skipped, not invented
-    assert sdk_envs.default_versions("2.60.0", 3, available=["2.60.0", "2.59.0", "2.57.0"]) \
-        == ["2.57.0", "2.59.0", "2.60.0"]
-
-
-def test_registry_output_is_parsed_and_failure_is_none(monkeypatch) -> None:
-    output = ("WARNING: experimental\napache-beam (2.77.0)\n"
-              "Available versions: 2.77.0, 2.76.0, 2.58.1, 0.6.0, 0.1.dev0+g1;rm\n")
-    monkeypatch.setattr(sdk_envs, "_run", lambda argv, **k: (0, output))
-    assert sdk_envs.registry_versions() == ["2.77.0", "2.76.0", "2.58.1", "0.6.0"]
-    monkeypatch.setattr(sdk_envs, "_run", lambda argv, **k: (1, "ERROR: network"))
-    assert sdk_envs.registry_versions() is None
-
-
-def test_default_versions_refuse_nonsense() -> None:
-    with pytest.raises(ValueError):
-        sdk_envs.default_versions("2.77.0", 0)
-    with pytest.raises(ValueError):
-        sdk_envs.default_versions("main")
 
 
 # --- building, the marker and reuse (fake runner) ----------------------------------------
@@ -272,7 +158,7 @@ def test_default_versions_refuse_nonsense() -> None:
 def test_build_runs_venv_pip_job_verify_then_reuses_from_the_marker(tmp_path, monkeypatch,
                                                                      job) -> None:
     fake = FakeRunner(reports=OTHER)
-    monkeypatch.setattr(sdk_envs, "_run", fake)
+    monkeypatch.setattr(sdk_envs, "run_command", fake)
     env = _ensure(OTHER, tmp_path, job)
     assert env.ok and not env.reused and not env.current_interpreter, env.error
     assert env.beam_version_reported == OTHER
@@ -292,15 +178,14 @@ def test_build_runs_venv_pip_job_verify_then_reuses_from_the_marker(tmp_path, mo
     again = _ensure(OTHER, tmp_path, job)
     assert again.ok and again.reused and fake.calls == []
     assert again.python == env.python and again.packages == {"torch": "2.13.0+cpu"}
-    assert sdk_envs.job_command(again, "beam_jobs/caption_images.py", ["--run_id", "x"]) == [
-        env.python, "beam_jobs/caption_images.py", "--run_id", "x"]
+    assert again.interpreter() == env.python
 
 
 def test_a_changed_pin_rebuilds_and_changed_job_code_reinstalls_only_the_job(
         tmp_path, monkeypatch, job) -> None:
     pkg, reqs = job
     fake = FakeRunner(reports=OTHER)
-    monkeypatch.setattr(sdk_envs, "_run", fake)
+    monkeypatch.setattr(sdk_envs, "run_command", fake)
     assert _ensure(OTHER, tmp_path, job).ok
 
     fake.calls.clear()
@@ -321,12 +206,12 @@ def test_a_changed_pin_rebuilds_and_changed_job_code_reinstalls_only_the_job(
 def test_a_marker_for_other_inputs_is_not_reused(tmp_path, monkeypatch, job) -> None:
     path = fake_venv(tmp_path / f"beam-{OTHER}")
     pkg, reqs = job
-    pins = sdk_envs.derive_requirements(sdk_envs.read_requirements(reqs), OTHER)
+    pins = versions.derive_requirements(versions.read_requirements(reqs), OTHER)
     good = {"env_hash": sdk_envs._hash(sdk_envs.env_inputs(OTHER, pins)),
             "job_hash": sdk_envs.job_fingerprint(pkg), "beam_version_reported": OTHER}
     (path / sdk_envs.MARKER).write_text(json.dumps(good))
     fake = FakeRunner(reports=OTHER)
-    monkeypatch.setattr(sdk_envs, "_run", fake)
+    monkeypatch.setattr(sdk_envs, "run_command", fake)
     assert _ensure(OTHER, tmp_path, job).reused and fake.calls == []
 
     other_python = sdk_envs.env_inputs(OTHER, pins)
@@ -340,20 +225,20 @@ def test_a_marker_for_other_inputs_is_not_reused(tmp_path, monkeypatch, job) -> 
 @pytest.mark.parametrize("fail_on", ["venv", "-r", "--no-deps"])
 def test_a_failed_build_is_reported_and_leaves_nothing_ready(fail_on, tmp_path, monkeypatch,
                                                              job) -> None:
-    monkeypatch.setattr(sdk_envs, "_run", FakeRunner(reports=OTHER, fail_on=fail_on))
+    monkeypatch.setattr(sdk_envs, "run_command", FakeRunner(reports=OTHER, fail_on=fail_on))
     env = _ensure(OTHER, tmp_path, job)
     assert env.status == "failed" and not env.ok
     assert "No matching distribution found" in env.error
     assert not (tmp_path / f"beam-{OTHER}").exists()
     with pytest.raises(ValueError, match="not usable"):
-        sdk_envs.job_command(env, "job.py", [])
+        env.interpreter()
     # the next call tries again (and here succeeds): a failure is not cached
-    monkeypatch.setattr(sdk_envs, "_run", FakeRunner(reports=OTHER))
+    monkeypatch.setattr(sdk_envs, "run_command", FakeRunner(reports=OTHER))
     assert _ensure(OTHER, tmp_path, job).ok
 
 
 def test_an_environment_reporting_another_beam_version_fails(tmp_path, monkeypatch, job) -> None:
-    monkeypatch.setattr(sdk_envs, "_run", FakeRunner(reports="2.77.0"))
+    monkeypatch.setattr(sdk_envs, "run_command", FakeRunner(reports="2.77.0"))
     env = _ensure(OTHER, tmp_path, job)
     assert env.status == "failed" and env.beam_version_reported == "2.77.0"
     assert "reports 2.77.0" in env.error
@@ -361,7 +246,7 @@ def test_an_environment_reporting_another_beam_version_fails(tmp_path, monkeypat
 
 
 def test_verification_that_cannot_import_fails(tmp_path, monkeypatch, job) -> None:
-    monkeypatch.setattr(sdk_envs, "_run",
+    monkeypatch.setattr(sdk_envs, "run_command",
                         failing_verify("ModuleNotFoundError: No module named 'captioning'"))
     env = _ensure(OTHER, tmp_path, job)
     assert env.status == "failed" and "No module named 'captioning'" in env.error
@@ -371,7 +256,7 @@ def test_a_folder_that_is_not_a_venv_is_left_alone(tmp_path, monkeypatch, job) -
     precious = tmp_path / f"beam-{OTHER}" / "notes.txt"
     precious.parent.mkdir()
     precious.write_text("mine")
-    monkeypatch.setattr(sdk_envs, "_run", FakeRunner(reports=OTHER))
+    monkeypatch.setattr(sdk_envs, "run_command", FakeRunner(reports=OTHER))
     env = _ensure(OTHER, tmp_path, job)
     assert env.status == "failed" and "not a virtual environment" in env.error
     assert precious.read_text() == "mine"
@@ -380,52 +265,12 @@ def test_a_folder_that_is_not_a_venv_is_left_alone(tmp_path, monkeypatch, job) -
 def test_a_held_lock_makes_the_second_builder_wait_then_give_up(tmp_path, monkeypatch,
                                                                 job) -> None:
     fake = FakeRunner(reports=OTHER)
-    monkeypatch.setattr(sdk_envs, "_run", fake)
+    monkeypatch.setattr(sdk_envs, "run_command", fake)
     with (tmp_path / f"beam-{OTHER}.lock").open("a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         env = _ensure(OTHER, tmp_path, job, timeout_s=0.3)
     assert env.status == "failed" and ".lock" in env.error and fake.calls == []
     assert _ensure(OTHER, tmp_path, job).ok  # released: the build goes ahead
-
-
-def test_the_lock_is_exclusive(tmp_path) -> None:
-    lock = tmp_path / "beam-x.lock"
-    with sdk_envs._locked(lock, time.monotonic() + 5) as first:
-        assert first
-        with sdk_envs._locked(lock, time.monotonic() + 0.2) as second:
-            assert not second
-    with sdk_envs._locked(lock, time.monotonic() + 0.2) as third:
-        assert third
-
-
-def test_run_times_out_and_kills_the_process_group(tmp_path) -> None:
-    """pip starts build backends of its own: a timeout must end them too."""
-    pidfile = tmp_path / "grandchild.pid"
-    code = ("import subprocess, sys, time\n"
-            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-            f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
-            "time.sleep(60)\n")
-    started = time.monotonic()
-    rc, out = sdk_envs._run([sys.executable, "-c", code], timeout_s=1.5, log=tmp_path / "log")
-    assert rc == 124 and "timed out" in out
-    assert time.monotonic() - started < 8
-    assert "[exit 124]" in (tmp_path / "log").read_text()
-    stat = Path(f"/proc/{pidfile.read_text()}/stat")
-    for _ in range(50):  # killed; gone once init reaps it
-        if not stat.exists() or stat.read_text().split(")")[-1].split()[0] == "Z":
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError("the grandchild outlived the timeout")
-    rc, out = sdk_envs._run([sys.executable, "-c", "print('hi')"], timeout_s=30)
-    assert (rc, out.strip()) == (0, "hi")
-
-
-def test_the_error_is_the_end_of_the_output_and_bounded() -> None:
-    output = "\n".join(f"line {i}" for i in range(100)) + "\nERROR: " + "v, " * 5000
-    tail = sdk_envs._tail(output)
-    assert len(tail) <= sdk_envs.ERROR_TAIL_CHARS + 3 and tail.endswith("v,")
-    assert sdk_envs._tail("a\nb\nc", lines=2) == "b\nc"
 
 
 # --- the launcher-only flavour (DataflowRunner: the workers run the models) -------------
@@ -437,17 +282,17 @@ def _verify_code(fake: FakeRunner) -> str:
 
 def test_launcher_requirements_drop_only_torch_and_transformers(job) -> None:
     _, reqs = job
-    pins = sdk_envs.derive_requirements(sdk_envs.read_requirements(reqs), OTHER)
-    assert sdk_envs.launcher_requirements(pins) == [f"apache-beam[gcp]=={OTHER}",
+    pins = versions.derive_requirements(versions.read_requirements(reqs), OTHER)
+    assert versions.launcher_requirements(pins) == [f"apache-beam[gcp]=={OTHER}",
                                                     "pillow>=12.1.1,<13"]
     # names compared as pip does; look-alikes are kept
-    assert sdk_envs.launcher_requirements(
+    assert versions.launcher_requirements(
         ["Torch[cuda]>=2 ; sys_platform == 'linux'", "TRANSFORMERS==5.0", "torchvision==1",
          "transformers-extra==1", "six"]) == ["torchvision==1", "transformers-extra==1", "six"]
     # the project's own file: everything but torch and transformers is kept, as written
-    project = sdk_envs.derive_requirements(
-        sdk_envs.read_requirements(sdk_envs.DEFAULT_REQUIREMENTS), OTHER)
-    launcher = sdk_envs.launcher_requirements(project)
+    project = versions.derive_requirements(
+        versions.read_requirements(versions.DEFAULT_REQUIREMENTS), OTHER)
+    launcher = versions.launcher_requirements(project)
     assert launcher == [p for p in project
                         if not p.startswith(("torch==", "transformers=="))]
     assert f"apache-beam[gcp]=={OTHER}" in launcher and len(launcher) == len(project) - 2
@@ -456,7 +301,7 @@ def test_launcher_requirements_drop_only_torch_and_transformers(job) -> None:
 def test_launcher_build_has_its_own_folder_pins_marker_and_verify(tmp_path, monkeypatch,
                                                                   job) -> None:
     fake = FakeRunner(reports=OTHER)
-    monkeypatch.setattr(sdk_envs, "_run", fake)
+    monkeypatch.setattr(sdk_envs, "run_command", fake)
     env = _ensure(OTHER, tmp_path, job, launcher_only=True)
     assert env.ok and not env.reused and env.launcher_only, env.error
     path = tmp_path / f"beam-{OTHER}-launcher"
@@ -485,7 +330,7 @@ def test_launcher_build_has_its_own_folder_pins_marker_and_verify(tmp_path, monk
 def test_the_full_flavour_still_verifies_torch_and_transformers(tmp_path, monkeypatch,
                                                                 job) -> None:
     fake = FakeRunner(reports=OTHER)
-    monkeypatch.setattr(sdk_envs, "_run", fake)
+    monkeypatch.setattr(sdk_envs, "run_command", fake)
     env = _ensure(OTHER, tmp_path, job)
     assert env.ok and not env.launcher_only
     assert "import torch, transformers" in _verify_code(fake)
@@ -496,7 +341,7 @@ def test_the_full_flavour_still_verifies_torch_and_transformers(tmp_path, monkey
 def test_switching_flavour_never_reuses_the_other_flavours_env(tmp_path, monkeypatch,
                                                                job) -> None:
     fake = FakeRunner(reports=OTHER)
-    monkeypatch.setattr(sdk_envs, "_run", fake)
+    monkeypatch.setattr(sdk_envs, "run_command", fake)
     full = _ensure(OTHER, tmp_path, job)
     assert full.ok and not full.reused
 
@@ -517,13 +362,13 @@ def test_the_launcher_marker_hash_includes_the_flavour(tmp_path, monkeypatch, jo
     """Same pins, same folder: a marker without the flavour in its hash is not reused."""
     path = fake_venv(tmp_path / f"beam-{OTHER}-launcher")
     pkg, reqs = job
-    pins = sdk_envs.launcher_requirements(
-        sdk_envs.derive_requirements(sdk_envs.read_requirements(reqs), OTHER))
+    pins = versions.launcher_requirements(
+        versions.derive_requirements(versions.read_requirements(reqs), OTHER))
     marker = {"job_hash": sdk_envs.job_fingerprint(pkg), "beam_version_reported": OTHER,
               "env_hash": sdk_envs._hash(sdk_envs.env_inputs(OTHER, pins, launcher_only=True))}
     (path / sdk_envs.MARKER).write_text(json.dumps(marker))
     fake = FakeRunner(reports=OTHER)
-    monkeypatch.setattr(sdk_envs, "_run", fake)
+    monkeypatch.setattr(sdk_envs, "run_command", fake)
     assert _ensure(OTHER, tmp_path, job, launcher_only=True).reused and fake.calls == []
 
     no_flavour = sdk_envs._hash(sdk_envs.env_inputs(OTHER, pins))
@@ -534,7 +379,7 @@ def test_the_launcher_marker_hash_includes_the_flavour(tmp_path, monkeypatch, jo
 
 def test_launcher_lock_is_its_own(tmp_path, monkeypatch, job) -> None:
     fake = FakeRunner(reports=OTHER)
-    monkeypatch.setattr(sdk_envs, "_run", fake)
+    monkeypatch.setattr(sdk_envs, "run_command", fake)
     with (tmp_path / f"beam-{OTHER}.lock").open("a") as held:  # a full build in progress
         fcntl.flock(held, fcntl.LOCK_EX)
         assert _ensure(OTHER, tmp_path, job, launcher_only=True, timeout_s=0.3).ok
@@ -551,7 +396,7 @@ def test_launcher_lock_is_its_own(tmp_path, monkeypatch, job) -> None:
 
 def test_launcher_verify_failure_names_the_launcher_imports(tmp_path, monkeypatch,
                                                             job) -> None:
-    monkeypatch.setattr(sdk_envs, "_run", failing_verify(
+    monkeypatch.setattr(sdk_envs, "run_command", failing_verify(
         "ModuleNotFoundError: No module named 'captioning.options'"))
     env = _ensure(OTHER, tmp_path, job, launcher_only=True)
     assert env.status == "failed" and env.launcher_only
@@ -564,7 +409,7 @@ def test_launcher_for_the_installed_version_reuses_the_running_interpreter(
     def no_commands(*a, **k):
         raise AssertionError("no command may run for the installed version")
 
-    monkeypatch.setattr(sdk_envs, "_run", no_commands)
+    monkeypatch.setattr(sdk_envs, "run_command", no_commands)
     env = _ensure(INSTALLED, tmp_path / "envs", job, launcher_only=True)
     assert env.ok and env.current_interpreter and env.python == sys.executable
     assert env.launcher_only and not (tmp_path / "envs").exists()
@@ -579,13 +424,14 @@ GCP_PROFILE = {"CAPTION_PROFILE": "gcp", "CAPTION_GCP_PROJECT": "my-proj",
     (GCP_PROFILE, "DataflowRunner", True), ({}, "DirectRunner", False)])
 def test_benchmark_environment_asks_for_a_launcher_on_dataflow(
         profile, runner, launcher_only, tmp_path, monkeypatch) -> None:
-    from caption_platform import benchmark, run_steps
+    from caption_platform import tasks
+    from caption_platform.benchmark import steps as benchmark
 
     for key in ("CAPTION_PROFILE", "CAPTION_RUNNER", *GCP_PROFILE):
         monkeypatch.delenv(key, raising=False)
     for key, value in {**profile, "CAPTION_IGNORE_AIRFLOW_VARIABLES": "1"}.items():
         monkeypatch.setenv(key, value)
-    settings = run_steps.settings_for_run({}, benchmark.OVERRIDES)
+    settings = tasks.settings_for_run({}, benchmark.OVERRIDES)
     assert settings.runner == runner
     settings = settings.model_copy(update={"sdk_envs_root": str(tmp_path)})
     seen = {}

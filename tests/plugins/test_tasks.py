@@ -1,4 +1,5 @@
-"""The DAG's steps as plain functions: what they record when the job did not finish."""
+"""The DAG's tasks as plain functions: what they record when the job did not finish, and
+the run plan they share."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from caption_platform import run_steps
+from caption_platform import tasks
 
 
 @pytest.fixture
@@ -18,19 +19,13 @@ def local_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "wh.duckdb"
 
 
-def test_failed_job_is_recorded_as_failed_not_as_a_run(local_settings: Path) -> None:
+def test_failed_job_is_recorded_as_failed_not_as_a_run(local_settings: Path, make_plan) -> None:
     from caption_platform.warehouse import get_warehouse
 
-    settings = run_steps.settings_for_run({})
+    settings = tasks.settings_for_run({})
     get_warehouse(settings).ensure_tables()
-    plan = {
-        "run_id": "manual__broken",
-        "images": 5,
-        "output": f"{run_steps.run_folder(settings, 'manual__broken')}/output",  # never written
-        "settings": settings.model_dump(mode="json"),
-        "params": {},
-    }
-    row = run_steps.record_metrics(plan, dag_id="caption_images")
+    plan = make_plan(settings, "manual__broken", images=5)  # its output is never written
+    row = tasks.record_metrics(plan.to_xcom(), dag_id="caption_images")
     assert row["final_state"] == "JOB_STATE_FAILED"
     assert "run_summary.json" in row["error"]
     with duckdb.connect(str(local_settings), read_only=True) as con:
@@ -42,32 +37,51 @@ def test_failed_job_is_recorded_as_failed_not_as_a_run(local_settings: Path) -> 
 
 
 def test_job_options_leave_out_an_empty_prompt(local_settings: Path) -> None:
-    settings = run_steps.settings_for_run({"prompt": None, "num_captions": 2, "num_beams": 4})
-    options = run_steps.job_options(settings, "manual__x")
+    from caption_platform import launch
+
+    settings = tasks.settings_for_run({"prompt": None, "num_captions": 2, "num_beams": 4})
+    options = launch.job_options(settings, "manual__x")
     assert "prompt" not in options
     assert options["num_captions"] == "2" and options["num_beams"] == "4"
     assert options["output"].endswith("/output")
-    assert run_steps.static_pipeline_options(settings) == {}
-    assert run_steps.dataflow_config(settings) is None
+    assert launch.static_pipeline_options(settings) == {}
+    assert launch.dataflow_config(settings) is None
 
 
 def test_later_tasks_use_the_settings_the_plan_resolved(
-    local_settings: Path, monkeypatch: pytest.MonkeyPatch
+    local_settings: Path, monkeypatch: pytest.MonkeyPatch, make_plan
 ) -> None:
     """A Variable or environment edited mid-run cannot change what the rest of a run does."""
-    settings = run_steps.settings_for_run({"num_captions": 2})
-    plan = {"settings": settings.model_dump(mode="json")}
+    from caption_platform.plan import RunPlan
+
+    settings = tasks.settings_for_run({"num_captions": 2})
+    xcom = make_plan(settings, "manual__x").to_xcom()
     monkeypatch.setenv("CAPTION_DUCKDB_PATH", "/elsewhere/wh.duckdb")
     monkeypatch.setenv("CAPTION_JOB__NUM_CAPTIONS", "9")
-    again = run_steps.settings_from_plan(plan)
+    again = RunPlan.from_xcom(xcom).settings
     assert again == settings
     assert again.duckdb_path == str(local_settings) and again.job.num_captions == 2
+
+
+def test_the_plan_travels_as_json_and_refuses_another_release_s(local_settings: Path,
+                                                                make_plan) -> None:
+    import json
+
+    from caption_platform.plan import PLAN_VERSION, RunPlan
+
+    plan = make_plan(tasks.settings_for_run({}), "manual__x", images=3)
+    xcom = json.loads(json.dumps(plan.to_xcom()))  # what an XCom backend stores
+    assert RunPlan.from_xcom(xcom) == plan and xcom["version"] == PLAN_VERSION
+    with pytest.raises(ValueError, match="version 0; this release reads"):
+        RunPlan.from_xcom({**xcom, "version": 0})
+    with pytest.raises(ValueError, match="no run plan"):
+        RunPlan.from_xcom(None)
 
 
 def test_a_failed_plan_is_recorded_with_its_real_error(local_settings: Path) -> None:
     """No plan in XCom: the row says the plan failed and why, where the deployment's
     settings put the warehouse (this run's parameters are what was refused)."""
-    row = run_steps.record_metrics(
+    row = tasks.record_metrics(
         None, dag_id="caption_images", run_id="manual__bad",
         params={"num_captions": 4, "num_beams": 2}, run_kind="manual",
         errors={"plan": "AirflowFailException: invalid settings: num_beams ...",
@@ -80,16 +94,16 @@ def test_a_failed_plan_is_recorded_with_its_real_error(local_settings: Path) -> 
                        "num_beams ...", "manual", 0)]
 
 
-def test_a_stale_summary_is_removed_before_the_job_starts_again(local_settings: Path) -> None:
+def test_a_stale_summary_is_removed_before_the_job_starts_again(local_settings: Path,
+                                                                 make_plan) -> None:
+    from caption_platform.job_summary import clear_run_summary, read_run_summary, summary_uri
     from caption_platform.storage import storage_path
 
-    settings = run_steps.settings_for_run({})
-    plan = {"output": run_steps.job_output(settings, "manual__x"), "run_id": "manual__x",
-            "settings": settings.model_dump(mode="json")}
-    path = storage_path(run_steps.summary_uri(plan))
+    plan = make_plan(tasks.settings_for_run({}), "manual__x")
+    path = storage_path(summary_uri(plan))
     path.parent.mkdir(parents=True)
     path.write_text('{"final_state": "JOB_STATE_DONE"}')
-    assert run_steps.read_run_summary(plan) is not None
-    assert run_steps.clear_run_summary(plan) is True
-    assert run_steps.read_run_summary(plan) is None
-    assert run_steps.clear_run_summary(plan) is False
+    assert read_run_summary(plan) is not None
+    assert clear_run_summary(plan) is True
+    assert read_run_summary(plan) is None
+    assert clear_run_summary(plan) is False

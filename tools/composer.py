@@ -6,7 +6,7 @@ from there. What this project puts into the bucket, and nothing else (:data:`LAY
 
     dags/caption_images.py          the DAG
     plugins/.airflowignore          keeps Airflow's plugin manager away from the libraries
-    plugins/caption_platform/       the Airflow-side library (less its local-only tools)
+    plugins/caption_platform/       the Airflow-side library, whole (tooling lives in tools/)
     plugins/captioning/             the Beam job package (beam_jobs/captioning)
     plugins/caption_images.py       the job's entry point (beam_jobs/caption_images.py): the
                                     Beam operator runs it as a script, and Python puts the
@@ -17,10 +17,10 @@ PyPI packages (:func:`pypi_packages`) come from the project's requirement files,
 here once: what Composer must install, what its image already has, what never goes there
 (torch and transformers run only on the Dataflow workers, from the worker image).
 
-    python -m caption_platform.composer deploy --environment ENV --location REGION \\
+    python -m tools.composer deploy --environment ENV --location REGION \\
         [--project P] [--env-file composer.env] [--dry-run]
-    python -m caption_platform.composer bundle DIR      # the tree above, to look at
-    python -m caption_platform.composer pypi-packages   # the requirement lines Composer gets
+    python -m tools.composer bundle DIR      # the tree above, to look at
+    python -m tools.composer pypi-packages   # the requirement lines Composer gets
 
 ``make deploy-composer COMPOSER_ENV=... COMPOSER_LOCATION=...`` runs ``deploy``.
 """
@@ -39,8 +39,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-#: This checkout (the module is plugins/caption_platform/composer.py).
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from caption_platform import REPO_ROOT
 
 #: (source in the checkout, destination in the environment bucket). A folder is synced with
 #: deletion of what we no longer ship inside it; a file is copied. Nothing else in the bucket
@@ -56,13 +55,6 @@ LAYOUT: tuple[tuple[str, str], ...] = (
     ("dags/caption_images.py", "dags/caption_images.py"),
     ("dags/benchmark_beam_sdks.py", "dags/benchmark_beam_sdks.py"),
 )
-
-#: Modules of the Airflow-side library that only run on a developer's machine.
-LOCAL_ONLY_MODULES = frozenset({
-    "demo.py",  # `make demo` (imports rich)
-    "local_airflow.py",  # `make airflow` / `make standalone` against this checkout
-    "composer.py",  # this deployment tool
-})
 
 #: Never uploaded from any folder: caches and build metadata.
 _IGNORED = shutil.ignore_patterns(
@@ -128,20 +120,10 @@ def bundle(target: Path, root: Path = REPO_ROOT) -> Path:
             raise FileNotFoundError(f"{src} is missing from the checkout")
         dest.parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
-            shutil.copytree(src, dest, ignore=_ignore_for(source))
+            shutil.copytree(src, dest, ignore=_IGNORED)
         else:
             shutil.copy2(src, dest)
     return target
-
-
-def _ignore_for(source: str) -> Callable[[str, list[str]], set[str]]:
-    def ignore(folder: str, names: list[str]) -> set[str]:
-        skipped = set(_IGNORED(folder, names))
-        if source == "plugins/caption_platform" and Path(folder).name == "caption_platform":
-            skipped |= LOCAL_ONLY_MODULES & set(names)
-        return skipped
-
-    return ignore
 
 
 # --- PyPI packages --------------------------------------------------------------------------
@@ -198,7 +180,7 @@ def pypi_packages(root: Path = REPO_ROOT) -> list[str]:
                 raise ValueError(
                     f"{path}: requirement {req.name!r} is not classified for Cloud Composer; "
                     "add it to INSTALL, FROM_IMAGE or NOT_ON_COMPOSER in "
-                    "caption_platform/composer.py"
+                    "tools/composer.py"
                 )
     missing = sorted(set(INSTALL) - set(chosen))
     if missing:
@@ -377,7 +359,7 @@ def deploy(
 # --- command line ---------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m caption_platform.composer",
+    parser = argparse.ArgumentParser(prog="python -m tools.composer",
                                      description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     dep = sub.add_parser("deploy", help="sync the DAG, the libraries and the PyPI packages")

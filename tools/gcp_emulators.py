@@ -32,10 +32,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from caption_platform.sdk_envs import PROJECT_ROOT, _locked, _run
+from caption_platform import REPO_ROOT
+from caption_platform.processes import file_lock, run_command
 
-REQUIREMENTS = PROJECT_ROOT / "requirements-bqemulator.txt"
-ENV_ROOT = PROJECT_ROOT / "data" / "emulators"
+REQUIREMENTS = REPO_ROOT / "requirements-bqemulator.txt"
+ENV_ROOT = REPO_ROOT / "data" / "emulators"
 DEFAULT_PROJECT = "local-project"
 START_TIMEOUT_S = 60.0
 
@@ -83,14 +84,14 @@ def ensure_bqemulator(root: Path = ENV_ROOT, *, timeout_s: float = 900.0) -> Pat
         return python
     root.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout_s
-    with _locked(root / f".{path.name}.lock", deadline) as taken:
+    with file_lock(root / f".{path.name}.lock", deadline) as taken:
         if not taken:
             raise RuntimeError(f"timed out waiting for another build of {path}")
         if ready.exists():
             return python
         for argv in ([sys.executable, "-m", "venv", "--clear", str(path)],
                      [str(python), "-m", "pip", "install", "-q", "-r", str(REQUIREMENTS)]):
-            rc, output = _run(argv, timeout_s=deadline - time.monotonic(),
+            rc, output = run_command(argv, timeout_s=deadline - time.monotonic(),
                               log=root / f"{path.name}.log")
             if rc != 0:
                 raise RuntimeError(f"building the BigQuery emulator's venv failed "
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", default=str(PROJECT_ROOT / "data" / "gcp-stack"))
+    parser.add_argument("--workdir", default=str(REPO_ROOT / "data" / "gcp-stack"))
     parser.add_argument("--project", default=DEFAULT_PROJECT)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the emulators on kill too

@@ -1,24 +1,24 @@
 """The per-Beam-SDK-version benchmark: the same job, dataset and settings on each version.
 
-Each run goes through the captioning DAG's own steps (manifest, the job, MERGE, exactly-once
-validation, pipeline_runs row), in tables of its own (``benchmark_*``: benchmark output
-never mixes into the production captions), with the job launched by the Python of that
-version's environment (:mod:`caption_platform.sdk_envs`), so the row records the SDK
-version the job itself reports. The DAG (dags/benchmark_beam_sdks.py) maps these functions
-over versions and repetitions; everything travels as JSON.
+Each run goes through the captioning DAG's own steps (plan, the caption operator, MERGE,
+exactly-once validation, pipeline_runs row), in tables of its own (``benchmark_*``:
+benchmark output never mixes into the production captions), with the job launched by the
+Python of that version's environment (:mod:`.sdk_envs`), so the row records the SDK version
+the job itself reports. The DAG (dags/benchmark_beam_sdks.py) maps these functions over
+versions and repetitions; everything travels as JSON.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import time
 from collections.abc import Mapping
 from typing import Any
 
-from caption_platform import run_steps
-from caption_platform.config import Settings
+from caption_platform import tasks
+from caption_platform.config import Settings, run_folder
+from caption_platform.plan import RunPlan
+from captioning.layout import run_key
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,10 @@ def prepare(run_id: str, params: Mapping[str, Any]) -> dict[str, Any]:
     The default dataset is a deterministic generated set, written once (locally) and reused,
     so every version and every later benchmark captions the same pictures.
     """
-    from caption_platform.sdk_envs import default_versions, pinned_beam_version
+    from caption_platform.benchmark.versions import default_versions, pinned_beam_version
     from caption_platform.storage import is_local, storage_path
 
-    settings = run_steps.settings_for_run(benchmark_params(params), OVERRIDES)
+    settings = tasks.settings_for_run(benchmark_params(params), OVERRIDES)
     if not params.get("dataset"):
         settings = settings.model_copy(
             update={"source_uri": f"{settings.data_root}/benchmark_images"})
@@ -76,13 +76,13 @@ def prepare(run_id: str, params: Mapping[str, Any]) -> dict[str, Any]:
 
 def environment(version: str, bench: Mapping[str, Any]) -> dict[str, Any]:
     """The environment of one SDK version (built on first use); failed ones are reported."""
-    from caption_platform.sdk_envs import default_root, ensure_env
+    from caption_platform.benchmark.sdk_envs import default_root, ensure_env
 
     settings = Settings.model_validate(bench["settings"])
     # On Dataflow the workers (the worker image of this version) run the models: the
     # launching environment needs Beam and the job package, not torch/transformers.
     env = ensure_env(version, settings.sdk_envs_root or default_root(),
-                     launcher_only=(settings.runner == "DataflowRunner"))
+                     launcher_only=settings.on_dataflow)
     if env.ok:
         log.info("apache-beam %s: %s (%s)", version, env.python,
                  "this interpreter" if env.current_interpreter else env.path)
@@ -104,84 +104,45 @@ def run_id_of(spec: Mapping[str, Any]) -> str:
     return f"{spec['benchmark_id']}__beam_{spec['env']['version']}__rep{spec['repetition']}"
 
 
-def _launch_argv(plan: Mapping[str, Any], settings: Settings, version: str) -> list[str]:
-    """The job's options for one run: the plan's, plus the Dataflow shape, with the worker
-    image of this SDK version (``IMAGE:VERSION``, built by ``make worker-image`` per version)."""
-    from airflow.providers.apache.beam.hooks.beam import beam_options_to_args
-
-    options: dict[str, Any] = dict(run_steps.static_pipeline_options(settings))
-    if settings.runner == "DataflowRunner":
-        image = options.get("sdk_container_image")
-        if image:
-            options["sdk_container_image"] = f"{image.rsplit(':', 1)[0]}:{version}"
-        options.update({"runner": "DataflowRunner", "project": settings.gcp_project,
-                        "region": settings.dataflow.region,
-                        "job_name": f"caption-bench-{version.replace('.', '-')}"})
-        if settings.dataflow.service_account:
-            options["service_account_email"] = settings.dataflow.service_account
-    if isinstance(options.get("labels"), dict):  # the Python SDK takes --labels key=value
-        options["labels"] = [f"{k}={v}" for k, v in options["labels"].items()]
-    options.update(plan["job_options"])
-    return beam_options_to_args(options)
-
-
-def run_once(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Plan, run the job with this version's Python, publish, validate, record: one run."""
-    from caption_platform.sdk_envs import SdkEnv, job_command
+def run_once(spec: Mapping[str, Any], context: Any) -> dict[str, Any]:
+    """One run, start to end, in this task: planned like the caption DAG's plan task (its own
+    tables, the whole dataset), launched by the caption task's own operator with this
+    version's interpreter, then published, validated and recorded like the caption DAG."""
+    from caption_platform.benchmark.sdk_envs import SdkEnv
+    from caption_platform.launch import for_sdk_version
+    from caption_platform.operators import CaptionJobOperator
 
     env = SdkEnv(**spec["env"])
-    run_id = run_id_of(spec)
-    plan = run_steps.plan_run(run_id, benchmark_params(spec["params"]), run_kind=RUN_KIND,
-                              benchmark_id=spec["benchmark_id"], overrides=OVERRIDES)
-    settings = run_steps.settings_from_plan(plan)
-    argv = job_command(env, settings.job_file, _launch_argv(plan, settings, env.version))
-    run_steps.clear_run_summary(plan)  # a retried task never reads an earlier attempt's
-    job_id = _run_job(argv)
-    published = run_steps.publish_run(plan)
-    checked = run_steps.validate_run(plan)
-    row = run_steps.record_metrics(plan, dag_id=DAG_ID, dataflow_job_id=job_id)
-    _save_captions(plan, settings)
-    return {"run_id": run_id, "version": env.version, "reported": row.get("beam_sdk_version"),
-            "published": published, "validated": checked, "runtime_s": row.get("runtime_s"),
+    plan = tasks.plan_run(run_id_of(spec), benchmark_params(spec["params"]), run_kind=RUN_KIND,
+                          benchmark_id=spec["benchmark_id"], overrides=OVERRIDES)
+    plan = plan.model_copy(update={
+        "launch": for_sdk_version(plan.launch, env.version, env.interpreter())})
+    job_id = CaptionJobOperator(task_id="caption").run_to_completion(plan, context)
+    published = tasks.publish_run(plan)
+    checked = tasks.validate_run(plan)
+    row = tasks.record_metrics(plan, dag_id=DAG_ID, dataflow_job_id=job_id) or {}
+    _save_captions(plan)
+    return {"run_id": plan.run_id, "version": env.version,
+            "reported": row.get("beam_sdk_version"), "published": published,
+            "validated": checked, "runtime_s": row.get("runtime_s"),
             "images_per_s": row.get("images_per_s")}
 
 
-def _run_job(argv: list[str]) -> str | None:
-    """Run the job to the end, streaming its log; return the Dataflow job id if it had one."""
-    from airflow.providers.google.cloud.hooks.dataflow import (
-        process_line_and_extract_dataflow_job_id_callback,
-    )
-
-    job_ids: list[str] = []
-    on_line = process_line_and_extract_dataflow_job_id_callback(job_ids.append)
-    log.info("running: %s", " ".join(argv))
-    started = time.monotonic()
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.info("job: %s", line.rstrip())
-            on_line(line)
-        code = proc.wait()
-    if code:
-        raise RuntimeError(f"the captioning job exited with {code} after "
-                           f"{time.monotonic() - started:.0f} s (its log is above)")
-    return job_ids[-1] if job_ids else None
-
-
-def _save_captions(plan: Mapping[str, Any], settings: Settings) -> None:
+def _save_captions(plan: RunPlan) -> None:
     """This run's chosen caption per image, for the report's caption agreement."""
     from caption_platform.storage import storage_path
     from caption_platform.warehouse import get_warehouse
 
-    rows = get_warehouse(settings).captions_for_run(plan["run_id"], limit=None)
+    rows = get_warehouse(plan.settings).captions_for_run(plan.run_id, limit=None)
     chosen = {r["image_id"]: r["caption"] for r in rows}
-    storage_path(f"{plan['run_folder']}/{CAPTIONS_FILE}").write_text(json.dumps(chosen))
+    storage_path(f"{plan.run_folder}/{CAPTIONS_FILE}",
+                 plan.settings.storage_conn_id).write_text(json.dumps(chosen))
 
 
 def report(bench: Mapping[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
     """Summarise this benchmark's runs per version, draw it, and flag regressions."""
-    from caption_platform.report import caption_agreement, render, summarize, version_order
+    from caption_platform.benchmark.pages import render
+    from caption_platform.benchmark.statistics import caption_agreement, summarize, version_order
     from caption_platform.storage import storage_path
     from caption_platform.warehouse import get_warehouse
 
@@ -192,8 +153,8 @@ def report(bench: Mapping[str, Any], results: list[dict[str, Any]]) -> dict[str,
         raise RuntimeError("no benchmark run was recorded (every environment failed?)")
     captions: dict[str, dict[str, str]] = {}
     for result in results:
-        folder = run_steps.run_folder(settings, result["run_id"])
-        path = storage_path(f"{folder}/{CAPTIONS_FILE}")
+        folder = run_folder(settings, result["run_id"])
+        path = storage_path(f"{folder}/{CAPTIONS_FILE}", settings.storage_conn_id)
         if path.exists() and result["reported"] not in captions:
             captions[result["reported"]] = json.loads(path.read_text())
     baseline = params.get("baseline")
@@ -202,7 +163,7 @@ def report(bench: Mapping[str, Any], results: list[dict[str, Any]]) -> dict[str,
                         threshold=0.10 if threshold is None else float(threshold),
                         agreement=caption_agreement(captions, baseline or min(
                             captions, key=version_order)) if captions else None)
-    out = f"{settings.data_root}/benchmarks/{run_steps.run_key(bench['benchmark_id'])}"
+    out = f"{settings.data_root}/benchmarks/{run_key(bench['benchmark_id'])}"
     written = render(summary, rows, storage_path(out))
     log.info("benchmark %s\n%s", bench["benchmark_id"], summary.text())
     for finding in summary.regressions:

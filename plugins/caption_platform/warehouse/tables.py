@@ -105,3 +105,8 @@ def bigquery_schema_fields(kind: str) -> list[dict[str, Any]]:
             raise ValueError(f"{kind}.{name}: nested types are not supported here")
         out.append({"name": name, "type": sql_type, "mode": "NULLABLE"})
     return out
+
+#: final_state of a run that finished (rows without a final_state count as finished too)
+DONE = "JOB_STATE_DONE"
+#: final_state of a run whose plan task failed: no job was launched.
+PLAN_FAILED = "PLAN_FAILED"

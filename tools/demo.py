@@ -25,8 +25,8 @@ from rich.console import Console
 from rich.table import Table
 
 from caption_platform.config import load_settings
-from caption_platform.local_airflow import airflow_env, write_airflow_cfg
-from caption_platform.run_steps import DAG_ID
+from caption_platform.tasks import DAG_ID
+from tools.local_airflow import airflow_env, write_airflow_cfg
 
 console = Console()
 

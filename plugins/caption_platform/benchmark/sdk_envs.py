@@ -45,45 +45,42 @@ Module top imports only the standard library: the Airflow side imports this at t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import platform
-import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_REQUIREMENTS = PROJECT_ROOT / "beam_jobs" / "requirements.txt"
-DEFAULT_JOB_PACKAGE = PROJECT_ROOT / "beam_jobs"
-DEFAULT_JOB_FILE = DEFAULT_JOB_PACKAGE / "caption_images.py"
+from caption_platform import REPO_ROOT
+from caption_platform.benchmark.versions import (
+    DEFAULT_REQUIREMENTS,
+    check_version,
+    default_versions,
+    derive_requirements,
+    installed_beam_version,
+    launcher_requirements,
+    pinned_beam_version,
+    read_requirements,
+    registry_versions,
+    same_version,
+)
+from caption_platform.processes import file_lock, output_tail, run_command
+
+DEFAULT_JOB_PACKAGE = REPO_ROOT / "beam_jobs"
 DEFAULT_TIMEOUT_S = 1800.0
-BEAM_PROJECT = "apache-beam"
 MARKER = "sdk_env.json"
 # Bump when the way an environment is built changes, so old ones are rebuilt.
 LAYOUT_VERSION = 1
-ERROR_TAIL_LINES = 25
-ERROR_TAIL_CHARS = 4000  # pip can print every release on one line; XCom/JSON stay small
-# Left out of a launcher-only environment: only the Dataflow workers run the models.
-LAUNCHER_EXCLUDED = ("torch", "transformers")
 LAUNCHER_SUFFIX = "-launcher"
 
-# A public PEP 440 release, pre- or post-release: digits, dots and a few fixed letters.
-# Anything else (local labels, epochs, wildcards, spaces, ';', '$', '/') is refused: the
-# string becomes a directory name and a pip requirement.
-_VERSION_RE = re.compile(r"^\d+(\.\d+){0,3}((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?$")
-_NAME_RE = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?")
 _VERIFY_PREFIX = "SDK_ENV_VERIFY "
 # Run by an environment's own Python, outside the checkout: imports what that flavour of
 # environment must be able to import, then reports the versions installed.
@@ -138,174 +135,22 @@ class SdkEnv:
     def ok(self) -> bool:
         return self.status == "ok"
 
+    def interpreter(self) -> str:
+        """The Python that launches the job on this version (the caption operator's
+        ``py_interpreter``: a venv's python finds its own packages, no activation; the job
+        file's folder comes first on sys.path, so the checkout's ``captioning`` is what runs
+        in the launching process). Raises ValueError for an environment that failed."""
+        if not self.ok:
+            raise ValueError(f"environment for apache-beam {self.version} is not usable: "
+                             f"{self.error}")
+        return self.python
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------------------------------
 # Versions and requirements
-
-
-def check_version(version: str) -> str:
-    """Return ``version`` stripped if it is a plain PEP 440 release, else raise ValueError."""
-    if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
-        raise ValueError(
-            f"not a Beam SDK version: {version!r} (expected a PEP 440 release such as "
-            "2.76.0 or 2.77.0rc1; no spaces, extras, ranges or shell characters)")
-    return version
-
-
-def _key(version: str) -> tuple:
-    """Sort/compare key for versions :func:`check_version` accepts (no packaging needed)."""
-    m = re.match(r"^([\d.]+)(?:(a|b|rc)(\d+))?(?:\.post(\d+))?(?:\.dev(\d+))?$", version)
-    if not m:
-        raise ValueError(f"not a Beam SDK version: {version!r}")
-    release = [int(p) for p in m.group(1).split(".")]
-    while len(release) > 1 and release[-1] == 0:
-        release.pop()
-    pre = (" abrc".index(m.group(2)), int(m.group(3))) if m.group(2) else (9, 0)
-    dev = int(m.group(5)) if m.group(5) is not None else 1 << 62
-    if m.group(5) is not None and not m.group(2) and m.group(4) is None:
-        pre = (-1, 0)  # 2.77.0.dev1 sorts before 2.77.0a1
-    return (tuple(release), pre, int(m.group(4) or -1), dev)
-
-
-def same_version(a: str, b: str) -> bool:
-    """PEP 440 equality of two release strings (``2.77`` == ``2.77.0``; local labels ignored)."""
-    return _key(check_version(a.split("+", 1)[0])) == _key(check_version(b.split("+", 1)[0]))
-
-
-def installed_beam_version() -> str | None:
-    """The apache-beam version of the running interpreter, read without importing Beam."""
-    from importlib import metadata
-
-    try:
-        return metadata.version(BEAM_PROJECT)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def read_requirements(path: str | os.PathLike[str]) -> list[str]:
-    """Requirement lines of a requirements file; ``-r`` includes followed (relative to the
-    including file, as pip does); comments and blank lines dropped. Other pip options are
-    refused: an environment's inputs must be what its hash covers."""
-    path = Path(path)
-    lines: list[str] = []
-    for raw in path.read_text().splitlines():
-        line = re.sub(r"(^|\s)#.*$", "", raw).strip()
-        if not line:
-            continue
-        if line.startswith(("-r ", "--requirement ")):
-            lines += read_requirements(path.parent / line.split(None, 1)[1].strip())
-        elif line.startswith("-"):
-            raise ValueError(f"{path}: unsupported pip option line {line!r}")
-        else:
-            lines.append(line)
-    return lines
-
-
-def derive_requirements(requirements: Sequence[str], version: str) -> list[str]:
-    """The job's requirement lines with the apache-beam line replaced by ``apache-beam[X]==V``.
-
-    Only that line changes: torch, transformers, pillow... keep the project's pins, so the
-    versions differ in Beam alone. The line's extras are kept (``[gcp]`` when it has none).
-    """
-    version = check_version(version)
-    out: list[str] = []
-    found = False
-    for line in requirements:
-        m = _NAME_RE.match(line)
-        if m and _canonical(m.group(1)) == BEAM_PROJECT:
-            found = True
-            extras = (m.group(2) or "[gcp]").replace(" ", "")
-            out.append(f"{BEAM_PROJECT}{extras}=={version}")
-        else:
-            out.append(line.strip())
-    if not found:
-        raise ValueError("the job's requirements name no apache-beam line to replace")
-    return out
-
-
-def launcher_requirements(pins: Sequence[str]) -> list[str]:
-    """``pins`` without the lines naming a package of :data:`LAUNCHER_EXCLUDED` (names
-    compared as pip does: ``Torch``, ``torch[x]>=2`` and ``torch ; marker`` all match);
-    every other line is kept as it is."""
-    excluded = {_canonical(n) for n in LAUNCHER_EXCLUDED}
-    out = []
-    for line in pins:
-        m = _NAME_RE.match(line)
-        if m and _canonical(m.group(1)) in excluded:
-            continue
-        out.append(line)
-    return out
-
-
-def pinned_beam_version(requirements: str | os.PathLike[str] = DEFAULT_REQUIREMENTS) -> str:
-    """The Beam version the job's requirements file pins with ``==``."""
-    for line in read_requirements(requirements):
-        m = _NAME_RE.match(line)
-        if m and _canonical(m.group(1)) == BEAM_PROJECT:
-            pin = re.search(r"==\s*([^\s;,]+)", line)
-            if pin:
-                return check_version(pin.group(1))
-    raise ValueError(f"{requirements}: no apache-beam==X pin")
-
-
-def default_versions(pinned: str, count: int = 3, *,
-                     available: Sequence[str] | None = None) -> list[str]:
-    """The pinned version and the ``count - 1`` releases before it, oldest first.
-
-    Offline and deterministic by default: Beam releases one minor version at a time
-    (2.75.0, 2.76.0, 2.77.0: patch releases are rare), so the releases before ``X.Y.Z`` are
-    taken as ``X.(Y-1).0``, ``X.(Y-2).0``... A version that turns out not to exist fails its
-    own environment only. Pass ``available`` (for example :func:`registry_versions`) to pick
-    real releases instead: the newest final release of each earlier minor version
-    (2.58.1 over 2.58.0), pre-releases ignored.
-    """
-    pinned = check_version(pinned)
-    if count < 1:
-        raise ValueError("count must be at least 1")
-    release = _key(pinned)[0]
-    major, minor = release[0], (release[1] if len(release) > 1 else 0)
-    if available is None:
-        older = [f"{major}.{minor - k}.0" for k in range(count - 1, 0, -1) if minor - k >= 0]
-        return [*older, pinned]
-    best: dict[tuple[int, int], str] = {}
-    for v in available:
-        v = v.strip()
-        if not _VERSION_RE.fullmatch(v) or re.search(r"(a|b|rc|dev)\d", v):
-            continue
-        r = _key(v)[0]
-        mm = (r[0], r[1] if len(r) > 1 else 0)
-        if mm >= (major, minor):
-            continue
-        if mm not in best or _key(v) > _key(best[mm]):
-            best[mm] = v
-    older = [best[mm] for mm in sorted(best)][-(count - 1):] if count > 1 else []
-    return [*older, pinned]
-
-
-def registry_versions(timeout_s: float = 60.0) -> list[str] | None:
-    """apache-beam releases the package index offers (``pip index versions``), newest
-    first; None when the index cannot be asked (offline, timeout, unexpected output)."""
-    try:
-        rc, output = _run([sys.executable, "-m", "pip", "index", "versions", BEAM_PROJECT],
-                          timeout_s=timeout_s)
-    except OSError:
-        return None
-    return _parse_index_versions(output) if rc == 0 else None
-
-
-def _parse_index_versions(output: str) -> list[str] | None:
-    for line in output.splitlines():
-        if line.strip().startswith("Available versions:"):
-            versions = [v.strip() for v in line.split(":", 1)[1].split(",")]
-            return [v for v in versions if _VERSION_RE.fullmatch(v)] or None
-    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -357,51 +202,6 @@ def job_fingerprint(job_package: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def _subprocess_env() -> dict[str, str]:
-    """The caller's environment minus what would leak the caller's packages into the new
-    environment (PYTHONPATH is plugins/ on Airflow, the checkout in tests)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")}
-    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-    env["PIP_NO_INPUT"] = "1"
-    return env
-
-
-def _run(argv: Sequence[str], *, timeout_s: float, log: Path | None = None,
-         cwd: Path | None = None) -> tuple[int, str]:
-    """Run argv (never a shell); return (exit code, combined output). Exit code 124 on
-    timeout, after the whole process group (pip and its build backends) is killed."""
-    if timeout_s <= 0:
-        return 124, "no time left before this step"
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, text=True,
-                                cwd=cwd, env=_subprocess_env(), start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, sig)
-                try:
-                    proc.wait(timeout=10)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-            rc = 124
-        out.seek(0)
-        output = out.read()
-    if rc == 124:
-        output += f"\n[timed out after {timeout_s:.0f} s: {argv[:4]}]"
-    if log is not None:
-        with log.open("a") as handle:
-            handle.write(f"$ {' '.join(map(str, argv))}\n{output}\n[exit {rc}]\n")
-    return rc, output
-
-
-def _tail(output: str, lines: int = ERROR_TAIL_LINES, chars: int = ERROR_TAIL_CHARS) -> str:
-    """The end of a command's output, where pip says what went wrong."""
-    tail = "\n".join(output.rstrip().splitlines()[-lines:])
-    return tail if len(tail) <= chars else "..." + tail[-chars:]
 
 
 def disk_bytes(path: str | os.PathLike[str]) -> int:
@@ -439,24 +239,6 @@ def _write_marker(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path / MARKER)
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path, deadline: float) -> Iterator[bool]:
-    """An exclusive lock on ``lock_path``, waited for until ``deadline``; yields whether it
-    was taken. flock is released by the kernel if the holder dies, so no stale locks."""
-    with lock_path.open("a") as handle:
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    yield False
-                    return
-                time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _from_marker(version: str, path: Path, marker: dict[str, Any], log: Path,
@@ -510,7 +292,7 @@ def ensure_env(version: str, root: str | os.PathLike[str], *,
         return _from_marker(version, path, marker, log, launcher_only)
 
     deadline = time.monotonic() + timeout_s
-    with _locked(root / f"{name}.lock", deadline) as got:
+    with file_lock(root / f"{name}.lock", deadline) as got:
         if not got:
             return _failed(version, path, log, f"another process holds {root}/{name}.lock "
                            f"(building this environment); gave up after {timeout_s:.0f} s",
@@ -545,13 +327,13 @@ def _build(version: str, path: Path, log: Path, pins: list[str], env_hash: str,
         shutil.rmtree(path, ignore_errors=True)
         log.write_text(f"# {'launcher-only ' if launcher_only else ''}environment for "
                        f"apache-beam {version}\n")
-        rc, out = _run([sys.executable, "-m", "venv", str(path)], timeout_s=left(), log=log)
+        rc, out = run_command([sys.executable, "-m", "venv", str(path)], timeout_s=left(), log=log)
         if rc != 0:
             return _cleanup_failed(version, path, log, "python -m venv failed", out,
                                    **flavour)
         reqs = path / "sdk-requirements.txt"
         reqs.write_text("\n".join(pins) + "\n")
-        rc, out = _run([str(python), "-m", "pip", "install", "--no-input", "-r", str(reqs)],
+        rc, out = run_command([str(python), "-m", "pip", "install", "--no-input", "-r", str(reqs)],
                        timeout_s=left(), log=log)
         if rc != 0:
             return _cleanup_failed(version, path, log, "pip install of the requirements "
@@ -562,7 +344,7 @@ def _build(version: str, path: Path, log: Path, pins: list[str], env_hash: str,
             dest = Path(tmp) / f.relative_to(job_package)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, dest)
-        rc, out = _run([str(python), "-m", "pip", "install", "--no-input", "--no-deps",
+        rc, out = run_command([str(python), "-m", "pip", "install", "--no-input", "--no-deps",
                         "--force-reinstall", tmp], timeout_s=left(), log=log)
     if rc != 0:
         return _cleanup_failed(version, path, log, "pip install of the job package failed",
@@ -570,7 +352,7 @@ def _build(version: str, path: Path, log: Path, pins: list[str], env_hash: str,
     code = _LAUNCHER_VERIFY_CODE if launcher_only else _VERIFY_CODE
     imports = ("apache_beam, captioning.pipeline, captioning.options" if launcher_only
                else "apache_beam, captioning.pipeline, torch, transformers")
-    rc, out = _run([str(python), "-c", code], timeout_s=left(), log=log, cwd=path)
+    rc, out = run_command([str(python), "-c", code], timeout_s=left(), log=log, cwd=path)
     report = next((json.loads(line[len(_VERIFY_PREFIX):]) for line in out.splitlines()
                    if line.startswith(_VERIFY_PREFIX)), None)
     if rc != 0 or report is None:
@@ -601,18 +383,7 @@ def _cleanup_failed(version: str, path: Path, log: Path, what: str, output: str,
     """A failed build leaves no environment behind (only its log): nothing half-built can
     be mistaken for ready, and a broken version does not keep a GB of disk."""
     shutil.rmtree(path, ignore_errors=True)
-    return _failed(version, path, log, f"{what}:\n{_tail(output)}", **extra)
-
-
-def job_command(env: SdkEnv, job_file: str | os.PathLike[str] = DEFAULT_JOB_FILE,
-                options: Sequence[str] = ()) -> list[str]:
-    """The argv that runs the job file with ``env``'s Python (no shell, no activation: a
-    venv's python finds its own packages; the job file's folder comes first on sys.path, so
-    the checkout's ``captioning`` is what runs in the launching process)."""
-    if not env.ok:
-        raise ValueError(f"environment for apache-beam {env.version} is not usable: "
-                         f"{env.error}")
-    return [env.python, str(job_file), *map(str, options)]
+    return _failed(version, path, log, f"{what}:\n{output_tail(output)}", **extra)
 
 
 # ---------------------------------------------------------------------------------------
@@ -628,7 +399,7 @@ def default_root() -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m caption_platform.sdk_envs",
+        prog="python -m caption_platform.benchmark.sdk_envs",
         description="Per-Beam-SDK-version environments for the captioning job.")
     sub = parser.add_subparsers(dest="command", required=True)
     ensure = sub.add_parser("ensure", help="build or reuse the environment; print it as JSON")

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from google.cloud.bigquery import Row
 
-from caption_platform.config import SettingsError, load_settings, run_key
+from caption_platform.config import SettingsError, load_settings
 from caption_platform.warehouse import BigQueryWarehouse, get_warehouse
+from captioning.layout import run_key
 
 RUN = "scheduled__2026-01-02T00:00:00+00:00"
 
@@ -65,7 +66,7 @@ NEW_RUN_COLUMNS = ("run_kind", "benchmark_id", "blip_model", "clip_model", "deco
 
 def test_ensure_tables_sends_standard_sql_ddl_and_adds_missing_columns() -> None:
     """Tables an older release created get the columns added since, nothing else."""
-    from caption_platform import tables
+    from caption_platform.warehouse import tables
 
     older = [{"table_name": kind, "column_name": c} for kind in tables.TABLE_KINDS
              for c in tables.columns(kind)

@@ -7,10 +7,10 @@ standalone` and the real-Airflow test all start from :func:`airflow_env`.
 
 Command line (``PYTHONPATH=plugins``; the Makefile targets wrap it)::
 
-    python -m caption_platform.local_airflow airflow            # set up, print how to use it
-    python -m caption_platform.local_airflow airflow ARGS...    # any airflow command
-    python -m caption_platform.local_airflow standalone [--port 8080] [--host 127.0.0.1]
-    python -m caption_platform.local_airflow env                # `export` lines for a shell
+    python -m tools.local_airflow airflow            # set up, print how to use it
+    python -m tools.local_airflow airflow ARGS...    # any airflow command
+    python -m tools.local_airflow standalone [--port 8080] [--host 127.0.0.1]
+    python -m tools.local_airflow env                # `export` lines for a shell
 
 Setting up writes ``airflow_home/airflow.cfg`` with exactly the settings above plus the
 secrets every Airflow process must share (fernet key, API secret key, JWT secret; generated
@@ -35,8 +35,8 @@ from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 
-#: The checkout: plugins/caption_platform/local_airflow.py -> parents[2].
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from caption_platform import REPO_ROOT
+
 DEFAULT_HOME = REPO_ROOT / "airflow_home"
 DAGS_FOLDER = REPO_ROOT / "dags"
 PLUGINS_FOLDER = REPO_ROOT / "plugins"
@@ -118,7 +118,7 @@ _OPTION = re.compile(r"^([A-Za-z0-9_.\-]+)\s*=\s*(.*)$")
 
 _CFG_HEADER = """\
 # Airflow configuration of this checkout, written by
-# `python -m caption_platform.local_airflow` (make airflow / make standalone).
+# `python -m tools.local_airflow` (make airflow / make standalone).
 # Only what this project needs is set here; Airflow's defaults apply to the rest.
 # You may add settings: they are kept. dags_folder, plugins_folder and load_examples
 # are rewritten to this checkout's values; the secrets are generated once and kept.
@@ -395,7 +395,7 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 30,
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
-        prog="python -m caption_platform.local_airflow",
+        prog="python -m tools.local_airflow",
         description="Airflow against this checkout (project-local AIRFLOW_HOME, our DAGs).",
     )
     sub = parser.add_subparsers(dest="command", required=True)

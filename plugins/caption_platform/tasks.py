@@ -1,0 +1,245 @@
+"""The `caption_images` DAG's units of work, as plain functions.
+
+The DAG file only declares tasks and wires them; each task calls one function here.
+That keeps the DAG file fast to parse and lets tests run every step without a scheduler.
+The plan task returns the :class:`~caption_platform.plan.RunPlan` as XCom (JSON); every
+later function takes that XCom value (or the plan itself) and reads it once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from caption_platform.config import (
+    Settings,
+    SettingsError,
+    job_output,
+    load_settings,
+    manifest_uri,
+    run_folder,
+)
+from caption_platform.params import setting_overrides
+from caption_platform.plan import RunPlan, run_kind_name
+from captioning.layout import run_key
+
+log = logging.getLogger(__name__)
+
+#: The captioning DAG's id (dags/caption_images.py), also used by `make demo`.
+DAG_ID = "caption_images"
+#: The tasks whose failure record_metrics reports, in run order.
+RUN_TASKS = ("plan", "caption", "publish", "validate")
+#: XCom key under which a failing task leaves its error for record_metrics.
+ERROR_KEY = "error"
+
+#: What the plan task's XCom holds, as later tasks receive it.
+PlanXCom = RunPlan | Mapping[str, Any]
+
+
+@contextlib.contextmanager
+def error_in_xcom(ti: Any) -> Iterator[None]:
+    """Leave the task's error in XCom (key :data:`ERROR_KEY`) before it propagates, so
+    record_metrics can write the real cause into pipeline_runs. Airflow clears a task's
+    XComs when it runs again, so a stale error never outlives a successful retry."""
+    try:
+        yield
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            ti.xcom_push(key=ERROR_KEY, value=f"{type(exc).__name__}: {exc}"[:4000])
+        raise
+
+
+def deterministic(exc: Exception, why: str) -> Exception:
+    """An AirflowFailException (no retry) carrying ``exc``'s message: retrying a wrong
+    setting or a failed exactly-once check can only repeat it, minutes later."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    failure = AirflowFailException(f"{why}: {exc}")
+    failure.__cause__ = exc
+    return failure
+
+
+def settings_for_run(params: Mapping[str, Any],
+                     overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Resolve settings with this run's parameters applied (the plan task, once per run).
+
+    ``overrides`` are settings a DAG imposes (the benchmark's own tables, say). Raises
+    :class:`SettingsError` naming each wrong setting and what is allowed, including
+    combinations a trigger form cannot check (``num_beams >= num_captions`` for beam search).
+    """
+    return load_settings(**{**setting_overrides(params), **(overrides or {})})
+
+
+def plan_task(run_id: str, params: Mapping[str, Any], **plan_kwargs: Any) -> dict[str, Any]:
+    """The plan task: :func:`plan_run` as XCom, but a configuration error or a run over its
+    budget fails at once, unretried: retrying cannot fix either, it would only hide the
+    message."""
+    from caption_platform.forecast import BudgetExceeded
+
+    try:
+        return plan_run(run_id, params, **plan_kwargs).to_xcom()
+    except SettingsError as exc:
+        raise deterministic(exc, "invalid settings for this run") from exc
+    except BudgetExceeded as exc:
+        raise deterministic(exc, "not launched") from exc
+
+
+def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
+             benchmark_id: str | None = None,
+             overrides: Mapping[str, Any] | None = None) -> RunPlan:
+    """Build and load the run's manifest; return what later tasks need.
+
+    Incremental runs skip images already captioned by *other* runs, so a retried or
+    re-triggered run sees the same manifest it saw the first time.
+    """
+    from caption_platform.forecast import comparison_key, forecast
+    from caption_platform.launch import job_options, launch_spec
+    from caption_platform.manifest import build_manifest
+    from caption_platform.warehouse import get_warehouse
+
+    settings = settings_for_run(params, overrides)
+    warehouse = get_warehouse(settings)
+    warehouse.ensure_tables()
+    exclude = warehouse.existing_image_ids(exclude_run_id=run_id) if settings.incremental else None
+    target = manifest_uri(settings, run_id)
+    stats = build_manifest(
+        settings.source_uri,
+        target,
+        extensions=settings.images.extensions,
+        min_bytes=settings.images.min_bytes,
+        max_bytes=settings.job.max_image_bytes,
+        exclude_ids=exclude,
+        max_images=settings.max_images,
+        conn_id=settings.storage_conn_id,
+    )
+    loaded = warehouse.load_manifest(run_id, target)
+    expected = forecast(warehouse.fetch_runs(limit=500), comparison_key(settings), loaded)
+    log.info(expected.message)
+    expected.check_budget(settings.max_cost_usd)
+    output = job_output(settings, run_id)
+    warehouse.clear_staging(output, expiration_hours=settings.staging_expiration_hours)
+    log.info("manifest %s: %s (%d rows loaded)", target, stats.to_dict(), loaded)
+    return RunPlan(
+        run_id=run_id,
+        run_key=run_key(run_id),
+        run_folder=run_folder(settings, run_id),
+        manifest_uri=target,
+        output=output,
+        images=loaded,
+        manifest_stats=stats.to_dict(),
+        job_options=job_options(settings, run_id),
+        launch=launch_spec(settings),
+        run_kind=run_kind_name(run_kind),
+        benchmark_id=benchmark_id,
+        forecast_cost_usd=expected.cost_usd,
+        settings=settings,
+        params=dict(params),
+    )
+
+
+def publish_run(xcom: PlanXCom) -> dict[str, Any]:
+    """MERGE the job's staged output into the captions and dead-letter tables."""
+    from caption_platform.warehouse import get_warehouse
+
+    plan = RunPlan.from_xcom(xcom)
+    warehouse = get_warehouse(plan.settings)
+    result = warehouse.publish(plan.run_id, plan.output)
+    log.info("published %s", result.to_dict())
+    return {**result.to_dict(), "table": warehouse.table_uri("captions"), "run_id": plan.run_id}
+
+
+def validate_run(xcom: PlanXCom) -> dict[str, Any]:
+    """Prove the run exactly-once (against what it published) and the whole tables
+    consistent, then that it captioned something and dead-lettered no more than
+    ``max_dead_letter_share`` of its new images. Either failure is final (no retry)."""
+    from caption_platform.validation import ExactlyOnceError, RunOutcomeError, check_outcome_share
+    from caption_platform.warehouse import get_warehouse
+
+    plan = RunPlan.from_xcom(xcom)
+    warehouse = get_warehouse(plan.settings)
+    result = warehouse.validate(plan.run_id)
+    log.info(result.message)
+    try:
+        result.raise_if_failed()
+        reasons = warehouse.dead_letter_reasons(plan.run_id)
+        log.info("dead letters by stage/kind: %s", reasons)
+        check_outcome_share(result, reasons, plan.settings.max_dead_letter_share)
+    except (ExactlyOnceError, RunOutcomeError) as exc:
+        raise deterministic(exc, type(exc).__name__) from exc
+    return result.to_dict()
+
+
+def record_metrics(
+    xcom: PlanXCom | None, *, dag_id: str, dataflow_job_id: str | None = None,
+    errors: Mapping[str, str] | None = None, run_id: str | None = None,
+    params: Mapping[str, Any] | None = None, run_kind: Any = None,
+) -> dict[str, Any] | None:
+    """Write the run's pipeline_runs row: resources, throughput and estimated cost, and the
+    first failed task's real error (``errors``: task id -> error, in run order).
+
+    Without a plan (the plan task failed) the row says so, written where this run's
+    parameters, or failing those the deployment's settings, put the warehouse.
+    """
+    from caption_platform.metrics import DONE, run_row
+    from caption_platform.warehouse import get_warehouse
+
+    errors = {k: v for k, v in (errors or {}).items() if v}
+    error = next((f"{task}: {text}" for task, text in errors.items()), None)
+    if xcom is None:
+        return _record_plan_failure(dag_id=dag_id, run_id=str(run_id), params=params or {},
+                                    run_kind=run_kind, error=error)
+    plan = RunPlan.from_xcom(xcom)
+    row = run_row(plan, dag_id=dag_id, dataflow_job_id=dataflow_job_id,
+                  caption_error=errors.get("caption"))
+    warehouse = get_warehouse(plan.settings)
+    if error:
+        row["error"] = error
+    if row["final_state"] == DONE:
+        row["caption_similarity_median"] = warehouse.caption_similarity_median(plan.run_id)
+    warehouse.record_run(row)
+    log.info("pipeline_runs row: %s", row)
+    return _jsonable(row)
+
+
+def _record_plan_failure(*, dag_id: str, run_id: str, params: Mapping[str, Any],
+                         run_kind: Any, error: str | None) -> dict[str, Any] | None:
+    """Record a run whose plan failed, where its parameters (or failing those, the
+    deployment's settings) put the warehouse."""
+    from caption_platform.metrics import plan_failure_row
+    from caption_platform.warehouse import get_warehouse
+
+    try:
+        settings = settings_for_run(params)
+    except SettingsError:
+        try:  # the parameters were the problem: the deployment's own settings
+            settings = settings_for_run({})
+        except SettingsError as exc:
+            log.error("no pipeline_runs row: the deployment's settings are invalid (%s); "
+                      "the plan task failed with: %s", exc, error)
+            return None
+    row = plan_failure_row(settings, run_id=run_id, dag_id=dag_id,
+                           run_kind=run_kind_name(run_kind), error=error)
+    warehouse = get_warehouse(settings)
+    warehouse.ensure_tables()
+    warehouse.record_run(row)
+    log.info("pipeline_runs row: %s", row)
+    return _jsonable(row)
+
+
+def _jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}
+
+
+def export_run(xcom: PlanXCom) -> dict[str, Any]:
+    """Write the run's captions as a Hugging Face `datasets` imagefolder."""
+    from caption_platform.export import export_hf_imagefolder
+    from caption_platform.warehouse import get_warehouse
+
+    plan = RunPlan.from_xcom(xcom)
+    rows = get_warehouse(plan.settings).captions_for_run(plan.run_id, limit=None)
+    out = f"{plan.run_folder}/hf_dataset"
+    written = export_hf_imagefolder(rows, out, conn_id=plan.settings.storage_conn_id)
+    log.info("exported %d images to %s", written, out)
+    return {"uri": out, "rows": written}

@@ -1,0 +1,301 @@
+"""The warehouse interface: the operations the DAG needs, written once over any engine.
+
+Every statement is BigQuery standard SQL (:mod:`.sql`) over the column declarations of
+:mod:`.tables`; an engine (:mod:`.duckdb_engine`, :mod:`.bigquery_engine`) supplies only the
+plumbing: how it quotes table names, binds parameters and reaches the job's staging output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+from caption_platform.config import TableNames, validate_identifier
+from caption_platform.validation import ValidationResult, result_from_rows
+from caption_platform.warehouse import sql, tables
+
+DEFAULT_SAMPLE_SIZE = 10
+
+
+
+@dataclass
+class PublishResult:
+    """Rows found in the run's staging output and rows the MERGEs touched."""
+
+    captions_staged: int
+    dead_letters_staged: int
+    captions_merged: int | None
+    dead_letters_merged: int | None
+
+    def to_dict(self) -> dict[str, int | None]:
+        return dataclasses.asdict(self)
+
+
+Params = dict[str, Any]
+Types = dict[str, str]
+
+
+class Warehouse(ABC):
+    """The warehouse operations the DAG needs; engines supply the SQL plumbing."""
+
+    def __init__(self, table_names: TableNames | dict[str, str] | None = None) -> None:
+        if isinstance(table_names, dict):
+            table_names = TableNames(**table_names)
+        self.tables = table_names or TableNames()
+
+    # -- engine plumbing ---------------------------------------------------------------
+    @abstractmethod
+    def _ref(self, name: str, *, project: str | None = None, dataset: str | None = None) -> str:
+        """Quoted BigQuery-syntax reference to a table (name already validated)."""
+
+    @abstractmethod
+    def _query(self, statement: str, params: Params | None = None) -> list[dict[str, Any]]:
+        """Run one query and return its rows as dicts."""
+
+    @abstractmethod
+    def _iter_query(self, statement: str, params: Params | None = None) -> Iterator[dict[str, Any]]:
+        """Run one query and stream its rows."""
+
+    @abstractmethod
+    def _execute(
+        self, statements: Sequence[str], params: Params | None = None, types: Types | None = None
+    ) -> int | None:
+        """Run statements atomically; rows affected by the last one where known."""
+
+    @abstractmethod
+    def _stage_manifest(self, run_id: str, manifest_uri: str) -> str:
+        """Make the manifest file queryable; return its table reference."""
+
+    @abstractmethod
+    def _stage_output(self, run_id: str, staging: str) -> tuple[str, str]:
+        """Make the job's output queryable; return (captions, dead_letters) references."""
+
+    def _unstage(self, refs: Sequence[str]) -> None:  # noqa: B027 - optional hook
+        """Drop temporary staging objects (engines that create them)."""
+
+    def clear_staging(self, staging: str, *, expiration_hours: int = 72) -> None:  # noqa: B027
+        """Remove what an earlier attempt of the run left in ``staging`` (engines that need it).
+
+        The Parquet output needs nothing: the job replaces its own files atomically.
+        """
+
+    @abstractmethod
+    def table_uri(self, kind: str) -> str:
+        """Where a table lives, as a URI (the captions Asset event names it)."""
+
+    # -- shared helpers ------------------------------------------------------------------
+    def _table(self, kind: str) -> str:
+        return self._ref(validate_identifier(getattr(self.tables, kind)))
+
+    def _refs(self, **extra: str) -> dict[str, str]:
+        refs = {kind: self._table(kind) for kind in tables.TABLE_KINDS}
+        refs.update(extra)
+        return refs
+
+    # -- operations ----------------------------------------------------------------------
+    def ensure_tables(self) -> None:
+        """Create the tables if they do not exist, and add the columns a newer
+        declaration has to tables an older release created (never drops or retypes).
+
+        A provenance ledger created next to captions an older release wrote is filled from
+        them once, so every existing row stays provable.
+        """
+        before = self._columns()
+        for kind in tables.TABLE_KINDS:
+            self._execute([create_table_sql(self._table(kind), kind)])
+        for kind in tables.TABLE_KINDS:
+            have = before.get(getattr(self.tables, kind))
+            if have is None:  # created just now, with every column
+                continue
+            for name, sql_type in tables.columns(kind).items():
+                if name not in have:
+                    self._execute([sql.ADD_COLUMN.format(
+                        table=self._table(kind), column=validate_identifier(name), type=sql_type)])
+        if self.tables.published_images not in before and self.tables.captions in before:
+            self._execute([sql.BACKFILL_PUBLISHED.format(**self._refs())])
+
+    @abstractmethod
+    def _columns(self) -> dict[str, set[str]]:
+        """Table name -> its column names, for every table there is (one lookup)."""
+
+    def load_manifest(self, run_id: str, manifest_uri: str) -> int:
+        """Replace the run's manifest rows with the manifest file's; return the count."""
+        staged = self._stage_manifest(run_id, manifest_uri)
+        try:
+            self._execute(
+                [s.format(**self._refs(staging_manifest=staged)) for s in sql.REPLACE_MANIFEST],
+                {"run_id": run_id},
+            )
+        finally:
+            self._unstage([staged])
+        rows = self._query(
+            "SELECT COUNT(*) AS n FROM {manifests} WHERE run_id = @run_id".format(**self._refs()),
+            {"run_id": run_id},
+        )
+        return int(rows[0]["n"])
+
+    def existing_image_ids(self, exclude_run_id: str = "") -> Iterator[str]:
+        """Every image_id captioned by a run other than ``exclude_run_id``, streamed.
+
+        Incremental manifests skip these; leaving out the current run's own rows means
+        a retried or re-triggered run rebuilds the same manifest it had the first time.
+        """
+        params = {"run_id": exclude_run_id}
+        for row in self._iter_query(sql.EXISTING_IMAGE_IDS.format(**self._refs()), params):
+            yield str(row["image_id"])
+
+    def publish(self, run_id: str, staging: str) -> PublishResult:
+        """MERGE the run's staged captions and dead letters on image_id (idempotent), the
+        newest outcome of each image winning, and record what this run published.
+
+        ``staging`` is the job's output folder (DuckDB) or staging table prefix
+        (BigQuery: ``PREFIX`` or ``bq://PROJECT.DATASET.PREFIX``).
+        """
+        staged_captions, staged_dead = self._stage_output(run_id, staging)
+        refs = self._refs(staging_captions=staged_captions, staging_dead_letters=staged_dead)
+        counts = self._query(sql.STAGED_COUNTS.format(**refs))[0]
+        captions_merged = self._execute(
+            [sql.MERGE_CAPTIONS.format(**refs, **merge_lists(tables.CAPTIONS))]
+        )
+        dead_merged = self._execute(
+            [sql.MERGE_DEAD_LETTERS.format(**refs, **merge_lists(tables.DEAD_LETTERS))]
+        )
+        self._execute([stmt.format(**refs) for stmt in sql.RESOLVE_OUTCOMES])
+        self._execute([stmt.format(**refs) for stmt in sql.RECORD_PUBLISHED], {"run_id": run_id})
+        # Only once everything committed: a retried publish still finds the staged rows.
+        self._unstage([staged_captions, staged_dead])
+        return PublishResult(
+            captions_staged=int(counts["captions_staged"]),
+            dead_letters_staged=int(counts["dead_letters_staged"]),
+            captions_merged=captions_merged,
+            dead_letters_merged=dead_merged,
+        )
+
+    def validate(self, run_id: str, *, sample_size: int = DEFAULT_SAMPLE_SIZE) -> ValidationResult:
+        """Check the run against what it published (its ledger rows, which later runs never
+        relabel) and the whole tables: call ``.raise_if_failed()`` on the result."""
+        refs = self._refs()
+        counts = self._query(sql.VALIDATION_COUNTS.format(**refs), {"run_id": run_id})[0]
+        problems = self._query(
+            sql.VALIDATION_PROBLEMS.format(**refs), {"run_id": run_id, "sample_size": sample_size}
+        )
+        return result_from_rows(run_id, counts, problems)
+
+    def dead_letter_reasons(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's dead letters counted by stage, exception class and whether another run
+        had already dead-lettered the image (``repeat``), most first."""
+        rows = self._query(sql.DEAD_LETTER_REASONS.format(**self._refs()), {"run_id": run_id})
+        return [{"stage": r["stage"], "kind": r["kind"] or "other", "repeat": bool(r["seen_before"]),
+                 "n": int(r["n"])} for r in rows]
+
+    def record_run(self, row: dict[str, Any]) -> None:
+        """Write the run's pipeline_runs row, replacing any earlier one of that run."""
+        declared = tables.columns(tables.PIPELINE_RUNS)
+        unknown = sorted(set(row) - set(declared))
+        if unknown:
+            raise ValueError(
+                f"pipeline_runs: unknown column(s) {', '.join(unknown)}; "
+                f"known: {', '.join(declared)}"
+            )
+        if not row.get("run_id"):
+            raise ValueError("pipeline_runs: run_id is required")
+        params = {name: coerce(row.get(name), sql_type) for name, sql_type in declared.items()}
+        statements = [
+            s.format(
+                **self._refs(),
+                column_list=", ".join(declared),
+                param_list=", ".join(f"@{name}" for name in declared),
+            )
+            for s in sql.REPLACE_RUN
+        ]
+        self._execute(statements, params, types=declared)
+
+    def captions_for_run(self, run_id: str, limit: int | None = 20) -> Iterator[dict[str, Any]]:
+        """The run's captions rows by image_id, streamed; ``limit=None`` for all of them."""
+        statement = sql.CAPTIONS_FOR_RUN.format(**self._refs()).strip()
+        params: dict[str, Any] = {"run_id": run_id}
+        if limit is not None:
+            statement += " LIMIT @limit"
+            params["limit"] = int(limit)
+        yield from self._iter_query(statement, params)
+
+    def dead_letters_for_run(self, run_id: str) -> Iterator[dict[str, Any]]:
+        """The run's dead-letter rows by image_id, streamed."""
+        statement = sql.DEAD_LETTERS_FOR_RUN.format(**self._refs())
+        yield from self._iter_query(statement, {"run_id": run_id})
+
+    def caption_similarity_median(self, run_id: str) -> float | None:
+        """Median CLIP similarity of the run's chosen captions (None without any)."""
+        rows = self._query(sql.RUN_CAPTION_SIMILARITY.format(**self._refs()), {"run_id": run_id})
+        value = rows[0]["median"] if rows else None
+        return None if value is None else float(value)
+
+    def benchmark_runs(self, benchmark_id: str) -> list[dict[str, Any]]:
+        """Every pipeline_runs row of one benchmark trigger, oldest first."""
+        return self._query(sql.FETCH_BENCHMARK_RUNS.format(**self._refs()),
+                           {"benchmark_id": benchmark_id})
+
+    def fetch_runs(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The latest pipeline_runs rows, newest first."""
+        return self._query(sql.FETCH_RUNS.format(**self._refs()), {"limit": int(limit)})
+
+
+
+# -- SQL building blocks ---------------------------------------------------------------------
+def create_table_sql(ref: str, kind: str) -> str:
+    defs = ", ".join(f"{validate_identifier(c)} {t}" for c, t in tables.columns(kind).items())
+    return sql.CREATE_TABLE.format(table=ref, column_defs=defs)
+
+
+def merge_lists(kind: str) -> dict[str, str]:
+    cols = [validate_identifier(c) for c in tables.columns(kind)]
+    types = tables.columns(kind)
+    return {
+        "column_list": ", ".join(cols),
+        "source_list": ", ".join(f"S.{c}" for c in cols),
+        "update_set": ", ".join(f"{c} = S.{c}" for c in cols if c != "image_id"),
+        "null_list": ", ".join(
+            "image_id" if c == "image_id" else f"CAST(NULL AS {types[c]}) AS {c}" for c in cols
+        ),
+    }
+
+
+def empty_select(kind: str) -> str:
+    """A zero-row SELECT with the table's columns and types."""
+    cols = ", ".join(f"CAST(NULL AS {t}) AS {c}" for c, t in tables.columns(kind).items())
+    return f"SELECT {cols} FROM (SELECT 1 AS x) AS z WHERE FALSE"
+
+
+def coerce(value: Any, sql_type: str) -> Any:
+    if value is None:
+        return None
+    if sql_type == "TIMESTAMP":
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if not isinstance(value, datetime):
+            raise ValueError(f"expected a timestamp, got {value!r}")
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    if sql_type == "DATE":
+        if isinstance(value, datetime):
+            return value.date()
+        return value if isinstance(value, date) else date.fromisoformat(str(value))
+    if sql_type == "INT64":
+        return int(value)
+    if sql_type == "FLOAT64":
+        return float(value)
+    if sql_type == "BOOL":
+        return bool(value)
+    return str(value)
+
+
+
+def columns_by_table(rows: Iterable[tuple[str, str]]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for table, column in rows:
+        out.setdefault(str(table), set()).add(str(column))
+    return out
+

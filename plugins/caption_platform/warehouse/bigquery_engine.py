@@ -1,0 +1,189 @@
+"""The BigQuery engine (gcp profile), through the Google provider's ``BigQueryHook``.
+
+Queries run with ``useLegacySql: False`` and named parameters; several statements run as one
+transaction; the job's FILE_LOADS staging tables are per run and expire by themselves.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from datetime import date, datetime
+from typing import Any
+
+from caption_platform.config import TableNames, validate_identifier
+from caption_platform.warehouse import sql, tables
+from caption_platform.warehouse.base import (
+    Params,
+    Types,
+    Warehouse,
+    columns_by_table,
+    create_table_sql,
+)
+from captioning.layout import run_key
+
+_PROJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:_-]{0,127}$")
+_BQ_TYPES = {str: "STRING", bool: "BOOL", int: "INT64", float: "FLOAT64"}
+
+
+class BigQueryWarehouse(Warehouse):
+    """A BigQuery dataset (gcp profile), reached through the provider's BigQueryHook."""
+
+    def __init__(
+        self,
+        project: str,
+        dataset: str,
+        location: str | None = None,
+        gcp_conn_id: str = "google_cloud_default",
+        table_names: TableNames | dict[str, str] | None = None,
+        *,
+        hook: Any | None = None,
+    ) -> None:
+        super().__init__(table_names)
+        if not _PROJECT.match(project or ""):
+            raise ValueError(f"gcp_project: {project!r} is not a valid project id")
+        self.project = project
+        self.dataset = validate_identifier(dataset)
+        self.location = location
+        self.gcp_conn_id = gcp_conn_id
+        self._hook = hook
+
+    @property
+    def hook(self) -> Any:
+        if self._hook is None:
+            from airflow.providers.google.cloud.hooks.bigquery import BigQueryHook
+
+            self._hook = BigQueryHook(
+                gcp_conn_id=self.gcp_conn_id, location=self.location, use_legacy_sql=False
+            )
+        return self._hook
+
+    def table_uri(self, kind: str) -> str:
+        return f"bigquery://{self.project}/{self.dataset}/{getattr(self.tables, kind)}"
+
+    def _columns(self) -> dict[str, set[str]]:
+        dataset = validate_identifier(self.dataset)
+        columns = f"`{_project_id(self.project)}.{dataset}.INFORMATION_SCHEMA.COLUMNS`"
+        rows = self._query(sql.TABLE_COLUMNS.format(columns=columns))
+        return columns_by_table((r["table_name"], r["column_name"]) for r in rows)
+
+    def _ref(self, name: str, *, project: str | None = None, dataset: str | None = None) -> str:
+        project = _project_id(project or self.project)
+        dataset = validate_identifier(dataset or self.dataset)
+        return f"`{project}.{dataset}.{validate_identifier(name)}`"
+
+    def _insert_job(self, configuration: dict[str, Any]) -> Any:
+        return self.hook.insert_job(
+            configuration=configuration, project_id=self.project, location=self.location
+        )
+
+    def _query_config(
+        self, statement: str, params: Params | None, types: Types | None = None
+    ) -> dict[str, Any]:
+        config: dict[str, Any] = {"query": statement, "useLegacySql": False}
+        if params:
+            config["parameterMode"] = "NAMED"
+            config["queryParameters"] = [
+                _bq_param(name, value, (types or {}).get(name)) for name, value in params.items()
+            ]
+        return {"query": config}
+
+    def _query(self, statement: str, params: Params | None = None) -> list[dict[str, Any]]:
+        return list(self._iter_query(statement, params))
+
+    def _iter_query(self, statement: str, params: Params | None = None) -> Iterator[dict[str, Any]]:
+        job = self._insert_job(self._query_config(statement, params))
+        for row in job.result():
+            yield dict(row.items())
+
+    def _execute(
+        self, statements: Sequence[str], params: Params | None = None, types: Types | None = None
+    ) -> int | None:
+        if len(statements) == 1:
+            script = statements[0]
+        else:  # a multi-statement transaction: all or nothing
+            body = ";\n".join(s.strip() for s in statements)
+            script = f"BEGIN TRANSACTION;\n{body};\nCOMMIT TRANSACTION;"
+        job = self._insert_job(self._query_config(script, params, types))
+        affected = getattr(job, "num_dml_affected_rows", None)
+        return None if affected is None else int(affected)
+
+    def _stage_manifest(self, run_id: str, manifest_uri: str) -> str:
+        table = validate_identifier(f"stg_{run_key(run_id)}_manifest")
+        load = {
+            "load": {
+                "sourceUris": [manifest_uri],
+                "sourceFormat": "NEWLINE_DELIMITED_JSON",
+                "destinationTable": {
+                    "projectId": self.project,
+                    "datasetId": self.dataset,
+                    "tableId": table,
+                },
+                "schema": {"fields": tables.bigquery_schema_fields(tables.MANIFESTS)[1:]},
+                "writeDisposition": "WRITE_TRUNCATE",
+                "createDisposition": "CREATE_IF_NEEDED",
+            }
+        }
+        self._insert_job(load)
+        return self._ref(table)
+
+    def _staging_refs(self, staging: str) -> tuple[str, str]:
+        """References of the per-run staging tables (``PREFIX_captions``, ``PREFIX_dead_letters``)."""
+        project, dataset, prefix = self.project, self.dataset, staging
+        if staging.startswith("bq://"):
+            project, dataset, prefix = staging[len("bq://") :].split(".", 2)
+        captions, dead = (
+            self._ref(validate_identifier(f"{prefix}_{kind}"), project=project, dataset=dataset)
+            for kind in (tables.CAPTIONS, tables.DEAD_LETTERS)
+        )
+        return captions, dead
+
+    def clear_staging(self, staging: str, *, expiration_hours: int = 72) -> None:
+        """Recreate the run's staging tables empty, expiring ``expiration_hours`` from now.
+
+        FILE_LOADS runs no load job for a kind with zero rows, so WRITE_TRUNCATE alone
+        would leave an earlier attempt's rows in place on a rerun. The expiry removes the
+        tables of a run that never publishes; publish drops them once it has merged.
+        """
+        hours = int(expiration_hours)
+        for ref, kind in zip(self._staging_refs(staging), (tables.CAPTIONS, tables.DEAD_LETTERS),
+                             strict=True):
+            self._execute([f"DROP TABLE IF EXISTS {ref}"])
+            self._execute([create_table_sql(ref, kind) + sql.EXPIRES_IN_HOURS.format(hours=hours)])
+
+    def _unstage(self, refs: Sequence[str]) -> None:
+        """Drop per-run staging tables (the manifest's after loading, the job's after publish)."""
+        for ref in refs:
+            self._execute([f"DROP TABLE IF EXISTS {ref}"])
+
+    def _stage_output(self, run_id: str, staging: str) -> tuple[str, str]:
+        refs = self._staging_refs(staging)
+        for ref, kind in zip(refs, (tables.CAPTIONS, tables.DEAD_LETTERS), strict=True):
+            # FILE_LOADS creates no table when a run has zero rows of a kind
+            self._execute([create_table_sql(ref, kind)])
+        return refs
+
+
+
+def _project_id(project: str) -> str:
+    """``project`` if it is a valid Google Cloud project id (it is pasted into SQL), else raise."""
+    if not _PROJECT.match(project) or "`" in project:
+        raise ValueError(f"{project!r} is not a valid project id")
+    return project
+
+
+def _bq_param(name: str, value: Any, sql_type: str | None = None) -> dict[str, Any]:
+    """A named query parameter in the BigQuery REST shape (NULLs need a declared type)."""
+    from google.cloud.bigquery import ScalarQueryParameter
+
+    if sql_type is None:
+        if isinstance(value, datetime):
+            sql_type = "TIMESTAMP"
+        elif isinstance(value, date):
+            sql_type = "DATE"
+        elif type(value) in _BQ_TYPES:
+            sql_type = _BQ_TYPES[type(value)]
+        else:
+            raise TypeError(f"parameter {name}: cannot infer a BigQuery type for {value!r}")
+    return ScalarQueryParameter(name, sql_type, value).to_api_repr()
+
