@@ -104,7 +104,8 @@ class Rule:
     check: Callable[[Mapping[str, Any]], str | None]
 
 
-def _enough_beams(v: Mapping[str, Any]) -> str | None:
+def enough_beams(v: Mapping[str, Any]) -> str | None:
+    """The message when beam search is asked for fewer beams than candidate captions."""
     beams, captions = v.get("num_beams"), v.get("num_captions")
     if v.get("decoding") == "beam" and isinstance(beams, int) and isinstance(captions, int) \
             and beams < captions:
@@ -217,7 +218,7 @@ def _source_roots(v: Mapping[str, Any]) -> str | None:
 
 
 RULES: tuple[Rule, ...] = (
-    Rule(("num_beams", "num_captions", "decoding"), _enough_beams),
+    Rule(("num_beams", "num_captions", "decoding"), enough_beams),
     Rule(("blip_model", "clip_model", "model_sources"), _trusted_models),
     Rule(("source_roots",), _source_roots),
 )

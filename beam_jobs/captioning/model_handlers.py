@@ -23,7 +23,14 @@ from typing import Any
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from captioning import blip_decoding, blip_vision, cpu_memory, garbage_collection, onednn_linear
+from captioning import (
+    blip_decoding,
+    blip_vision,
+    cpu_memory,
+    garbage_collection,
+    job_spec,
+    onednn_linear,
+)
 from captioning.counters import NAMESPACE as METRICS_NAMESPACE
 from captioning.images import DecodedImage
 from captioning.model_refs import check_generation_limit, resolve_model_ref
@@ -203,8 +210,9 @@ class BlipCaptionModelHandler(_BaseHandler):
                          fast_paths=fast_paths)
         if decoding not in ("beam", "sample"):
             raise ValueError(f"decoding must be beam or sample, got {decoding!r}")
-        if decoding == "beam" and num_beams < num_captions:
-            raise ValueError(f"num_beams ({num_beams}) must be >= num_captions ({num_captions})")
+        if problem := job_spec.enough_beams({"decoding": decoding, "num_beams": num_beams,
+                                             "num_captions": num_captions}):
+            raise ValueError(problem)
         self.num_captions = num_captions
         self.decoding = decoding
         self.num_beams = num_beams

@@ -106,22 +106,36 @@ class DecodeImages(beam.PTransform):
         return {MAIN_TAG: out[MAIN_TAG], DEAD_LETTER_TAG: out[DEAD_LETTER_TAG]}
 
 
-class _SplitBlipFn(beam.DoFn):
-    """PredictionResult -> (DecodedImage, candidates) or an inference dead letter."""
+class _InferenceResultFn(beam.DoFn):
+    """A model's PredictionResult: its output, or (the handler caught an error for this
+    image) an inference dead letter naming the model."""
+
+    model_name = ""
 
     def __init__(self, run_id: str) -> None:
         self._run_id = run_id
         self._dead = Metrics.counter(METRICS_NAMESPACE, "dead_letter_inference")
 
+    def dead_letter(self, image: DecodedImage, inference: dict[str, Any]):
+        """The TaggedOutput for a failed image, or None when the inference succeeded."""
+        if "error" not in inference:
+            return None
+        self._dead.inc()
+        return beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, dead_letter(
+            image, self._run_id, "inference", f"{self.model_name}: {inference['error']}"))
+
+
+class _SplitBlipFn(_InferenceResultFn):
+    """PredictionResult -> (DecodedImage, candidates) or an inference dead letter."""
+
+    model_name = "BLIP"
+
     def process(self, result: PredictionResult):  # type: ignore[override]
         image: DecodedImage = result.example
-        inference = result.inference
-        if "error" in inference:
-            self._dead.inc()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, dead_letter(
-                image, self._run_id, "inference", f"BLIP: {inference['error']}"))
+        if failed := self.dead_letter(image, result.inference):
+            yield failed
             return
-        yield image, list(inference["candidates"])
+        yield image, list(result.inference["candidates"])
 
 
 class _Progress:
@@ -147,15 +161,16 @@ class _Progress:
                      self.count, rate)
 
 
-class _ToCaptionRowFn(beam.DoFn):
+class _ToCaptionRowFn(_InferenceResultFn):
     """CLIP PredictionResult -> captions row (contract) or an inference dead letter."""
 
+    model_name = "CLIP"
+
     def __init__(self, run_id: str, blip_model: str, clip_model: str) -> None:
-        self._run_id = run_id
+        super().__init__(run_id)
         self._blip_model = blip_model
         self._clip_model = clip_model
         self._captioned = Metrics.counter(METRICS_NAMESPACE, "captioned")
-        self._dead = Metrics.counter(METRICS_NAMESPACE, "dead_letter_inference")
 
     def setup(self) -> None:
         self._progress = _Progress()
@@ -163,10 +178,8 @@ class _ToCaptionRowFn(beam.DoFn):
     def process(self, result: PredictionResult):  # type: ignore[override]
         image, _ = result.example
         inference = result.inference
-        if "error" in inference:
-            self._dead.inc()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, dead_letter(
-                image, self._run_id, "inference", f"CLIP: {inference['error']}"))
+        if failed := self.dead_letter(image, inference):
+            yield failed
             return
         self._captioned.inc()
         self._progress.tick()

@@ -481,7 +481,7 @@ def _default_trust(merged: dict[str, Any], deployment: dict[str, Any]) -> None:
 
     The defaults are what the deployment itself configured (profile, Variable, environment):
     the data root and the configured source, the configured models. Keyword overrides, which
-    is how a run's trigger parameters arrive (``run_steps.settings_for_run``), are checked
+    is how a run's trigger parameters arrive (``tasks.settings_for_run``), are checked
     against these lists and never widen them. Lists may be given as JSON lists too.
     """
     job = merged.setdefault("job", {})

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from caption_platform.config import DATAFLOW
 from caption_platform.cost_model import PriceTable, Resources, estimate_cost, prices_from_settings
 from caption_platform.warehouse.tables import DONE, PLAN_FAILED
 from captioning.counters import DEAD_LETTER_COUNTERS
@@ -206,7 +207,7 @@ def run_row_from_dataflow(
         "run_id": run_id,
         "dag_id": dag_id,
         "beam_sdk_version": ((job.get("jobMetadata") or {}).get("sdkVersion") or {}).get("version"),
-        "runner": "DataflowRunner",
+        "runner": DATAFLOW,
         "job_id": job.get("id"),
         "started_at": started,
         "finished_at": finished,

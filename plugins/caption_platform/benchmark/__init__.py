@@ -4,7 +4,7 @@
   run around the caption operator, report);
 - :mod:`.versions`: which SDK versions, and the job's requirements for each;
 - :mod:`.sdk_envs`: one virtual environment per version, built once and reused;
-- :mod:`.statistics`: per-version statistics and the regression rule;
+- :mod:`.version_stats`: per-version statistics and the regression rule;
 - :mod:`.formatting`, :mod:`.charts`, :mod:`.pages`: text tables, PNG charts, HTML and CSV;
 - :mod:`.page_app`: the UI page's app (the plugin file only registers it).
 """

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from caption_platform.benchmark.formatting import fmt, fmt_pct, fmt_share, metric_decimals
-from caption_platform.benchmark.statistics import (
+from caption_platform.benchmark.version_stats import (
     AGREEMENT,
     Metric,
     Report,

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from caption_platform.benchmark.statistics import MetricStats, Report
+    from caption_platform.benchmark.version_stats import MetricStats, Report
 
 __all__ = [
     "fixed_width",

@@ -1,6 +1,6 @@
 """The app behind the "Captioning performance" page in the Airflow UI.
 
-Draws the per-Beam-SDK-version report (:mod:`caption_platform.benchmark.statistics`,
+Draws the per-Beam-SDK-version report (:mod:`caption_platform.benchmark.version_stats`,
 charts and tables from :mod:`caption_platform.benchmark.pages`) live from the
 ``pipeline_runs`` table, filtered by the query string (DAG, run kind, runner, hardware,
 model settings). The plugin ``plugins/caption_performance.py`` mounts it under
@@ -246,7 +246,7 @@ def render_page(
     not read their DAG's runs. Raises :class:`BadRequest` for invalid parameters.
     """
     from caption_platform.benchmark.pages import html_page
-    from caption_platform.benchmark.statistics import summarize
+    from caption_platform.benchmark.version_stats import summarize
 
     filters, settings = parse_query(query)
     limit = parse_limit(settings.get("limit"))

@@ -18,7 +18,7 @@ from typing import Any
 
 from caption_platform.benchmark.charts import draw_charts
 from caption_platform.benchmark.formatting import iso, metric_table, version_table
-from caption_platform.benchmark.statistics import Report
+from caption_platform.benchmark.version_stats import Report
 
 __all__ = ["csv_text", "html_page", "render"]
 

@@ -8,7 +8,8 @@ reports. Locally that means one virtual environment per version:
   the tests and the default benchmark run rely on this);
 - any other version gets ``ROOT/beam-V/``: ``python -m venv``, then ``pip install`` of the
   job's requirements file with only the ``apache-beam`` line replaced by
-  ``apache-beam[gcp]==V`` (every other pin is read from that file, never copied here), then
+  ``apache-beam[gcp]==V`` (:mod:`.versions` derives them; every other pin is read from that
+  file, never copied here), then
   the job package with ``--no-deps`` (its own metadata pins the project's Beam version);
 - a marker file holding a hash of the inputs (version, derived pins, Python) makes the next
   call reuse the environment at once; a second fingerprint, of the job package's sources,
@@ -39,7 +40,9 @@ multi-GB CUDA build per environment. pip's wheel cache (``~/.cache/pip``) is sha
 environments by default, so only the first build downloads; each environment still holds
 its own unpacked copy, and its disk use is reported.
 
-Module top imports only the standard library: the Airflow side imports this at task time.
+Module top imports only the standard library and this package's own :mod:`.versions` and
+:mod:`caption_platform.processes` (build commands bounded in time, the lock): the Airflow side
+imports this at task time.
 """
 
 from __future__ import annotations

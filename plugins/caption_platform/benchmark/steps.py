@@ -142,7 +142,7 @@ def _save_captions(plan: RunPlan) -> None:
 def report(bench: Mapping[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
     """Summarise this benchmark's runs per version, draw it, and flag regressions."""
     from caption_platform.benchmark.pages import render
-    from caption_platform.benchmark.statistics import caption_agreement, summarize, version_order
+    from caption_platform.benchmark.version_stats import caption_agreement, summarize, version_order
     from caption_platform.storage import storage_path
     from caption_platform.warehouse import get_warehouse
 

@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from caption_platform.benchmark.pages import html_page, render
-from caption_platform.benchmark.statistics import (
+from caption_platform.benchmark.version_stats import (
     MetricStats,
     Report,
     caption_agreement,
@@ -408,7 +408,7 @@ def test_import_is_light() -> None:
     """DAG files import these modules at parse time: no plotting or data libraries then."""
     code = (
         "import sys\n"
-        "import caption_platform.benchmark.statistics, caption_platform.benchmark.formatting\n"
+        "import caption_platform.benchmark.version_stats, caption_platform.benchmark.formatting\n"
         "import caption_platform.benchmark.charts, caption_platform.benchmark.pages\n"
         "heavy = ('matplotlib', 'numpy', 'duckdb', 'pyarrow', 'pandas', 'packaging')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
