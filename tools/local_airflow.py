@@ -188,9 +188,14 @@ def write_airflow_cfg(home: str | os.PathLike[str] | None = None) -> Path:
 
 # --- running airflow ---------------------------------------------------------------------
 
+#: Names another `airflow` executable to run instead of the venv's (tests use a stand-in).
+EXECUTABLE_VARIABLE = "LOCAL_AIRFLOW_EXECUTABLE"
+
+
 def airflow_executable() -> str:
-    """The `airflow` script next to this interpreter (the project's .venv)."""
-    return str(Path(sys.executable).with_name("airflow"))
+    """The `airflow` script next to this interpreter (the project's .venv), unless
+    ``$LOCAL_AIRFLOW_EXECUTABLE`` names another one."""
+    return os.environ.get(EXECUTABLE_VARIABLE) or str(Path(sys.executable).with_name("airflow"))
 
 
 def _migration_key(env: Mapping[str, str]) -> str | None:

@@ -95,10 +95,47 @@ def max_new_tokens_allowed(config: dict[str, Any], prompt_tokens: int = 1) -> in
     return None if not isinstance(positions, int) else positions - prompt_tokens + 1
 
 
+def prompt_token_count(ref: str, prompt: str | None) -> int | None:
+    """Positions BLIP's decoder gives a prompt before it generates: the start token plus the
+    prompt's tokens (the tokenizer's trailing [SEP] is dropped), counted with the local
+    model folder's own tokenizer files through the ``tokenizers`` library (no transformers:
+    the Airflow side has none). 1 without a prompt; None when the folder's tokenizer is not
+    at hand here (a Hugging Face id, a remote folder, no ``tokenizers``): the job counts
+    again when the model loads (:func:`check_generation_limit`)."""
+    if not prompt:
+        return 1
+    if not is_folder_ref(ref) or is_remote(ref):
+        return None
+    folder = beam_path(ref)
+    try:
+        import tokenizers
+    except ImportError:
+        return None
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        tokenizer = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    elif os.path.isfile(os.path.join(folder, "vocab.txt")):  # BLIP's BERT WordPiece
+        lowercase = True
+        try:
+            with open(os.path.join(folder, "tokenizer_config.json"), "rb") as handle:
+                lowercase = bool(json.loads(handle.read()).get("do_lower_case", True))
+        except (OSError, ValueError):
+            pass
+        tokenizer = tokenizers.BertWordPieceTokenizer(
+            os.path.join(folder, "vocab.txt"), lowercase=lowercase)
+    else:
+        return None
+    return len(tokenizer.encode(prompt).ids) - 1
+
+
 def generation_limit_problem(ref: str, max_new_tokens: int, prompt_tokens: int = 1,
-                             *, remote: bool = True) -> str | None:
+                             *, remote: bool = True, prompt: str | None = None) -> str | None:
     """Why ``max_new_tokens`` cannot work with BLIP model ``ref`` (None when it can, or when
-    the model's config is not at hand: a Hugging Face id is checked when it loads)."""
+    the model's config is not at hand: a Hugging Face id is checked when it loads).
+
+    With ``prompt``, its tokens are counted with the model's tokenizer where the folder is
+    local (:func:`prompt_token_count`)."""
+    if prompt:
+        prompt_tokens = prompt_token_count(ref, prompt) or prompt_tokens
     config = read_model_config(ref, remote=remote)
     allowed = None if config is None else max_new_tokens_allowed(config, prompt_tokens)
     if allowed is None or max_new_tokens <= allowed:
@@ -116,7 +153,8 @@ def generation_limit_problem_text(ref: str, max_new_tokens: int, allowed: int,
 
 def launch_problems(values: dict[str, Any]) -> list[tuple[str, str]]:
     """Checks against local model folders, run when the job starts, before it reads any
-    image: each holds a config.json, and max_new_tokens fits BLIP's decoder. Remote folders
+    image: each holds a config.json, and max_new_tokens fits BLIP's decoder after the
+    prompt's tokens. Remote folders
     and Hugging Face ids are checked where they load (the launcher may have no access to
     them, or no network): :func:`check_generation_limit`."""
     out: list[tuple[str, str]] = []
@@ -127,7 +165,7 @@ def launch_problems(values: dict[str, Any]) -> list[tuple[str, str]]:
             out.append((name, str(exc)))
     if not out:
         problem = generation_limit_problem(values["blip_model"], values["max_new_tokens"],
-                                           remote=False)
+                                           remote=False, prompt=values.get("prompt"))
         if problem:
             out.append(("max_new_tokens", problem))
     return out

@@ -99,6 +99,30 @@ def build_summary(*, run_id: str, runner: str, clock: RunClock, result: Any,
     }
 
 
+def refusal_summary(*, run_id: str | None, runner: str, clock: RunClock, error: str,
+                    settings: dict[str, Any]) -> dict[str, Any]:
+    """The run_summary.json of a job that refused its settings before it read an image:
+    ``final_state`` failed and ``refused`` true (a retry can only repeat it), with the reason,
+    so the Airflow side fails the task without retrying and records the cause."""
+    wall_s, cpu_s = clock.elapsed()
+    return {
+        "run_id": run_id,
+        "beam_sdk_version": BEAM_SDK_VERSION,
+        "runner": runner,
+        "started_at": _iso(clock.started_at),
+        "finished_at": _iso(dt.datetime.now(dt.UTC)),
+        "wall_s": round(wall_s, 3),
+        "cpu_s": round(cpu_s, 3),
+        "peak_rss_mb": _peak_rss_mb(),
+        "counters": {},
+        "distributions": {},
+        "settings": settings,
+        "final_state": "JOB_STATE_FAILED",
+        "refused": True,
+        "error": error,
+    }
+
+
 def write_summary(folder: str, summary: dict[str, Any]) -> str:
     """Write ``folder/run_summary.json`` through Beam FileSystems; returns its path."""
     path = FileSystems.join(folder, SUMMARY_FILE)

@@ -237,6 +237,11 @@ class Settings(_Model):
     # Fail a run that dead-letters more than this share of the images it tried for the first
     # time (images a different run already dead-lettered are not counted), or captions none.
     max_dead_letter_share: float = Field(default=0.5, ge=0, le=1)
+    # The caption task's execution_timeout: base + images x per_image (spread over the
+    # Dataflow workers), so a job stuck on a read that never returns cannot hold the run,
+    # and every later run queued behind it, forever (caption_platform.launch).
+    caption_timeout_base_s: float = Field(default=1800, ge=1)
+    caption_timeout_per_image_s: float = Field(default=10, ge=0)
     pricing: dict[str, Any] = Field(default_factory=dict)
 
     @property
@@ -281,13 +286,14 @@ class Settings(_Model):
 
     @model_validator(mode="after")
     def _fits_the_model(self) -> Settings:
-        """max_new_tokens must fit BLIP's text decoder (its config.json, when the model is a
-        local folder here; the job checks remote folders at launch and every model at load)."""
+        """max_new_tokens must fit BLIP's text decoder after the prompt's tokens (its
+        config.json and tokenizer, when the model is a local folder here; the job checks
+        remote folders at launch and every model at load)."""
         from captioning.model_refs import generation_limit_problem
 
         try:
             problem = generation_limit_problem(self.job.blip_model, self.job.max_new_tokens,
-                                               remote=False)
+                                               remote=False, prompt=self.job.prompt)
         except FileNotFoundError:
             return self  # not built yet (make demo builds it); the job says so at launch
         if problem:

@@ -49,3 +49,12 @@ def clear_run_summary(plan: RunPlan) -> bool:
     path.unlink()
     log.info("removed %s left by an earlier attempt", path)
     return True
+
+
+def refusal(plan: RunPlan) -> str | None:
+    """Why the job refused this run's settings before it read an image (its summary says
+    ``refused``), or None: a failure a retry can only repeat."""
+    summary = read_run_summary(plan)
+    if summary and summary.get("refused"):
+        return str(summary.get("error") or "the job refused its settings")
+    return None

@@ -80,8 +80,17 @@ def job_interpreter(settings: Settings) -> str:
     return "python3" if settings.on_dataflow else sys.executable
 
 
-def launch_spec(settings: Settings) -> LaunchSpec:
-    """How the caption task launches the job for these settings."""
+def caption_timeout_s(settings: Settings, images: int) -> float:
+    """How long the caption task may take for ``images`` images: the configured base (start,
+    model loads, Dataflow's workers coming up) plus a per-image budget, spread over the
+    Dataflow workers."""
+    workers = settings.dataflow.max_num_workers if settings.on_dataflow else 1
+    return settings.caption_timeout_base_s + (
+        images * settings.caption_timeout_per_image_s / max(1, workers))
+
+
+def launch_spec(settings: Settings, images: int = 0) -> LaunchSpec:
+    """How the caption task launches the job for these settings and this many images."""
     return LaunchSpec(
         py_file=settings.job_file,
         py_interpreter=job_interpreter(settings),
@@ -91,6 +100,7 @@ def launch_spec(settings: Settings) -> LaunchSpec:
         gcp_conn_id=settings.gcp_conn_id,
         # Locally the job runs inside the task; deferring would run it in the triggerer.
         deferrable=settings.on_dataflow and settings.dataflow.deferrable,
+        timeout_s=caption_timeout_s(settings, images),
     )
 
 

@@ -9,7 +9,9 @@ on kill and, on Dataflow, deferral to the triggerer while the GPU job runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.apache.beam.operators.beam import BeamRunPythonPipelineOperator
@@ -58,6 +60,19 @@ class CaptionJobOperator(BeamRunPythonPipelineOperator):
         self.log.info("launching %s with %s on %s (deferrable: %s)", self.py_file,
                       self.py_interpreter, self.runner, self.deferrable)
 
+    def pre_execute(self, context: Any) -> None:
+        """The execution_timeout the plan derived from the run's size and settings (read by
+        the task runner after this, before execute: a stuck job cannot hold the run)."""
+        from datetime import timedelta
+
+        from caption_platform.plan import RunPlan
+
+        xcom = context["ti"].xcom_pull(task_ids=self.plan_task_id)
+        timeout_s = RunPlan.from_xcom(xcom).launch.timeout_s if xcom else None
+        if timeout_s:
+            self.execution_timeout = timedelta(seconds=timeout_s)
+            self.log.info("execution_timeout: %.0f s", timeout_s)
+
     def execute(self, context: Any) -> Any:
         from caption_platform.plan import RunPlan
         from caption_platform.tasks import error_in_xcom
@@ -66,8 +81,10 @@ class CaptionJobOperator(BeamRunPythonPipelineOperator):
             xcom = context["ti"].xcom_pull(task_ids=self.plan_task_id)
             if not xcom:
                 raise ValueError(f"no plan in XCom from task {self.plan_task_id!r}")
-            self._take(RunPlan.from_xcom(xcom))
-            return super().execute(context)
+            plan = RunPlan.from_xcom(xcom)
+            self._take(plan)
+            with _refusal_is_final(plan), _timeout_named(self.execution_timeout):
+                return super().execute(context)
 
     def run_to_completion(self, plan: RunPlan, context: Any) -> str | None:
         """Launch ``plan``'s job and wait for its end inside the calling task; return the
@@ -88,9 +105,43 @@ class CaptionJobOperator(BeamRunPythonPipelineOperator):
          self.process_line_callback, self.is_dataflow_job_id_exist_callback,
          ) = self._init_pipeline_options(format_pipeline_options=True,
                                          job_name_variable_key="job_name")
-        if self.is_dataflow:
-            return self.execute_on_dataflow(context)["dataflow_job_id"]
-        self.beam_hook.start_python_pipeline(
-            variables=self.snake_case_pipeline_options, py_file=self.py_file,
-            py_options=self.py_options, py_interpreter=self.py_interpreter)
+        with _refusal_is_final(plan):
+            if self.is_dataflow:
+                return self.execute_on_dataflow(context)["dataflow_job_id"]
+            self.beam_hook.start_python_pipeline(
+                variables=self.snake_case_pipeline_options, py_file=self.py_file,
+                py_options=self.py_options, py_interpreter=self.py_interpreter)
         return None
+
+
+@contextlib.contextmanager
+def _timeout_named(limit: Any) -> Iterator[None]:
+    """The task runner's timeout says only "Timeout, PID: N": say which limit the job ran
+    past, so the run's pipeline_runs row tells the cause."""
+    from airflow.sdk.exceptions import AirflowTaskTimeout
+
+    try:
+        yield
+    except AirflowTaskTimeout as exc:
+        seconds = limit.total_seconds() if limit else None
+        raise AirflowTaskTimeout(
+            f"the job ran past the caption task's execution_timeout of {seconds:.0f} s "
+            "(caption_timeout_base_s + images x caption_timeout_per_image_s); it was "
+            "stopped" if seconds else str(exc)) from exc
+
+
+@contextlib.contextmanager
+def _refusal_is_final(plan: RunPlan) -> Iterator[None]:
+    """A job that refused its settings failed for good: fail the task without a retry (one
+    would only repeat it minutes later), with the job's own reason as the error."""
+    try:
+        yield
+    except Exception as exc:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from caption_platform.job_summary import refusal
+
+        reason = refusal(plan)
+        if reason is None:
+            raise
+        raise AirflowFailException(f"the job refused its settings: {reason}") from exc

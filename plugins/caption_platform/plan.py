@@ -44,6 +44,8 @@ class LaunchSpec(_Frozen):
     dataflow_config: dict[str, Any] | None = None
     gcp_conn_id: str = "google_cloud_default"
     deferrable: bool = False
+    #: the caption task's execution_timeout in seconds (None: none)
+    timeout_s: float | None = None
 
 
 class RunPlan(_Frozen):

@@ -43,11 +43,14 @@ def error_in_xcom(ti: Any) -> Iterator[None]:
     """Leave the task's error in XCom (key :data:`ERROR_KEY`) before it propagates, so
     record_metrics can write the real cause into pipeline_runs. Airflow clears a task's
     XComs when it runs again, so a stale error never outlives a successful retry."""
+    from airflow.sdk.exceptions import AirflowTaskTimeout
+
     try:
         yield
-    except Exception as exc:
+    except (Exception, AirflowTaskTimeout) as exc:  # a timeout is no Exception subclass
+        text = str(exc) or "the task ran past its execution_timeout"
         with contextlib.suppress(Exception):
-            ti.xcom_push(key=ERROR_KEY, value=f"{type(exc).__name__}: {exc}"[:4000])
+            ti.xcom_push(key=ERROR_KEY, value=f"{type(exc).__name__}: {text}"[:4000])
         raise
 
 
@@ -130,7 +133,7 @@ def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
         images=loaded,
         manifest_stats=stats.to_dict(),
         job_options=job_options(settings, run_id),
-        launch=launch_spec(settings),
+        launch=launch_spec(settings, loaded),
         run_kind=run_kind_name(run_kind),
         benchmark_id=benchmark_id,
         forecast_cost_usd=expected.cost_usd,

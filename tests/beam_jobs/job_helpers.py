@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +28,29 @@ def load_job_module() -> Any:
     sys.modules["caption_images"] = module
     spec.loader.exec_module(module)
     return module
+
+
+def job_argv(models: dict[str, str], manifest: Path, output: Path, run_id: str = "test-run",
+             **flags: Any) -> list[str]:
+    """The job's command line for ``manifest`` -> ``output`` with the tiny models."""
+    argv = [
+        "--manifest", manifest.as_uri(), "--output", str(output), "--run_id", run_id,
+        "--blip_model", models["blip"], "--clip_model", models["clip"],
+        "--max_new_tokens", "8", "--blip_batch_size", "4", "--clip_batch_size", "4",
+    ]
+    for key, value in flags.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def run_job_process(models: dict[str, str], manifest: Path, output: Path, *,
+                    timeout_s: float, run_id: str = "test-run",
+                    **flags: Any) -> subprocess.CompletedProcess[str]:
+    """Run the job script as its own process, as Airflow does, and wait at most
+    ``timeout_s`` for it to exit (``subprocess.TimeoutExpired`` past that: it is killed)."""
+    return subprocess.run([sys.executable, str(JOB_SCRIPT),
+                           *job_argv(models, manifest, output, run_id, **flags)],
+                          capture_output=True, text=True, timeout=timeout_s, check=False)
 
 
 def read_table(output: Path, table: str) -> list[dict[str, Any]]:

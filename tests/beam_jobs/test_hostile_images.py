@@ -1,17 +1,22 @@
 """Hostile input through the real job: odd file names, lying and enormous images, files
-outside the allowed roots, a per-image time limit, and limits the model itself sets."""
+outside the allowed roots, files that are not regular files (a FIFO whose read would never
+return), a per-image time limit, and limits the model itself sets."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import struct
+import subprocess
+import sys
+import textwrap
 import zlib
 from pathlib import Path
 from typing import Any
 
 import pytest
-from job_helpers import read_table
+from job_helpers import read_summary, read_table, run_job_process
 from PIL import Image
 
 from captioning.images import ReadAndDecodeFn
@@ -108,19 +113,32 @@ def write_hostile_corpus(folder: Path) -> dict[str, tuple[str, str]]:
     return out
 
 
+# The job as its own process must exit this long after it starts, whatever a read is doing
+# (it used to write everything, then wait forever on the thread stuck reading a FIFO).
+JOB_EXIT_S = 120
+
+
 @pytest.fixture(scope="module")
-def hostile_run(tmp_path_factory: pytest.TempPathFactory, run_job: Any) -> dict[str, Any]:
+def hostile_run(tmp_path_factory: pytest.TempPathFactory,
+                tiny_models: dict[str, str]) -> dict[str, Any]:
+    """The hostile corpus through the job run as its own process, as Airflow runs it."""
     root = tmp_path_factory.mktemp("hostile")
     images = root / "images"
     expected = write_hostile_corpus(images)
     for index, name in enumerate(ODD_NAMES):
         _save(_picture(100 + index), images / name, "PNG" if name.endswith("png") else "JPEG")
         expected[name] = ("ok", "")
+    # not regular files: opening a FIFO for reading waits for a writer that never comes
+    os.mkfifo(images / "fifo.jpg")
+    expected["fifo.jpg"] = ("read", "not a regular file (a FIFO)")
+    (images / "folder.png").mkdir()
+    expected["folder.png"] = ("read", "not a regular file (a directory)")
     outside = root / "outside"
     outside.mkdir()
     _save(_picture(200), outside / "secret.jpg", "JPEG")
     manifest = root / "manifest.jsonl"
-    rows = write_manifest(images, manifest)
+    rows = write_manifest(images, manifest, extra_uris=[
+        f"file://{images / 'fifo.jpg'}", f"file://{images / 'folder.png'}"])
     secret = {"image_id": md5_file(outside / "secret.jpg"),
               "uri": f"file://{outside / 'secret.jpg'}", "size_bytes": 10}
     sneaky = {**secret, "image_id": "0" * 32, "uri": f"file://{images}/../outside/secret.jpg"}
@@ -129,10 +147,14 @@ def hostile_run(tmp_path_factory: pytest.TempPathFactory, run_job: Any) -> dict[
             handle.write(json.dumps(row) + "\n")
     expected["secret.jpg"] = ("read", "outside the allowed source roots")
     output = root / "out"
-    summary = run_job(manifest, output, run_id="hostile-1", max_image_pixels=10_000_000,
-                      max_image_bytes=60_000, source_roots=f"file://{images}")
-    return {"output": output, "summary": summary, "expected": expected, "rows": rows,
-            "images": images}
+    # the time limit stays small: a read that blocks costs the run at most this long
+    job = run_job_process(tiny_models, manifest, output, timeout_s=JOB_EXIT_S,
+                          run_id="hostile-1", max_image_pixels=10_000_000,
+                          max_image_bytes=60_000, source_roots=f"file://{images}",
+                          image_timeout_s=10)
+    assert job.returncode == 0, job.stderr[-4000:]
+    return {"output": output, "summary": read_summary(output), "expected": expected,
+            "rows": rows, "images": images, "stdout": job.stdout}
 
 
 def test_every_hostile_file_is_captioned_or_dead_lettered_with_its_reason(
@@ -183,6 +205,99 @@ def test_a_slow_image_is_dead_lettered_and_the_worker_moves_on(tmp_path: Path) -
     assert first[0].tag == "dead_letters"
     assert first[0].value["stage"] == "decode" and "image_timeout_s" in first[0].value["error"]
     assert second[0].image_id == "id-small" and second[0].image.size == (48, 40)
+
+
+def test_the_job_exits_once_its_outputs_are_written_with_a_fifo_in_the_manifest(
+        hostile_run: dict[str, Any]) -> None:
+    """By hand, a manifest with one FIFO wrote "1 captioned, 1 dead letters" and was still
+    running 300 s later: the thread stuck opening the FIFO was joined at interpreter exit.
+    Now the FIFO is refused unread (not a regular file) and the process ends (the fixture
+    waits at most JOB_EXIT_S for it)."""
+    dead = {Path(beam_path(r["uri"])).name: r
+            for r in read_table(hostile_run["output"], "dead_letters")}
+    assert dead["fifo.jpg"]["stage"] == "read"
+    assert "is not a regular file (a FIFO)" in dead["fifo.jpg"]["error"]
+    assert "image_timeout_s" not in dead["fifo.jpg"]["error"]  # refused, not waited on
+    assert " captioned, " in hostile_run["stdout"]
+
+
+def test_an_abandoned_read_does_not_keep_the_process_alive(tmp_path: Path) -> None:
+    """A call over the time limit is abandoned on a thread that cannot hold the process:
+    here a plain open() of a FIFO (a read that never returns, like a dead network mount)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    script = textwrap.dedent(f"""
+        from captioning.images import ImageTimeout, _TimeLimit
+        try:
+            _TimeLimit(0.2)(open, {str(fifo)!r}, "rb")
+        except ImageTimeout as e:
+            print("abandoned:", e, flush=True)
+    """)
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=60, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process never exited: the thread stuck in the read was joined at exit")
+    assert proc.returncode == 0, proc.stderr
+    assert "abandoned:" in proc.stdout
+
+
+def _in_thread(fn: Any, *args: Any, timeout_s: float = 20) -> Any:
+    """``fn(*args)`` on a daemon thread; fail (instead of hanging the tests) if it blocks."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            box["error"] = e
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        pytest.fail(f"{getattr(fn, '__name__', fn)} blocked for {timeout_s} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device"])
+def test_reading_refuses_what_is_not_a_regular_file_without_blocking(
+        tmp_path: Path, kind: str) -> None:
+    from captioning.images import read_and_decode
+
+    path = {"fifo": tmp_path / "x.jpg", "directory": tmp_path / "d.jpg",
+            "device": Path("/dev/zero")}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    stage, error = _in_thread(read_and_decode, f"file://{path}", 1000, 10**6, 0)
+    assert stage == "read"
+    assert f"{str(path)!r} is not a regular file" in str(error), error
+
+
+def test_a_fifo_swapped_in_after_the_check_cannot_block_the_open(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check (stat) and the open are two calls: the open itself never waits for a
+    writer (O_NONBLOCK) and what was opened is checked again."""
+    from captioning import uris
+
+    regular = tmp_path / "regular.jpg"
+    regular.write_bytes(b"x")
+    fifo = tmp_path / "fifo.jpg"
+    os.mkfifo(fifo)
+    # the check before the open saw a regular file; a FIFO is there by the open
+    monkeypatch.setattr(uris, "not_regular_reason", lambda path: None)
+    with pytest.raises(uris.NotARegularFile, match="not a regular file"):
+        _in_thread(uris.open_regular, str(fifo))
+    monkeypatch.undo()
+    with _in_thread(uris.open_regular, str(regular)) as handle:  # blocking reads again
+        assert handle.read() == b"x"
+        assert not os.get_blocking(handle.fileno())
 
 
 def test_max_new_tokens_over_the_models_positions_fails_before_any_image_is_read(

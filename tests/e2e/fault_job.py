@@ -6,6 +6,10 @@ process kills itself with SIGKILL once the job has started writing its output (a
 appears under ``_staging``: images were captioned, nothing is published yet) or after
 ``FAULT_KILL_AFTER_S`` seconds, whichever comes first, like a worker lost mid-run: no
 exception, no cleanup, no run_summary.json.
+
+``FAULT_HANG_S``: instead, the job never gets going, like a read that never returns, for
+that many seconds (then it leaves, so a test never leaks it). ``FAULT_ARGS``: options added
+to the job's command line (settings the job itself refuses).
 """
 
 from __future__ import annotations
@@ -43,6 +47,11 @@ def _kill_when_writing(output: Path, limit_s: float) -> None:
 
 
 def main() -> None:
+    hang = float(os.environ.get("FAULT_HANG_S") or 0)
+    if hang:
+        print(f"fault_job: hanging for {hang:.0f} s (pid {os.getpid()})", flush=True)
+        time.sleep(hang)
+        raise SystemExit(3)
     mode = os.environ.get("FAULT_KILL", "")
     marker = Path(os.environ.get("FAULT_MARKER", "/nonexistent/fault_marker"))
     kill = mode == "always" or (mode == "first" and not marker.exists())
@@ -55,7 +64,8 @@ def main() -> None:
     sys.path.insert(0, str(REAL_JOB.parent))
     import caption_images
 
-    raise SystemExit(caption_images.main(sys.argv[1:]))
+    extra = os.environ.get("FAULT_ARGS", "").split()
+    raise SystemExit(caption_images.main(sys.argv[1:] + extra))
 
 
 if __name__ == "__main__":

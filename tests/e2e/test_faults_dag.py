@@ -202,3 +202,41 @@ def test_runs_rerun_out_of_order_and_a_crash_before_validate(
     assert_exactly_once(db, first.run_id, second.run_id, third.run_id)
     for run in (first, second, third):
         assert run_row(db, run.run_id)["final_state"] == "JOB_STATE_DONE"
+
+
+def test_a_job_that_hangs_is_stopped_by_the_task_s_timeout_and_recorded(
+    profile: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job stuck on a read that never returns used to hold the caption task (and every run
+    queued behind it) forever: the plan derives the task's execution_timeout from the run's
+    size and settings, and the row says the job ran past it."""
+    monkeypatch.setenv("FAULT_HANG_S", "60")
+    monkeypatch.setenv("CAPTION_CAPTION_TIMEOUT_BASE_S", "4")
+    monkeypatch.setenv("CAPTION_CAPTION_TIMEOUT_PER_IMAGE_S", "0.5")  # 5 images: 6.5 s
+    dr = run_dag({}, DAY)
+    states = task_states(dr)
+    assert dr.state == "failed"
+    assert states["caption"] == ("failed", 2), states  # a stuck mount may recover: retried
+    assert states["record_metrics"][0] == "success", states
+    row = run_row(profile["db"], dr.run_id)
+    assert row["final_state"] == "JOB_STATE_FAILED"
+    assert "execution_timeout of 6 s" in row["error"], row["error"]
+    assert row["error"].startswith("caption: AirflowTaskTimeout: "), row["error"]
+
+
+def test_settings_the_job_refuses_fail_once_with_the_job_s_reason(
+    profile: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deterministic failure of the job (its own checks refuse the settings) used to be
+    retried after 2 minutes and recorded as "Apache Beam process failed with return code":
+    now the task fails at once and the row has the job's reason."""
+    monkeypatch.setenv("FAULT_ARGS", "--max_new_tokens=500")
+    dr = run_dag({}, DAY)
+    states = task_states(dr)
+    assert dr.state == "failed"
+    assert states["caption"] == ("failed", 1), states  # not retried
+    row = run_row(profile["db"], dr.run_id)
+    assert row["final_state"] == "JOB_STATE_FAILED"
+    assert row["error"].startswith("caption: AirflowFailException: the job refused its "
+                                   "settings: "), row["error"]
+    assert "--max_new_tokens: 500 is more than the maximum of 128" in row["error"], row["error"]
