@@ -24,7 +24,13 @@ with long_lived():  # Beam and torch: about 550,000 objects the collector need n
     from captioning.layout import summary_folder
     from captioning.options import CaptionOptions, CaptionOptionsError, settings, validate
     from captioning.pipeline import build_pipeline
-    from captioning.run_summary import RunClock, build_summary, human_line, write_summary
+    from captioning.run_summary import (
+        RunClock,
+        build_summary,
+        human_line,
+        refusal_summary,
+        write_summary,
+    )
     from captioning.runner import exit_with_parent, is_local, make_runner, runner_name
     from captioning.sinks import folder_path
 
@@ -62,13 +68,29 @@ def configure_logging(argv: list[str]) -> None:
         logging.getLogger("apache_beam").setLevel(logging.WARNING)
 
 
+def record_refusal(argv: list[str], clock: RunClock, error: str) -> None:
+    """Leave the refusal where the run's summary goes (when the command line says where), so
+    the Airflow side fails the task without a retry and records the reason."""
+    opts = CaptionOptions(argv).view_as(CaptionOptions)
+    if not (opts.output and opts.manifest):
+        return
+    summary = refusal_summary(run_id=opts.run_id, runner=runner_name(opts), clock=clock,
+                              error=error, settings=settings(opts))
+    try:
+        write_summary(folder_path(summary_folder(opts.output, opts.manifest)), summary)
+    except Exception as exc:  # noqa: BLE001 - the refusal itself is what must be reported
+        print(f"caption_images.py: could not record the refusal: {exc}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     configure_logging(argv)
+    clock = RunClock()
     try:
         run(argv)
     except CaptionOptionsError as e:
         print(f"caption_images.py: {e}", file=sys.stderr)
+        record_refusal(argv, clock, str(e))
         return 2
     skip_final_collection()  # the job is done: exit without walking every object again
     return 0

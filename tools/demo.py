@@ -26,14 +26,19 @@ from rich.table import Table
 
 from caption_platform.config import load_settings
 from caption_platform.tasks import DAG_ID
-from tools.local_airflow import airflow_env, write_airflow_cfg
+from tools.local_airflow import (
+    PRIVATE_UMASK,
+    airflow_env,
+    airflow_executable,
+    write_airflow_cfg,
+)
 
 console = Console()
 
 
-def _run(args: list[str], env: dict[str, str], log: Path) -> None:
+def _run(args: list[str], env: dict[str, str], log: Path, umask: int = -1) -> None:
     with log.open("a") as out:
-        proc = subprocess.run(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.run(args, env=env, stdout=out, stderr=subprocess.STDOUT, umask=umask)
     if proc.returncode:
         console.print(f"[red]failed:[/] {' '.join(args)} (log: {log})")
         sys.exit(proc.returncode)
@@ -56,14 +61,16 @@ def prepare_inputs(env: dict[str, str], log: Path) -> None:
 
 
 def run_dag(env: dict[str, str], log: Path) -> None:
-    """`airflow dags test`, printing each task as it ends."""
-    airflow = str(Path(sys.executable).with_name("airflow"))
-    _run([airflow, "db", "migrate"], env, log)
+    """`airflow dags test`, printing each task as it ends (airflow writes owner-only files:
+    the home holds the metadata database)."""
+    airflow = airflow_executable()
+    _run([airflow, "db", "migrate"], env, log, umask=PRIVATE_UMASK)
     console.print(f"[bold]2/3[/] running DAG {DAG_ID} through Airflow (full log: {log})")
     started = time.monotonic()
     with log.open("a") as out:
         proc = subprocess.Popen([airflow, "dags", "test", DAG_ID], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                umask=PRIVATE_UMASK)
         assert proc.stdout is not None
         for line in proc.stdout:
             out.write(line)
@@ -116,8 +123,8 @@ def show_results() -> None:
 def main() -> None:
     env = airflow_env()
     home = Path(env["AIRFLOW_HOME"])
-    home.mkdir(parents=True, exist_ok=True)
-    write_airflow_cfg(home)  # so that plain `airflow` commands work on this home afterwards
+    # creates the home 0700 (owner-only secrets); plain `airflow` works on it afterwards
+    write_airflow_cfg(home)
     log = home / "demo.log"
     log.write_text("")
     os.environ.update({k: env[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")})

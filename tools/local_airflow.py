@@ -17,21 +17,33 @@ secrets every Airflow process must share (fernet key, API secret key, JWT secret
 once, kept afterwards); Airflow's defaults apply to everything else, and lines you add to
 the file are kept. After that, plain ``AIRFLOW_HOME=$PWD/airflow_home .venv/bin/airflow
 ...`` works too.
+
+The home holds secrets (airflow.cfg, SimpleAuthManager's generated passwords) and the
+metadata database: setting up makes the folder 0700 and those files owner-only (an existing
+home is tightened), and every ``airflow`` child runs with umask 077, so what Airflow writes
+there is owner-only too.
+
+``airflow ARGS...`` runs its child in a session of its own and passes SIGTERM, SIGINT and
+SIGHUP on to the child's process group, then exits with the child's status (128+N when
+signal N ended it, as a shell reports it): stopping the wrapper stops the airflow it ran.
+``$LOCAL_AIRFLOW_EXECUTABLE`` names another ``airflow`` to run than the venv's (tests).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import re
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -46,6 +58,12 @@ DEFAULT_HOST = "127.0.0.1"
 #: Where Airflow's SimpleAuthManager keeps the passwords it generates (JSON: user -> pw).
 PASSWORDS_FILE_NAME = "simple_auth_manager_passwords.json.generated"
 _MIGRATED_STAMP = ".db_migrated"
+#: Every `airflow` child runs with this umask: what it writes in the home is owner-only.
+PRIVATE_UMASK = 0o077
+#: Files of the home that hold secrets or the metadata; tightened to owner-only if found
+#: readable by others (written before this module made them private, or by hand).
+PRIVATE_FILES = ("airflow.cfg", "airflow.db", "airflow.db-wal", "airflow.db-shm",
+                 "airflow.db-journal", PASSWORDS_FILE_NAME, "webserver_config.py")
 # airflow subcommands that need no migrated metadata database (or manage it themselves)
 _NO_MIGRATE = frozenset({"db", "version", "config", "info", "cheat-sheet", "standalone",
                          "-h", "--help"})
@@ -89,6 +107,47 @@ def airflow_env(home: str | os.PathLike[str] | None = None,
     return env
 
 
+# --- an owner-only home -------------------------------------------------------------------
+
+def _owner_only(path: Path) -> None:
+    """Take group and other permissions off ``path`` if it has any (symlinks left alone)."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    mode = stat.S_IMODE(info.st_mode)
+    if stat.S_ISLNK(info.st_mode) or not mode & 0o077:
+        return
+    try:
+        path.chmod(mode & ~0o077)
+    except OSError as exc:  # not ours, say: tell, but do not stop
+        print(f"local_airflow: could not make {path} owner-only: {exc}", file=sys.stderr)
+
+
+def secure_home(home: str | os.PathLike[str], extra: Iterable[Path] = ()) -> Path:
+    """Create the home 0700 (tighten an existing one) and make its secret files, and
+    ``extra`` files, owner-only. Idempotent; returns the home. A shared folder (sticky bit,
+    as /tmp; the root) is not tightened, only its files."""
+    path = Path(home)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & stat.S_ISVTX or path == Path(path.anchor):  # /tmp, /: shared
+        print(f"local_airflow: {path} is a shared folder, left as it is; point AIRFLOW_HOME "
+              "at a folder of its own", file=sys.stderr)
+    else:
+        _owner_only(path)
+    for target in (*(path / name for name in PRIVATE_FILES), *extra):
+        _owner_only(target)
+    return path
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, readable by its owner only from the first byte on."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(out.fileno(), 0o600)  # an existing file keeps its mode otherwise
+        out.write(text)
+
+
 # --- airflow.cfg -------------------------------------------------------------------------
 
 def _secret() -> str:
@@ -130,10 +189,10 @@ def write_airflow_cfg(home: str | os.PathLike[str] | None = None) -> Path:
     """Create or update ``<home>/airflow.cfg`` with this project's settings; return its path.
 
     Idempotent. An existing file keeps its other lines (comments included) and its
-    secrets; only the project's own keys are (re)written.
+    secrets; only the project's own keys are (re)written. The home is made private first
+    (:func:`secure_home`): 0700, its secrets and database owner-only.
     """
-    path = airflow_home(home) / "airflow.cfg"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = secure_home(airflow_home(home)) / "airflow.cfg"
     lines = path.read_text().splitlines() if path.exists() else _CFG_HEADER.splitlines()
     wanted = _managed_settings()
     done: set[tuple[str, str]] = set()
@@ -181,8 +240,7 @@ def write_airflow_cfg(home: str | os.PathLike[str] | None = None) -> Path:
             out.append("")
     text = "\n".join(out).rstrip("\n") + "\n"
     if not path.exists() or path.read_text() != text:
-        path.write_text(text)
-        path.chmod(0o600)  # it holds secrets
+        _write_private(path, text)  # it holds secrets
     return path
 
 
@@ -225,31 +283,92 @@ def ensure_db(env: Mapping[str, str], *, quiet: bool = True) -> None:
     print(f"local_airflow: migrating the metadata database in {env['AIRFLOW_HOME']} ...",
           file=sys.stderr, flush=True)
     proc = subprocess.run([airflow_executable(), "db", "migrate"], env=dict(env),
-                          capture_output=quiet, text=True)
+                          capture_output=quiet, text=True, umask=PRIVATE_UMASK)
     if proc.returncode:
         if quiet:
             sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(f"local_airflow: `airflow db migrate` failed ({proc.returncode})")
     if key := _migration_key(env):
-        stamp.write_text(key)
+        _write_private(stamp, key)
 
 
 def prepare(home: str | os.PathLike[str] | None = None) -> dict[str, str]:
-    """airflow.cfg written, home created: the environment to run airflow in."""
+    """airflow.cfg written, home created (private): the environment to run airflow in."""
     env = airflow_env(home)
     write_airflow_cfg(env["AIRFLOW_HOME"])
+    secure_home(env["AIRFLOW_HOME"], extra=[passwords_file(env)])  # configured elsewhere too
     return env
 
 
+#: What the wrapper passes on to its airflow child's process group: `kill`, a supervisor's
+#: stop, Ctrl-C at the terminal, the terminal closing.
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def exit_status(returncode: int) -> int:
+    """A child's status as a shell reports it: 128+N when signal N ended it."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone
+        os.killpg(proc.pid, signum)
+
+
+def run_forwarding(argv: Sequence[str], env: Mapping[str, str],
+                   leftovers_timeout: float = 10) -> int:
+    """Run ``argv`` until it exits, passing our signals on; return its shell exit status.
+
+    The child leads a session (and process group) of its own, with umask 077. SIGTERM,
+    SIGINT and SIGHUP sent to this process go to the child's whole group (as a shell's
+    `kill %job` or a terminal's Ctrl-C would), once each; this process keeps waiting for
+    the child and then returns its status (128+N if signal N ended it). A signal this
+    process was started ignoring (nohup) stays ignored, and the child inherits that. Once
+    the child has exited after a passed-on signal, what is left of its group is stopped
+    within ``leftovers_timeout`` (+15) seconds. The child has no controlling terminal: it
+    still reads and writes the terminal through stdin/stdout, but not through /dev/tty.
+    (Only SIGKILL to this process leaves the child running: nothing can pass that on.)
+    """
+    proc: subprocess.Popen | None = None
+    pending: list[int] = []  # arrived before the child existed
+    passed_on = False
+
+    def pass_on(signum: int, _frame: object) -> None:
+        nonlocal passed_on
+        passed_on = True
+        if proc is None:
+            pending.append(signum)
+        else:
+            _signal_group(proc, signum)
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in FORWARDED_SIGNALS
+                if signal.getsignal(sig) != signal.SIG_IGN}
+    try:
+        proc = subprocess.Popen(list(argv), env=dict(env), umask=PRIVATE_UMASK,
+                                start_new_session=True)
+        while pending:
+            _signal_group(proc, pending.pop(0))
+        returncode = proc.wait()  # a handled signal does not interrupt it (PEP 475)
+        if passed_on and group_alive(proc.pid):
+            stop_process_group(proc, timeout=leftovers_timeout, first=signal.SIGTERM)
+        return exit_status(returncode)
+    finally:
+        if proc is not None and proc.returncode is None:  # we are failing: not without it
+            stop_process_group(proc, timeout=leftovers_timeout, first=signal.SIGTERM)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_airflow(args: Sequence[str], home: str | os.PathLike[str] | None = None) -> int:
-    """Run ``airflow ARGS...`` against this project (migrating the DB first when needed)."""
+    """Run ``airflow ARGS...`` against this project (migrating the DB first when needed);
+    signals reach it and its status is ours (:func:`run_forwarding`)."""
     env = prepare(home)
     command = args[0] if args else None
     if command and command not in _NO_MIGRATE:
         ensure_db(env)
     if command == "db":  # db reset / downgrade / clean...: re-check next time
         (Path(env["AIRFLOW_HOME"]) / _MIGRATED_STAMP).unlink(missing_ok=True)
-    return subprocess.call([airflow_executable(), *args], env=env)
+    return run_forwarding([airflow_executable(), *args], env)
 
 
 def setup_message(env: Mapping[str, str]) -> str:
@@ -294,7 +413,8 @@ def standalone(port: int = DEFAULT_PORT, host: str = DEFAULT_HOST,
                home: str | os.PathLike[str] | None = None) -> int:
     """Airflow's own `airflow standalone` for this project; prints the URL and the login.
 
-    Runs until Ctrl-C (or SIGTERM), then stops every Airflow component it started.
+    Runs until Ctrl-C (or SIGTERM, or SIGHUP: the terminal closed), then stops every
+    Airflow component it started. The components run with umask 077 (owner-only files).
     """
     env = prepare(home)
     shown_host = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
@@ -314,12 +434,14 @@ def standalone(port: int = DEFAULT_PORT, host: str = DEFAULT_HOST,
     # Own process group, so that stopping reaches the scheduler, api-server and the rest.
     proc = subprocess.Popen([airflow_executable(), "standalone"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1, start_new_session=True)
+                            bufsize=1, start_new_session=True, umask=PRIVATE_UMASK)
 
     def stop(*_: object) -> None:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, stop)
+    previous_hup = signal.signal(signal.SIGHUP, stop) if signal.getsignal(
+        signal.SIGHUP) != signal.SIG_IGN else None
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -329,12 +451,15 @@ def standalone(port: int = DEFAULT_PORT, host: str = DEFAULT_HOST,
                     print(f"standalone | {banner}", flush=True)
         return proc.wait()
     except KeyboardInterrupt:
-        print("standalone | stopping Airflow ...", flush=True)
+        with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+            print("standalone | stopping Airflow ...", flush=True)
         stop_process_group(proc)
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
+        if previous_hup is not None:
+            signal.signal(signal.SIGHUP, previous_hup)
         if group_alive(proc.pid):
             stop_process_group(proc)
 
@@ -350,9 +475,9 @@ def group_alive(pgid: int) -> bool:
         except PermissionError:
             return True
         return True
-    for stat in proc_fs.glob("[0-9]*/stat"):
+    for stat_file in proc_fs.glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
         # after "pid (comm)": state ppid pgrp ...; a zombie waits for a reaper, it is done
@@ -420,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ensure_db(env)
             # parse the DAGs into the DB once, so that `dags list`, `dags trigger` see them
             proc = subprocess.run([airflow_executable(), "dags", "reserialize"], env=env,
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True, umask=PRIVATE_UMASK)
             if proc.returncode:
                 sys.stderr.write(proc.stdout + proc.stderr)
                 return proc.returncode

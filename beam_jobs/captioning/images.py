@@ -6,9 +6,11 @@ Both models get the decoded RGB image from here; nothing downstream re-reads or 
 from __future__ import annotations
 
 import io
+import queue
+import threading
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -18,8 +20,8 @@ from apache_beam.metrics import Metrics
 
 from captioning.counters import NAMESPACE as METRICS_NAMESPACE
 from captioning.records import ManifestEntry, dead_letter, describe_error
-from captioning.trust import source_problem
-from captioning.uris import beam_path
+from captioning.trust import is_local, source_problem
+from captioning.uris import beam_path, open_regular
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -46,9 +48,18 @@ class ImageTooLarge(ValueError):
 
 
 def read_bytes(uri: str, max_bytes: int) -> bytes:
-    """Read ``uri`` through Beam FileSystems, refusing objects larger than ``max_bytes``."""
-    with FileSystems.open(beam_path(uri), compression_type="uncompressed") as f:
-        data = f.read(max_bytes + 1)
+    """Read ``uri``, refusing objects larger than ``max_bytes``.
+
+    A local path must be a regular file (``uris.open_regular``: a FIFO, socket, device or
+    directory raises ``NotARegularFile`` unopened, and the open never blocks); any other URI
+    is read through Beam FileSystems.
+    """
+    if is_local(uri):
+        with open_regular(beam_path(uri)) as f:
+            data = f.read(max_bytes + 1)
+    else:
+        with FileSystems.open(beam_path(uri), compression_type="uncompressed") as f:
+            data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise ImageTooLarge(f"image is larger than --max_image_bytes={max_bytes}")
     return data
@@ -154,42 +165,85 @@ class ImageTimeout(TimeoutError):
     """Reading or decoding one image took longer than --image_timeout_s."""
 
 
+class _DaemonWorker:
+    """One daemon thread running submitted calls in order.
+
+    Not a ``ThreadPoolExecutor``: its threads are joined when the interpreter exits, so one
+    call that never returns (a read of a FIFO, of a dead network mount) kept the finished
+    job from ever exiting. A daemon thread is not waited for: the process ends once its
+    work is done, whatever an abandoned call is doing.
+    """
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[tuple[Future, Callable[..., Any], tuple] | None] = \
+            queue.SimpleQueue()
+        threading.Thread(target=self._run, name="decode", daemon=True).start()
+
+    def _run(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, fn, args = call
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+                future.set_exception(e)
+            del future, fn, args, call  # hold no image between calls
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        self._calls.put((future, fn, args))
+        return future
+
+    def stop(self) -> None:
+        """The thread ends after its current call (if that ever returns)."""
+        self._calls.put(None)
+
+
 class _TimeLimit:
     """Run one call at a time on a helper thread and stop waiting for it after ``limit_s``.
 
     A thread cannot be killed: a call that overruns is abandoned (it finishes, or not, on its
-    own thread, holding at most one image) and later calls get a fresh thread, so one
-    pathological file costs at most ``limit_s`` of this worker's time, never a stalled worker.
+    own daemon thread, holding at most one image, and never keeps the process alive) and
+    later calls get a fresh thread, so one pathological file costs at most ``limit_s`` of
+    this worker's time, never a stalled worker or a job that does not exit.
     """
 
     def __init__(self, limit_s: float | None) -> None:
         self.limit_s = limit_s  # None: no limit, the call runs on the caller's thread
-        self._pool: ThreadPoolExecutor | None = None
+        self._worker: _DaemonWorker | None = None
 
     def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self.limit_s is None:
             return fn(*args)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
-        future = self._pool.submit(fn, *args)
+        if self._worker is None:
+            self._worker = _DaemonWorker()
+        future = self._worker.submit(fn, *args)
         try:
             return future.result(timeout=self.limit_s)
         except FutureTimeout:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+            future.cancel()
+            self.close()
             raise ImageTimeout(
                 f"reading and decoding took longer than --image_timeout_s={self.limit_s:g}; "
                 "abandoned") from None
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
 
 
-def read_and_decode(uri: str, max_bytes: int, max_pixels: int,
-                    min_side: int) -> tuple[str, Any]:
-    """("read", error) or ("decode", error) on failure, else ("ok", (image, size))."""
+def read_and_decode(uri: str, max_bytes: int, max_pixels: int, min_side: int,
+                    roots: tuple[str, ...] = ()) -> tuple[str, Any]:
+    """("read", error) or ("decode", error) on failure, else ("ok", (image, size)).
+
+    A URI outside ``roots`` is ("read", reason) unread. The roots check resolves local
+    links, which can block like a read (a dead network mount): it runs here, under the time
+    limit, too.
+    """
+    if problem := source_problem(uri, roots):
+        return "read", f"not read: {problem}"
     try:
         data = read_bytes(uri, max_bytes)
     except Exception as e:  # noqa: BLE001 - any read failure is a dead letter
@@ -203,9 +257,11 @@ def read_and_decode(uri: str, max_bytes: int, max_pixels: int,
 class ReadAndDecodeFn(beam.DoFn):
     """ManifestEntry -> DecodedImage (main) or DeadLetter (tag ``dead_letters``).
 
-    An image URI outside ``source_roots`` (the deployment's trust boundary) is dead-lettered
-    unread; each image gets at most ``timeout_s`` to be read and decoded (the job passes
-    ``--image_timeout_s``; None: no limit).
+    An image URI outside ``source_roots`` (the deployment's trust boundary) or a local path
+    that is not a regular file is dead-lettered unread (stage read); each image gets at most
+    ``timeout_s`` to be checked, read and decoded (the job passes ``--image_timeout_s``;
+    None: no limit). A call over the limit is abandoned on a daemon thread, so it can
+    neither stall the worker nor keep the finished job from exiting.
     """
 
     def __init__(self, run_id: str, max_image_bytes: int, max_image_pixels: int,
@@ -234,12 +290,9 @@ class ReadAndDecodeFn(beam.DoFn):
             DEAD_LETTER_TAG, dead_letter(entry, self._run_id, stage, reason))
 
     def process(self, entry: ManifestEntry):  # type: ignore[override]
-        if problem := source_problem(entry.uri, self._roots):
-            yield self._dead(entry, "read", f"not read: {problem}")
-            return
         try:
             stage, result = self._limit(read_and_decode, entry.uri, self._max_bytes,
-                                        self._max_pixels, self._min_side)
+                                        self._max_pixels, self._min_side, self._roots)
         except ImageTimeout as e:
             yield self._dead(entry, "decode", e)
             return

@@ -4,11 +4,67 @@ URIs in this system are never percent-encoded (contract: manifest): ``file:///a/
 names the file ``/a/b c#1.jpg``, just as ``gs://bucket/b c#1.jpg`` names that object. So
 ``file://`` is stripped, never URL-parsed: ``#`` is not a fragment, ``?`` not a query and
 ``%20`` not a space, and every file name round-trips exactly.
+
+Local image files are opened with :func:`open_regular` (the job's reads and the Hugging Face
+export): regular files only, and the open itself never waits (a FIFO would wait for a writer
+forever, a device or socket is no picture).
 """
 
 from __future__ import annotations
 
+import os
+import stat
+from typing import BinaryIO
+
 FILE_SCHEME = "file://"
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISLNK, "a symbolic link"))
+
+
+class NotARegularFile(OSError):
+    """A local path that is not a regular file (FIFO, socket, device, directory...)."""
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a plain file")
+
+
+def not_regular_reason(path: str) -> str | None:
+    """Why ``path`` (symlinks followed) is not a regular file, from ``os.stat`` without
+    opening it; None when it is one. Raises OSError (FileNotFoundError...) as ``os.stat``."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode):
+        return None
+    return f"{path!r} is not a regular file ({_kind(mode)}); only regular files are read"
+
+
+def open_regular(path: str, *, follow_symlinks: bool = True) -> BinaryIO:
+    """Open the local regular file ``path`` for reading (binary, buffered).
+
+    Checked with ``os.stat`` before the open, opened with ``O_NONBLOCK`` (so that even a
+    FIFO put there between the check and the open cannot block the open) and checked again
+    on what was opened; then the flag is cleared and the file reads normally. Raises
+    :class:`NotARegularFile`, or the OSError of the stat or open (``follow_symlinks=False``:
+    ELOOP when the last component is a symlink).
+    """
+    if reason := not_regular_reason(path):
+        raise NotARegularFile(reason)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotARegularFile(
+                f"{path!r} is not a regular file ({_kind(mode)}); only regular files are read")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def beam_path(uri: str) -> str:

@@ -236,13 +236,17 @@ def _jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def export_run(xcom: PlanXCom) -> dict[str, Any]:
-    """Write the run's captions as a Hugging Face `datasets` imagefolder."""
+    """Write the run's captions as a Hugging Face `datasets` imagefolder: exactly the bytes
+    that were captioned (inside the source roots, regular files, hashing to the image id);
+    anything else is skipped and counted by reason."""
     from caption_platform.export import export_hf_imagefolder
     from caption_platform.warehouse import get_warehouse
 
     plan = RunPlan.from_xcom(xcom)
     rows = get_warehouse(plan.settings).captions_for_run(plan.run_id, limit=None)
     out = f"{plan.run_folder}/hf_dataset"
-    written = export_hf_imagefolder(rows, out, conn_id=plan.settings.storage_conn_id)
-    log.info("exported %d images to %s", written, out)
-    return {"uri": out, "rows": written}
+    result = export_hf_imagefolder(rows, out, source_roots=plan.settings.job.source_roots,
+                                   conn_id=plan.settings.storage_conn_id)
+    log.info("exported %d images to %s; skipped %s", result["rows"], out,
+             result["skipped"] or "none")
+    return {"uri": out, **result}
