@@ -22,7 +22,25 @@ from dataclasses import dataclass
 from typing import Any
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_PRINTABLE_NOT_BLANK = r"^[^\x00-\x1f\x7f]*(?=\S)[^\x00-\x1f\x7f]*$"
+#: How every declared pattern ends: the end of the value. A JSON-schema pattern runs in
+#: Python's ``re`` (Airflow's Param validation) and in ECMA-262 (the trigger form in the
+#: browser); Python's ``$`` also matches before a final newline, so ``$`` alone would let
+#: ``"2.77.0\n"`` through. ``(?!\n)`` after it means the same in both dialects.
+PATTERN_END = r"$(?!\n)"
+#: One character of a one-line value, the same in both dialects (which disagree on ``.``:
+#: ECMA's stops at U+2028/U+2029, Python's does not): no control character, no line or
+#: paragraph separator.
+_CHAR = r"[^\x00-\x1f\x7f\u2028\u2029]"
+#: A character that is not blank as ``str.strip`` (the declaration's check) sees it, in both
+#: dialects (their ``\s`` differ on U+0085 and U+FEFF).
+_NOT_BLANK = r"(?=[^\s\x85]|\ufeff)"
+_PRINTABLE_NOT_BLANK = r"^[^\x00-\x1f\x7f]*" + _NOT_BLANK + r"[^\x00-\x1f\x7f]*" + PATTERN_END
+
+
+def matches(pattern: str, value: str) -> bool:
+    """Whether ``value`` is allowed by ``pattern`` (a declared, anchored pattern): all of
+    it matches, a final newline included, as the trigger form decides in either dialect."""
+    return re.fullmatch(pattern, value) is not None
 
 
 @dataclass(frozen=True)
@@ -71,7 +89,7 @@ class Setting:
             out.append("must not contain control characters (newlines, tabs, NUL...)")
         if self.max_length is not None and isinstance(value, str) and len(value) > self.max_length:
             out.append(f"is longer than {self.max_length} characters")
-        if self.pattern and isinstance(value, str) and not re.search(self.pattern, value):
+        if self.pattern and isinstance(value, str) and not matches(self.pattern, value):
             out.append(f"{value!r} is not allowed: {self.pattern_help}" if self.pattern_help
                        else f"{value!r} does not match {self.pattern}")
         return out
@@ -126,14 +144,17 @@ BLIP_MODEL = "Salesforce/blip-image-captioning-base"
 CLIP_MODEL = "openai/clip-vit-base-patch32"
 
 #: No '.' or '..' path segment anywhere, no control characters.
-_NO_DOT_SEGMENTS = r"(?!.*(^|/)\.\.?(/|$))(?![^\x00-\x1f\x7f]*[\x00-\x1f\x7f])"
+_NO_DOT_SEGMENTS = (r"(?!" + _CHAR + r"*(^|/)\.\.?(/|$))"
+                    r"(?![^\x00-\x1f\x7f]*[\x00-\x1f\x7f\u2028\u2029])")
 #: What a model reference may look like (which ones a deployment allows: ``model_sources``):
 #: a Hugging Face id, an absolute local folder, ``file://`` or ``gs://``; never another
 #: scheme (``http://``), a relative path or ``..``.
 MODEL_REF_PATTERN = (_NO_DOT_SEGMENTS + r"^([A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?"
-                     r"|/.*|file:///.*|gs://[a-z0-9][a-z0-9._-]*(/.*)?)$")
+                     f"|/{_CHAR}*|file:///{_CHAR}*|gs://[a-z0-9][a-z0-9._-]*(/{_CHAR}*)?)"
+                     + PATTERN_END)
 #: What a source folder may look like (which ones a deployment allows: ``source_roots``).
-SOURCE_URI_PATTERN = _NO_DOT_SEGMENTS + r"^(/.*|file:///.*|gs://[a-z0-9][a-z0-9._-]*(/.*)?)$"
+SOURCE_URI_PATTERN = (_NO_DOT_SEGMENTS + f"^(/{_CHAR}*|file:///{_CHAR}*"
+                      f"|gs://[a-z0-9][a-z0-9._-]*(/{_CHAR}*)?)" + PATTERN_END)
 MODEL_REF_HELP = ("use a Hugging Face id (owner/name), an absolute local folder, or a file:// "
                   "or gs:// folder, without '.' or '..' segments")
 SOURCE_URI_HELP = "use an absolute local folder, or a file:// or gs:// URI, without '.' or '..'"

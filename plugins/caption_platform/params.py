@@ -65,6 +65,12 @@ def setting_overrides(params: Mapping[str, Any]) -> dict[str, Any]:
     return overrides
 
 
+#: A Beam SDK version of the benchmark form: X.Y.Z or X.Y.ZrcN, ASCII digits, nothing after
+#: (it becomes a folder name, a pip requirement and part of run ids).
+SDK_VERSION_PATTERN = r"^[0-9]+\.[0-9]+\.[0-9]+(rc[0-9]+)?" + job_spec.PATTERN_END
+SDK_VERSION_MAX_LENGTH = 32
+MAX_SDK_VERSIONS = 12
+
 #: The benchmark DAG's own parameters (besides max_images and the job settings).
 BENCHMARK_PARAMETERS: tuple[Setting, ...] = (
     Setting("dataset", str, None, "Folder or bucket prefix of the benchmark images (file://, "
@@ -74,8 +80,11 @@ BENCHMARK_PARAMETERS: tuple[Setting, ...] = (
             pattern_help=job_spec.SOURCE_URI_HELP, max_length=4096, nullable=True),
     Setting("repetitions", int, 3, "Runs per SDK version (the spread the flags compare with).",
             minimum=1, maximum=20),
-    Setting("baseline", str, None, "SDK version the others are compared with. Empty: the oldest.",
-            pattern=r"^[0-9]+(\.[0-9]+)*([a-z]+[0-9]*)?$", nullable=True),
+    Setting("baseline", str, None, "SDK version the others are compared with (one of "
+            "sdk_versions). Empty: the oldest.",
+            pattern=r"^[0-9]+(\.[0-9]+)*([a-z]+[0-9]*)?" + job_spec.PATTERN_END,
+            pattern_help="a Beam SDK version such as 2.76.0", max_length=SDK_VERSION_MAX_LENGTH,
+            nullable=True),
     Setting("threshold", float, 0.10, "Relative change that counts as a regression (0.10 = 10%) "
             "when it is also outside the spread of the repetitions.", minimum=0, maximum=10),
     Setting("on_regression", str, "warn", "warn: log the regressions; fail: fail the run.",
@@ -88,10 +97,11 @@ def benchmark_dag_params() -> dict[str, Any]:
     from airflow.sdk import Param
 
     params = {"sdk_versions": Param(
-        None, type=["null", "array"], minItems=1, maxItems=12,
-        items={"type": "string", "pattern": r"^[0-9]+\.[0-9]+\.[0-9]+(rc[0-9]+)?$"},
-        description="Beam SDK versions to run, e.g. [\"2.75.0\", \"2.76.0\", \"2.77.0\"]. "
-                    "Empty: the pinned version and the two releases before it.")}
+        None, type=["null", "array"], minItems=1, maxItems=MAX_SDK_VERSIONS, uniqueItems=True,
+        items={"type": "string", "pattern": SDK_VERSION_PATTERN,
+               "maxLength": SDK_VERSION_MAX_LENGTH},
+        description="Beam SDK versions to run, each once, e.g. [\"2.75.0\", \"2.76.0\", "
+                    "\"2.77.0\"]. Empty: the pinned version and the two releases before it.")}
     params.update({s.name: _param(s, nullable=s.nullable) for s in BENCHMARK_PARAMETERS})
     max_images = next(s for s in RUN_PARAMETERS if s.name == "max_images")
     params["max_images"] = _param(max_images, nullable=True)

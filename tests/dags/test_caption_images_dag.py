@@ -377,3 +377,53 @@ def test_local_profile_launches_in_process_not_deferred(monkeypatch: pytest.Monk
     assert launch.runner == "DirectRunner" and launch.deferrable is False
     assert launch.default_pipeline_options == {} and launch.dataflow_config is None
     assert launch.py_interpreter == sys.executable
+
+
+# -- Hardening item 3: what passes the trigger form must not fail later -------------------
+def benchmark_trigger_params(conf: dict) -> Any:
+    """The benchmark DAG's params as the API server checks a trigger (serialized + conf)."""
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    dag = load_dagbag().dags["benchmark_beam_sdks"]
+    serialized = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+    return serialized.params.deep_merge(conf)
+
+
+@pytest.mark.parametrize("conf", [
+    {"prompt": "a photo of\n"},  # Python's `$` matches before a final newline
+    {"source_uri": "gs://bucket/images\n"},
+    {"blip_model": "Salesforce/blip-image-captioning-base\n"},
+])
+def test_a_trailing_newline_is_refused_by_the_caption_form(conf: dict) -> None:
+    from airflow.sdk.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError):
+        trigger_params(conf).validate()
+    # without the newline the same value passes
+    fixed = {k: v.rstrip("\n") for k, v in conf.items()}
+    assert trigger_params(fixed).validate()[next(iter(conf))] == next(iter(fixed.values()))
+
+
+@pytest.mark.parametrize("conf", [
+    {"sdk_versions": ["2.77.0\n"]},
+    {"sdk_versions": ["2.76.0", "2.77.0\n"]},
+    {"baseline": "2.77.0\n"},
+    {"dataset": "gs://bucket/images\n"},
+    {"prompt": "a photo of\n"},
+    {"sdk_versions": ["2.77.0", "2.77.0"]},  # ran twice under one run id, one lost
+    {"sdk_versions": ["9" * 300 + ".0.0"]},  # OSError: File name too long, in `environment`
+    {"baseline": "9" * 300},
+])
+def test_the_benchmark_form_refuses_what_would_fail_later(conf: dict) -> None:
+    from airflow.sdk.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError):
+        benchmark_trigger_params(conf).validate()
+
+
+def test_the_benchmark_form_takes_good_versions() -> None:
+    resolved = benchmark_trigger_params(
+        {"sdk_versions": ["2.75.0", "2.76.0", "2.77.0rc1"], "baseline": "2.76.0"}).validate()
+    assert resolved["sdk_versions"] == ["2.75.0", "2.76.0", "2.77.0rc1"]
+    schema = load_dagbag().dags["benchmark_beam_sdks"].params.get_param("sdk_versions").schema
+    assert schema["uniqueItems"] is True and schema["items"]["maxLength"] <= 64

@@ -94,18 +94,40 @@ echo "Created job with id: [2026-12-04_01_02_03-42]"
 """
 
 
+def fake_build_commands(version: str):
+    """Stands in for `python -m venv`, pip and the verify step of an environment's build."""
+    import json
+
+    from caption_platform.benchmark import sdk_envs
+
+    def run(argv, *, timeout_s, log=None, cwd=None):
+        argv = [str(a) for a in argv]
+        if argv[1:3] == ["-m", "venv"]:
+            (Path(argv[3]) / "bin").mkdir(parents=True)
+            (Path(argv[3]) / "bin" / "python").write_text("#!fake\n")
+            (Path(argv[3]) / "pyvenv.cfg").write_text("home = /usr\n")
+        elif argv[1] == "-c":
+            return 0, sdk_envs._VERIFY_PREFIX + json.dumps({"apache_beam": version})
+        return 0, ""
+
+    return run
+
+
 def test_on_dataflow_each_version_gets_its_worker_image_and_launcher(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, make_plan,
 ) -> None:
     """On the gcp profile a benchmark run launches through the caption DAG's own operator
-    (run to completion in the run's task) and the Beam hook, with that version's Python (the env) and the worker image tag of that
-    version, with the deployment's Dataflow shape. Faked: the interpreter (a script that
-    records its command line) and the Google edge (Dataflow's wait, the summary on GCS)."""
+    (run to completion in the run's task) and the Beam hook, with that version's Python
+    (derived from the version and the environments' root, as `run_once` does: the
+    launcher-only environment, ready) and the worker image tag of that version, with the
+    deployment's Dataflow shape. Faked: the environment's build commands, its interpreter
+    (a script that records its command line) and the Google edge (Dataflow's wait, the
+    summary on GCS)."""
     from airflow.providers.google.cloud.hooks.dataflow import DataflowHook
 
     from caption_platform import job_summary, tasks
+    from caption_platform.benchmark import sdk_envs
     from caption_platform.benchmark import steps as benchmark
-    from caption_platform.benchmark.sdk_envs import SdkEnv
     from caption_platform.launch import for_sdk_version
     from caption_platform.operators import CaptionJobOperator
 
@@ -117,16 +139,23 @@ def test_on_dataflow_each_version_gets_its_worker_image_and_launcher(
         "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT": "google-cloud-platform://",
     }.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setenv("CAPTION_SDK_ENVS_ROOT", str(tmp_path / "envs"))
     settings = tasks.settings_for_run({}, benchmark.OVERRIDES)
     assert settings.tables.captions == "benchmark_captions"  # never the production table
-    python = tmp_path / "beam-2.76.0" / "bin" / "python"
-    python.parent.mkdir(parents=True)
+    assert settings.on_dataflow and settings.sdk_envs_root == str(tmp_path / "envs")
+    # a ready launcher-only environment of 2.76.0, built by ensure_env with faked commands
+    monkeypatch.setattr(sdk_envs, "run_command", fake_build_commands("2.76.0"))
+    env = benchmark.environment("2.76.0", {"settings": settings.model_dump(mode="json")})
+    assert env["status"] == "ok" and env["launcher_only"], env
+    python = tmp_path / "envs" / "beam-2.76.0-launcher" / "bin" / "python"
     python.write_text(FAKE_PYTHON)
     python.chmod(0o755)
-    env = SdkEnv(version="2.76.0", path=str(python.parents[1]), python=str(python), status="ok")
+    interpreter = sdk_envs.interpreter_for("2.76.0", settings.sdk_envs_root,
+                                           launcher_only=settings.on_dataflow)
+    assert interpreter == str(python)
     plan = make_plan(settings, "bench__beam_2.76.0__rep1", images=3)
     plan = plan.model_copy(update={"launch": for_sdk_version(plan.launch, "2.76.0",
-                                                             env.interpreter())})
+                                                             interpreter)})
     waited: list[dict] = []
     monkeypatch.setattr(DataflowHook, "wait_for_done", lambda self, **kw: waited.append(kw))
     monkeypatch.setattr(job_summary, "clear_run_summary", lambda plan: False)

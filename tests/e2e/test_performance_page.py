@@ -2,10 +2,12 @@
 api-server: refused without a login, drawn from pipeline_runs with one, and loaded in
 headless Chromium, alone and inside Airflow's UI, with the screenshots kept.
 
-One api-server (SQLite metadata DB, SimpleAuthManager with a known password, our plugins
-folder, an empty DAGs folder) serves the module's tests; a DuckDB warehouse with known
-pipeline_runs rows (three SDK versions, three runs each, plus other DAGs/runners to filter)
-is the page's source. Everything listens on 127.0.0.1; every wait is bounded; every process
+One api-server (SQLite metadata DB, our plugins folder, a DAGs folder declaring the two DAGs
+whose runs are recorded) serves the module's tests; its auth manager is SimpleAuthManager
+with known passwords, except that the user ``outsider`` may not read the DAG
+``caption_images`` (as another team's DAG would be to it). A DuckDB warehouse with known
+pipeline_runs rows (three SDK versions, three runs each, plus two runs of the caption DAG,
+interleaved with them in time, on another runner) is the page's source. Everything listens on 127.0.0.1; every wait is bounded; every process
 group started here is ended.
 
 The browser is driven through the Chrome DevTools Protocol over ``--remote-debugging-pipe``
@@ -47,6 +49,29 @@ SIMPLE_AUTH_MANAGER = (
     "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
 )
 PAGE = "/captioning/"
+#: A user who may read the benchmark's runs but not the caption DAG's.
+OUTSIDER, HIDDEN_DAG = "outsider", "caption_images"
+#: The deployment's DAGs (the auth manager answers for the DAGs Airflow knows).
+DAGS_FILE = """
+from airflow.sdk import DAG
+
+caption_images = DAG("caption_images", schedule=None)
+benchmark_beam_sdks = DAG("benchmark_beam_sdks", schedule=None)
+"""
+#: SimpleAuthManager, except that some users may not read some DAGs.
+AUTH_MANAGER_MODULE = f"""
+from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+
+HIDDEN = {{{OUTSIDER!r}: {{{HIDDEN_DAG!r}}}}}
+
+
+class SomeDagsHiddenAuthManager(SimpleAuthManager):
+    def is_authorized_dag(self, *, method, user, access_entity=None, details=None):
+        if details is not None and details.id in HIDDEN.get(user.get_name(), ()):
+            return False
+        return super().is_authorized_dag(method=method, user=user,
+                                         access_entity=access_entity, details=details)
+"""
 
 # Known runs: (version, runtime_s, images_per_s, cost_per_1k_images_usd) x 3 repetitions.
 # 2.77.0 is 40% slower than 2.76.0 and outside its range: a flagged regression.
@@ -95,8 +120,10 @@ def write_warehouse(path: Path) -> list[dict[str, Any]]:
                 images_per_s=ips, cost_per_1k_images_usd=cost, num_captions=5,
                 final_state="JOB_STATE_DONE", run_kind="benchmark",
                 benchmark_id="benchmark_beam_sdks__2026-11-01")
-    for i in range(2):  # two local runs of the captioning DAG: the filters tell them apart
-        started = start + timedelta(days=20 + i)
+    # two local runs of the captioning DAG, between the latest benchmark runs (the newest
+    # five: bench_09, local_1, bench_08, local_0, bench_07): the filters tell them apart
+    for i in range(2):
+        started = start + timedelta(days=7 + i, hours=12)
         add(run_id=f"local_{i}", dag_id="caption_images", beam_sdk_version="2.77.0",
             runner="DirectRunner", machine_type="local", gpu_type=None, started_at=started,
             finished_at=started + timedelta(seconds=60), runtime_s=60.0 + i, images_in=6,
@@ -176,9 +203,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     home, dags = root / "airflow_home", root / "dags"
     home.mkdir()
     dags.mkdir()
+    (dags / "deployment_dags.py").write_text(DAGS_FILE)
+    (root / "some_dags_hidden.py").write_text(AUTH_MANAGER_MODULE)
     password = secrets.token_urlsafe(12)
     passwords = root / "passwords.json"
-    passwords.write_text(json.dumps({"admin": password}))
+    outsider_password = secrets.token_urlsafe(12)
+    passwords.write_text(json.dumps({"admin": password, OUTSIDER: outsider_password}))
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("AIRFLOW__", "CAPTION_")) and k != "AIRFLOW_HOME"}
     env.update({
@@ -186,8 +216,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
         "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(PLUGINS),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__AUTH_MANAGER": SIMPLE_AUTH_MANAGER,
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+        "AIRFLOW__CORE__AUTH_MANAGER": "some_dags_hidden.SomeDagsHiddenAuthManager",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"admin:admin,{OUTSIDER}:viewer",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(64),
@@ -196,11 +226,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
         "CAPTION_PROFILE": "local",
         "CAPTION_DUCKDB_PATH": str(root / "warehouse.duckdb"),
         "CAPTION_IGNORE_AIRFLOW_VARIABLES": "1",
-        "PYTHONPATH": os.pathsep.join(p for p in (str(PLUGINS), env.get("PYTHONPATH")) if p),
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(PLUGINS), str(root), env.get("PYTHONPATH")) if p),
     })
     migrate = subprocess.run([AIRFLOW, "db", "migrate"], env=env, capture_output=True,
                              text=True, timeout=180)
     assert migrate.returncode == 0, migrate.stdout[-2000:] + migrate.stderr[-3000:]
+    # the DAGs, known to Airflow (as the dag-processor would make them)
+    parsed = subprocess.run([AIRFLOW, "dags", "reserialize"], env=env, capture_output=True,
+                            text=True, timeout=180)
+    assert parsed.returncode == 0, parsed.stdout[-2000:] + parsed.stderr[-3000:]
     port = free_port()
     log = root / "api-server.log"
     with log.open("wb") as out:
@@ -209,6 +244,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
             env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
     api = ApiServer(port, proc, log, password)
+    api.passwords = {"admin": password, OUTSIDER: outsider_password}
     try:
         def healthy() -> bool:
             assert proc.poll() is None, f"api-server exited with {proc.returncode}"
@@ -256,10 +292,41 @@ def test_page_logic_without_a_server() -> None:
     none = page.render_page(rows, [("dag_id", "c")], action="/captioning/", source="t")
     assert "No runs match these filters" in none and "<img" not in none
     full = page.render_page(rows, [("run_kind", "benchmark")], action="/captioning/",
-                            source="t", hidden=2)
+                            source="t")
     assert full.index('id="filters"') < full.index("<h1>") and '<table id="metrics">' in full
     assert "Not applied" in full and "run_kind=benchmark" in full
-    assert "2 run(s) of DAGs whose runs you may not read are left out" in full
+    assert "left out" not in full and "may not read" not in full
+    # a stored value that is mathtext to matplotlib is drawn as it is (Hardening item 4)
+    odd = [{**r, "beam_sdk_version": v} for r, v in zip(rows, ("$\\foo{$", "$x^2$"),
+                                                         strict=True)]
+    drawn = page.render_page(odd, [], action="/captioning/", source="t")
+    assert '<table id="metrics">' in drawn and "$\\foo{$" in drawn and "$x^2$" in drawn
+    with pytest.raises(page.BadRequest):
+        page.parse_limit("\u00b2")  # str.isdigit() takes it, int() does not
+
+
+def test_readable_dag_ids_ask_the_auth_manager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The page reads the runs of the DAGs the auth manager lets the user read (and whose
+    runs it may read), asked before any row is read (Hardening item 5)."""
+    import airflow.api_fastapi.app as airflow_app
+
+    from caption_platform.benchmark import page_app as page
+
+    asked: list[tuple] = []
+
+    class Manager:
+        def get_authorized_dag_ids(self, *, user, method="GET"):
+            asked.append(("dags", user, method))
+            return {"caption_images", "benchmark_beam_sdks", "no_runs_for_you"}
+
+        def is_authorized_dag(self, *, method, user, access_entity=None, details=None):
+            asked.append(("dag", details.id, method, access_entity))
+            return details.id != "no_runs_for_you"
+
+    monkeypatch.setattr(airflow_app, "get_auth_manager", lambda: Manager())
+    assert page.readable_dag_ids("someone") == {"caption_images", "benchmark_beam_sdks"}
+    assert asked[0] == ("dags", "someone", "GET")
+    assert {(a[2], str(a[3])) for a in asked[1:]} == {("GET", "DagAccessEntity.RUN")}
 
 
 # -- the page in Airflow's api-server -----------------------------------------------------------
@@ -365,6 +432,37 @@ def test_filters_narrow_the_runs_and_bad_values_are_refused(server: ApiServer) -
                           token=token)
     assert resp.status == 200 and "<script>" not in resp.text
     assert "11 of the latest 11" in server.request("GET", PAGE, token=token).text
+
+
+@pytest.mark.slow
+def test_the_page_reveals_nothing_of_runs_the_user_may_not_read(server: ApiServer) -> None:
+    """Hardening item 5: with a DAG the user may not read, `?limit=3` showed no note,
+    `?limit=4` said one run was left out, `?limit=5` two: where another team's runs are in
+    the timeline. Now only the readable DAGs' runs are read, the limit counting them alone,
+    and nothing on the page changes with the hidden runs."""
+    import re
+
+    admin = server.token()
+    # the two DAGs' runs are interleaved: the newest five alternate between them
+    page = server.request("GET", PAGE + "?limit=5", token=admin).text
+    assert "5 of the latest 5 run(s)" in page and HIDDEN_DAG in page
+    token = server.token(OUTSIDER, server.passwords[OUTSIDER])
+    pages = {}
+    for limit in range(1, 13):
+        resp = server.request("GET", f"{PAGE}?limit={limit}", token=token)
+        assert resp.status == 200, (limit, resp.status, resp.text[-2000:])
+        text = resp.text
+        n = min(limit, 9)  # the outsider's runs: the nine benchmark runs
+        assert f"{n} of the latest {n} run(s)" in text, (limit, text[-3000:])
+        for trace in (HIDDEN_DAG, "DirectRunner", "local_", "left out", "may not read",
+                      'class="cp-note"'):
+            assert trace not in text, (limit, trace)
+        for varies in (r"Generated [^;]*;", r'name="limit"[^>]*>', r"read at most \d+\)"):
+            text = re.sub(varies, "", text)
+        pages[limit] = text
+    # past the readable runs, a larger limit changes nothing at all
+    assert pages[9] == pages[10] == pages[12]
+    assert '<table id="metrics">' in pages[9] and "REGRESSION" in pages[9]
 
 
 # -- the browser ---------------------------------------------------------------------------

@@ -16,7 +16,13 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from caption_platform.config import SettingsError, validate_identifier
-from caption_platform.params import PER_RUN_JOB_SETTINGS, RUN_PARAMETERS, dag_params
+from caption_platform.params import (
+    BENCHMARK_PARAMETERS,
+    PER_RUN_JOB_SETTINGS,
+    RUN_PARAMETERS,
+    benchmark_dag_params,
+    dag_params,
+)
 from captioning import job_spec
 from captioning.trust import model_problem, source_problem, split_list
 
@@ -26,6 +32,8 @@ HOSTILE = [
     "`id`", "--runner=DataflowRunner", "--num_captions=999", "a\nb", "x\x00y", " ",
     "Salesforce/*", "s3://bucket/x", "file://localhost/etc", "/tmp/x/./y", "\u202eevil",
     "gs://BUCKET/x", "{}", "[1]", "nan", "-1", "1e309",
+    # Python's `$` matches before a final newline: each passed the form once
+    "a photo of\n", "2.77.0\n", "gs://bkt/x\n", "Salesforce/blip\n", "sample\n",
 ]
 SCALARS = st.one_of(
     st.none(), st.booleans(), st.integers(-10**6, 10**6),
@@ -61,9 +69,24 @@ def test_the_form_and_the_declarations_agree_on_every_value(data: Any) -> None:
     refused at trigger time, and the form never refuses what the job would take. The one rule
     JSON schema cannot say: NaN and infinity (no JSON form produces them), which the
     declaration refuses and the plan task reports."""
-    form = dag_params()
     setting = data.draw(st.sampled_from(DECLARED))
+    _assert_agreement(dag_params(), setting, data.draw(VALUES))
+
+
+@FUZZ
+@given(data=st.data())
+def test_the_benchmark_form_and_its_declarations_agree(data: Any) -> None:
+    """The same agreement for the benchmark DAG's own parameters (baseline, repetitions...)."""
+    setting = data.draw(st.sampled_from(BENCHMARK_PARAMETERS))
     value = data.draw(VALUES)
+    if value is None:  # "not given": the Param's default (checked by the DAG tests)
+        return
+    _assert_agreement(benchmark_dag_params(), setting, value)
+
+
+def _assert_agreement(form: dict[str, Any], setting: Any, value: Any) -> None:
+    """A value the declaration takes, the form takes; one it refuses, the form refuses (but
+    NaN and infinity, which no JSON form produces)."""
     declared_ok = not setting.problems(value) if value is not None else True
     form_ok = _form_accepts(form[setting.name], value)
     non_finite = isinstance(value, float) and not (value == value and abs(value) != float("inf"))
@@ -71,6 +94,76 @@ def test_the_form_and_the_declarations_agree_on_every_value(data: Any) -> None:
         assert form_ok, (setting.name, value)
     elif not non_finite:
         assert not form_ok, (setting.name, value, setting.problems(value))
+
+
+#: Values some pattern of the forms accepts (each pattern must accept at least one).
+PATTERN_SAMPLES = ("a photograph of", "2.77.0", "2.76.0rc1", "gs://bucket/images",
+                   "/data/images", "file:///data/images", "Salesforce/blip-image-captioning-base")
+
+
+def _form_patterns() -> list[tuple[str, str, Any]]:
+    """(form/param name, pattern, Param) for every pattern of every trigger form, list items'
+    patterns included."""
+    out = []
+    for form_name, form in (("caption_images", dag_params()),
+                            ("benchmark_beam_sdks", benchmark_dag_params())):
+        for name, param in form.items():
+            for where in (param.schema, param.schema.get("items") or {}):
+                if "pattern" in where:
+                    out.append((f"{form_name}.{name}", where["pattern"], param))
+    return out
+
+
+def test_every_form_pattern_refuses_a_trailing_newline() -> None:
+    """Hardening item 3: `"2.77.0\n"` and `"a photo of\n"` passed the form (Python's `$`
+    matches before a final newline). Every pattern of both forms now refuses a value with a
+    newline at its end or anywhere, through the real Param, and the declarations agree."""
+    patterns = _form_patterns()
+    assert {n.split(".", 1)[1] for n, _, _ in patterns} >= {
+        "sdk_versions", "baseline", "prompt", "source_uri", "dataset", "blip_model"}
+    for name, pattern, param in patterns:
+        accepted = [v for v in PATTERN_SAMPLES if re.search(pattern, v)]
+        assert accepted, (name, pattern)
+        for value in accepted:
+            given = [value] if param.schema.get("type") == ["null", "array"] else value
+            assert _form_accepts(param, given), (name, value)
+            for bad in (value + "\n", value + "\r\n", "\n" + value, value + "\n\n"):
+                assert re.search(pattern, bad) is None, (name, bad)
+                assert job_spec.matches(pattern, bad) is False, (name, bad)
+                given = [bad] if param.schema.get("type") == ["null", "array"] else bad
+                assert not _form_accepts(param, given), (name, bad)
+    for setting in (*DECLARED, *BENCHMARK_PARAMETERS):
+        if setting.kind is str and not setting.choices:
+            assert setting.problems("x\n"), setting.name
+    # a declared pattern is checked on all of the value, as the form does
+    declared = job_spec.Setting("v", str, None, "", pattern=r"^[0-9]+" + job_spec.PATTERN_END)
+    assert declared.problems("12") == [] and declared.problems("12x")
+
+
+def test_the_patterns_mean_the_same_in_the_browser() -> None:
+    """The trigger form also validates in the browser (ECMA-262 regular expressions): each
+    pattern accepts and refuses the same values there as in Python."""
+    import json
+    import shutil
+    import subprocess
+
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("no node: the ECMA-262 side is not checked here")
+    values = [v + tail for v in PATTERN_SAMPLES for tail in ("", "\n", "\r", "\u2028", " ")]
+    values += ["", "\n", "2.77.0\n2.77.0", "../x", "gs://b/../x", "/a\u2028/../x", " ",
+               "\ufeff", "\x85", "\xa0", "\u3000x", "/a/\u2029"]
+    patterns = sorted({p for _, p, _ in _form_patterns()})
+    script = ("const [ps, vs] = JSON.parse(require('fs').readFileSync(0, 'utf8'));"
+              "console.log(JSON.stringify(ps.map(p => [new RegExp(p, 'u'), new RegExp(p)]"
+              ".map(r => vs.map(v => r.test(v))))));")
+    out = subprocess.run([node, "-e", script], input=json.dumps([patterns, values]),
+                         capture_output=True, text=True, timeout=60, check=True)
+    ecma = json.loads(out.stdout)
+    for pattern, (unicode_mode, plain) in zip(patterns, ecma, strict=True):
+        python = [re.search(pattern, v) is not None for v in values]
+        assert unicode_mode == python == plain, (pattern, [
+            (v, p, e) for v, p, e in zip(values, python, unicode_mode, strict=True) if p != e])
 
 
 @contextmanager

@@ -5,6 +5,10 @@ range, regressions in red) and one over time (each run by its start, one line pe
 plus the caption agreement per version when it was measured. The same report gives
 byte-identical PNGs (no date or software metadata).
 
+Every text is plain text, never matplotlib's mathtext: versions, runners and the other
+labels come from stored rows, and one value such as ``$\\foo{$`` must not fail the report
+or the UI page (each text is drawn with ``parse_math=False``).
+
 matplotlib is imported inside the functions that draw, never at module top: DAG files
 import the report's modules at parse time.
 """
@@ -33,6 +37,8 @@ __all__ = ["draw_charts"]
 _DPI = 100
 _SIZE = (7.5, 4.2)
 _REGRESSION_COLOR = "#c62828"
+#: Text properties of every label: shown as stored (``$...$`` is not mathtext).
+_PLAIN = {"parse_math": False}
 
 
 def draw_charts(report: Report, runs: Iterable[Mapping[str, Any]]) -> dict[str, bytes]:
@@ -76,7 +82,23 @@ def _figure() -> tuple[Any, Any]:
     return fig, ax
 
 
+def _plain(fig: Any) -> None:
+    """Every text of ``fig`` as plain text (also those made without :data:`_PLAIN`)."""
+    from matplotlib.text import Text
+
+    for text in fig.findobj(Text):
+        text.set_parse_math(False)
+
+
+def _legend(ax: Any, **kwargs: Any) -> None:
+    """``ax.legend(**kwargs)`` with its entries and title as plain text."""
+    legend = ax.legend(**kwargs)
+    for text in (*legend.get_texts(), legend.get_title()):
+        text.set_parse_math(False)
+
+
 def _png(fig: Any) -> bytes:
+    _plain(fig)
     buffer = io.BytesIO()
     # No Software/date metadata: the same report gives byte-identical files.
     fig.savefig(buffer, format="png", dpi=_DPI, metadata={"Software": None})
@@ -114,7 +136,7 @@ def _by_version_chart(report: Report, m: Metric) -> bytes:
         if s.median is None:
             ax.annotate("no successful run", (x, 0), xycoords=("data", "axes fraction"),
                         xytext=(0, 8), textcoords="offset points", ha="center", fontsize=8,
-                        color="#777777")
+                        color="#777777", **_PLAIN)
             continue
         k = len(s.values)
         offsets = [(-0.12 + 0.24 * j / (k - 1)) if k > 1 else 0.0 for j in range(k)]
@@ -132,14 +154,14 @@ def _by_version_chart(report: Report, m: Metric) -> bytes:
         if s.regression:
             note += "\nREGRESSION"
         ax.annotate(note, (x, s.median), xytext=(-10, 0), textcoords="offset points",
-                    ha="right", va="center", fontsize=8, color=color)
-    ax.set_xticks(xs, [_tick_label(report, v) for v in report.versions])
+                    ha="right", va="center", fontsize=8, color=color, **_PLAIN)
+    ax.set_xticks(xs, [_tick_label(report, v) for v in report.versions], **_PLAIN)
     ax.set_xlim(-0.7, len(xs) - 0.3)
     ax.margins(y=0.15)
-    ax.set_xlabel("Beam SDK version")
-    ax.set_ylabel(m.axis_label)
-    ax.set_title(f"{m.label} by Beam SDK version ({_direction(m)})", fontsize=11)
-    ax.legend(loc="best", fontsize=8, frameon=False)
+    ax.set_xlabel("Beam SDK version", **_PLAIN)
+    ax.set_ylabel(m.axis_label, **_PLAIN)
+    ax.set_title(f"{m.label} by Beam SDK version ({_direction(m)})", fontsize=11, **_PLAIN)
+    _legend(ax, loc="best", fontsize=8, frameon=False)
     return _png(fig)
 
 
@@ -166,10 +188,11 @@ def _over_time_chart(
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=UTC))
     ax.margins(y=0.15)
-    ax.set_xlabel("Run start (UTC)")
-    ax.set_ylabel(m.axis_label)
-    ax.set_title(f"{m.label} over time, per Beam SDK version ({_direction(m)})", fontsize=11)
-    ax.legend(title="Beam SDK", loc="best", fontsize=8, title_fontsize=8, frameon=False)
+    ax.set_xlabel("Run start (UTC)", **_PLAIN)
+    ax.set_ylabel(m.axis_label, **_PLAIN)
+    ax.set_title(f"{m.label} over time, per Beam SDK version ({_direction(m)})", fontsize=11,
+                 **_PLAIN)
+    _legend(ax, title="Beam SDK", loc="best", fontsize=8, title_fontsize=8, frameon=False)
     return _png(fig)
 
 
@@ -182,16 +205,16 @@ def _agreement_chart(report: Report) -> bytes:
     for x, v in zip(xs, report.versions, strict=True):
         text = fmt_share(v.agreement) if v.agreement is not None else "not measured"
         ax.annotate(text, (x, (v.agreement or 0.0) * 100), xytext=(0, 3),
-                    textcoords="offset points", ha="center", fontsize=8)
+                    textcoords="offset points", ha="center", fontsize=8, **_PLAIN)
     ax.axhline(report.min_agreement * 100, color="#555555", linestyle="--", linewidth=1,
                label=f"flagged below {report.min_agreement * 100:g}%")
-    ax.legend(loc="lower left", fontsize=8, frameon=True)
-    ax.set_xticks(xs, [_tick_label(report, v) for v in report.versions])
+    _legend(ax, loc="lower left", fontsize=8, frameon=True)
+    ax.set_xticks(xs, [_tick_label(report, v) for v in report.versions], **_PLAIN)
     ax.set_xlim(-0.7, len(xs) - 0.3)
     ax.set_ylim(0, 110)
-    ax.set_xlabel("Beam SDK version")
-    ax.set_ylabel("Images with the baseline's caption (%)")
-    ax.set_title(f"Caption agreement with baseline {report.baseline}", fontsize=11)
+    ax.set_xlabel("Beam SDK version", **_PLAIN)
+    ax.set_ylabel("Images with the baseline's caption (%)", **_PLAIN)
+    ax.set_title(f"Caption agreement with baseline {report.baseline}", fontsize=11, **_PLAIN)
     return _png(fig)
 
 

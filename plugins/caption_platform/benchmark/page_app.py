@@ -15,8 +15,12 @@ asks Airflow itself: the route depends on ``requires_access_view(AccessView.WEBS
 auth manager validate it (signature, expiry, revocation): no token or an expired one is
 refused with 401 (a browser asking for HTML is sent to the login page instead, and comes
 back after logging in), an invalid one with 403, and a user who may not use the UI with
-403. Rows are then limited to the DAGs whose runs the user may read
-(``is_authorized_dag(GET, RUN)`` per ``dag_id``), as Airflow's own DAG-run views do.
+403. The auth manager then says which DAGs the user may read
+(``get_authorized_dag_ids(method="GET")``, as Airflow's own DAG-run list asks, each also
+``is_authorized_dag(GET, RUN)``), and only those DAGs' runs are read from the warehouse,
+the ``limit`` counting them alone: nothing on the page (no row, count, note or chart)
+depends on the runs of a DAG the user may not read, so changing ``limit`` cannot locate
+another team's runs in the timeline.
 
 **Light to load.** Every Airflow process (scheduler, DAG processor, workers) imports the
 plugin file, and so this module, while it looks for plugins: at module level it imports
@@ -128,7 +132,8 @@ def parse_query(
 def parse_limit(text: str | None) -> int:
     if not text:
         return DEFAULT_LIMIT
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+    # ASCII digits only: str.isdigit() also takes '²', which int() refuses
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
         raise BadRequest(f"limit: a whole number from 1 to {MAX_LIMIT}, got {text[:20]!r}")
     return int(text)
 
@@ -238,12 +243,13 @@ def plain_page(title: str, body: str) -> str:
 
 def render_page(
     rows: Sequence[Mapping[str, Any]], query: Iterable[tuple[str, str]], *,
-    action: str, source: str, hidden: int = 0,
+    action: str, source: str,
 ) -> str:
     """The whole page for the rows the user may see and the query string.
 
-    ``rows``: newest first, as fetched; ``hidden``: rows left out because the user may
-    not read their DAG's runs. Raises :class:`BadRequest` for invalid parameters.
+    ``rows``: newest first, as fetched, only of DAGs the user may read (the page says
+    nothing about any other row, not even how many there are). Raises
+    :class:`BadRequest` for invalid parameters.
     """
     from caption_platform.benchmark.pages import html_page
     from caption_platform.benchmark.version_stats import summarize
@@ -280,8 +286,6 @@ def render_page(
     if mixed:
         notes.append("The runs shown mix several values of: " + ", ".join(mixed) + ". "
                      "Choose one of each to compare Beam SDK versions like with like.")
-    if hidden:
-        notes.append(f"{hidden} run(s) of DAGs whose runs you may not read are left out.")
     described = ", ".join(f"{FILTERS[k]} = {v}" for k, v in applied.items()) or "none"
     summary = (f"{len(shown)} of the latest {len(rows)} run(s) in {source} "
                f"(read at most {limit}); filters: {described}.")
@@ -290,10 +294,9 @@ def render_page(
                      summary=summary, notes=notes)
     if not rows:
         return plain_page(VIEW_NAME, bar + (
-            '<p class="cp-empty" id="no-runs">No pipeline runs are recorded yet'
-            f"{' that you may see' if hidden else ''}. Runs of the caption_images and "
-            "benchmark_beam_sdks DAGs appear here once their record_metrics task has "
-            "run.</p>"))
+            '<p class="cp-empty" id="no-runs">No pipeline runs are recorded yet for the DAGs '
+            "whose runs you may read. Runs of the caption_images and benchmark_beam_sdks "
+            "DAGs appear here once their record_metrics task has run.</p>"))
     if report is None:
         return plain_page(VIEW_NAME, bar + (
             '<p class="cp-empty" id="no-runs">No runs match these filters. '
@@ -302,8 +305,9 @@ def render_page(
 
 
 # -- the app ----------------------------------------------------------------------------------
-def _read_runs(limit: int) -> tuple[list[dict[str, Any]], str]:
-    """(pipeline_runs rows newest first, where they came from); no rows when none exist."""
+def _read_runs(limit: int, dag_ids: Iterable[str]) -> tuple[list[dict[str, Any]], str]:
+    """(the latest ``limit`` pipeline_runs rows of ``dag_ids``, newest first, where they came
+    from); no rows when none exist."""
     from pathlib import Path
 
     from caption_platform.config import load_settings
@@ -319,7 +323,7 @@ def _read_runs(limit: int) -> tuple[list[dict[str, Any]], str]:
     else:
         source = f"BigQuery table {settings.gcp_project}.{settings.bq_dataset}.{table}"
     try:
-        return get_warehouse(settings).fetch_runs(limit), source
+        return get_warehouse(settings).fetch_runs(limit, dag_ids=dag_ids), source
     except Exception as exc:
         if _missing_table(exc):
             return [], source
@@ -331,8 +335,11 @@ def _missing_table(exc: Exception) -> bool:
     return ("does not exist" in text and "table" in text) or "not found: table" in text
 
 
-def _allowed(rows: Sequence[Mapping[str, Any]], user: Any) -> list[Mapping[str, Any]]:
-    """The rows of DAGs whose runs ``user`` may read (Airflow's own auth manager decides)."""
+def readable_dag_ids(user: Any) -> set[str]:
+    """The DAGs whose runs ``user`` may read, as Airflow's auth manager says: the DAGs it
+    may read (``get_authorized_dag_ids``, what Airflow's own DAG-run list filters on) whose
+    runs it may read too (``is_authorized_dag(GET, RUN)``, with the DAG's team when
+    Airflow runs several teams). Asked before any row is read."""
     from airflow.api_fastapi.app import get_auth_manager
     from airflow.api_fastapi.auth.managers.models.resource_details import (
         DagAccessEntity,
@@ -341,18 +348,15 @@ def _allowed(rows: Sequence[Mapping[str, Any]], user: Any) -> list[Mapping[str, 
     from airflow.configuration import conf
 
     manager = get_auth_manager()
-    multi_team = conf.getboolean("core", "multi_team", fallback=False)
-    verdict: dict[Any, bool] = {}
-    for dag_id in {r.get("dag_id") for r in rows}:
-        team = None
-        if multi_team and dag_id:
-            from airflow.models.dag import DagModel
+    dag_ids = set(manager.get_authorized_dag_ids(user=user, method="GET"))
+    teams: Mapping[str, str | None] = {}
+    if dag_ids and conf.getboolean("core", "multi_team", fallback=False):
+        from airflow.models.dag import DagModel
 
-            team = DagModel.get_team_name(dag_id)
-        verdict[dag_id] = manager.is_authorized_dag(
-            method="GET", access_entity=DagAccessEntity.RUN,
-            details=DagDetails(id=dag_id, team_name=team), user=user)
-    return [r for r in rows if verdict[r.get("dag_id")]]
+        teams = DagModel.get_dag_id_to_team_name_mapping(sorted(dag_ids))
+    return {d for d in dag_ids if manager.is_authorized_dag(
+        method="GET", access_entity=DagAccessEntity.RUN,
+        details=DagDetails(id=d, team_name=teams.get(d)), user=user)}
 
 
 def build_app() -> Any:
@@ -388,18 +392,19 @@ def build_app() -> Any:
             limit = parse_limit(settings.get("limit"))
         except BadRequest as exc:
             return _bad_request(action, str(exc))
+        # only the runs of DAGs the user may read are read at all: the limit, the counts
+        # and every chart depend on nothing else
+        readable = readable_dag_ids(user)
         try:
-            fetched, source = _read_runs(limit)
+            rows, source = _read_runs(limit, readable)
         except Exception as exc:
             log.exception("captioning performance page: reading pipeline_runs failed")
             return HTMLResponse(plain_page(VIEW_NAME, (
                 '<p class="cp-empty" id="error">The runs could not be read from the '
                 f"warehouse: {html.escape(type(exc).__name__)}: "
                 f"{html.escape(str(exc)[:500])}</p>")), status_code=503)
-        rows = _allowed(fetched, user)
         try:
-            page = render_page(rows, query, action=action, source=source,
-                               hidden=len(fetched) - len(rows))
+            page = render_page(rows, query, action=action, source=source)
         except BadRequest as exc:
             return _bad_request(action, str(exc))
         log.info("captioning performance page: %d run(s) in %.2fs", len(rows),

@@ -17,7 +17,10 @@ reports. Locally that means one virtual environment per version:
 - a lock file per version keeps two processes (two mapped Airflow tasks) from building the
   same environment at once; the second waits, then reuses;
 - after a build the environment's own Python must report ``apache_beam.__version__ == V``
-  and import ``captioning.pipeline``, ``torch`` and ``transformers``; otherwise it is failed.
+  and import ``captioning.pipeline``, ``torch`` and ``transformers``; otherwise it is failed;
+- whoever runs the job asks :func:`interpreter_for`: the interpreter is derived from the
+  version and the root (a ready environment only), never taken from a path another task
+  handed over (XCom is data, not a command to execute).
 
 Launcher-only flavour (``launcher_only=True``, for DataflowRunner): the job then runs on
 Dataflow workers, whose image of version V carries torch and transformers; the launching
@@ -272,22 +275,15 @@ def ensure_env(version: str, root: str | os.PathLike[str], *,
     ``status="failed"``. ``timeout_s`` bounds the whole call, waiting for the lock included.
     """
     version = check_version(version)
-    installed = installed_beam_version()
-    if installed is not None and same_version(version, installed):
+    if _is_installed(version):
         return SdkEnv(version=version, path=sys.prefix, python=sys.executable, status="ok",
-                      beam_version_reported=installed, current_interpreter=True, reused=True,
-                      launcher_only=launcher_only)
+                      beam_version_reported=installed_beam_version(), current_interpreter=True,
+                      reused=True, launcher_only=launcher_only)
 
-    pins = derive_requirements(read_requirements(requirements), version)
-    if launcher_only:
-        pins = launcher_requirements(pins)
-    job_package = Path(job_package).resolve()
-    job_hash = job_fingerprint(job_package)
-    env_hash = _hash(env_inputs(version, pins, launcher_only=launcher_only))
-    root = Path(root).resolve()
+    path, pins, env_hash, job_package, job_hash = _identity(
+        version, root, requirements, job_package, launcher_only)
+    root, name = path.parent, path.name
     root.mkdir(parents=True, exist_ok=True)
-    name = f"beam-{version}{LAUNCHER_SUFFIX if launcher_only else ''}"
-    path = root / name
     log = root / f"{name}.log"
 
     marker = _read_marker(path)
@@ -305,6 +301,57 @@ def ensure_env(version: str, root: str | os.PathLike[str], *,
             return _from_marker(version, path, marker, log, launcher_only)
         return _build(version, path, log, pins, env_hash, job_package, job_hash, marker,
                       deadline, launcher_only)
+
+
+class EnvironmentNotReady(RuntimeError):
+    """The environment of a version is not built (or was built from other inputs)."""
+
+
+def interpreter_for(version: str, root: str | os.PathLike[str], *, launcher_only: bool = False,
+                    requirements: str | os.PathLike[str] = DEFAULT_REQUIREMENTS,
+                    job_package: str | os.PathLike[str] = DEFAULT_JOB_PACKAGE) -> str:
+    """The Python that runs the job on Beam ``version``, derived from the version and the
+    environments' ``root`` alone (never from a path another task handed over): the running
+    interpreter when ``version`` is the installed one, else ``ROOT/beam-V/bin/python``
+    (``ROOT/beam-V-launcher/bin/python`` with ``launcher_only``) of an environment that
+    :func:`ensure_env` built and verified for today's inputs (its marker matches).
+
+    Builds nothing. Raises ValueError for a bad version string and
+    :class:`EnvironmentNotReady` when that environment is missing, half-built or stale.
+    """
+    version = check_version(version)
+    if _is_installed(version):
+        return sys.executable
+    path, _, env_hash, _, job_hash = _identity(version, root, requirements, job_package,
+                                               launcher_only)
+    if not _is_ready(path, _read_marker(path), env_hash, job_hash):
+        flag = " --launcher-only" if launcher_only else ""
+        raise EnvironmentNotReady(
+            f"no ready {'launcher-only ' if launcher_only else ''}environment for apache-beam "
+            f"{version} in {path} (not built, not verified, or built for other requirements "
+            "or job code): the benchmark's environment task builds it, or run "
+            f"`python -m caption_platform.benchmark.sdk_envs ensure {version}{flag}`")
+    return str(_venv_python(path))
+
+
+def _is_installed(version: str) -> bool:
+    installed = installed_beam_version()
+    return installed is not None and same_version(version, installed)
+
+
+def _identity(version: str, root: str | os.PathLike[str], requirements: str | os.PathLike[str],
+              job_package: str | os.PathLike[str], launcher_only: bool,
+              ) -> tuple[Path, list[str], str, Path, str]:
+    """Where the environment of ``version`` lives and what names a ready build of it:
+    (folder, derived pins, inputs hash, job package, job code hash)."""
+    pins = derive_requirements(read_requirements(requirements), version)
+    if launcher_only:
+        pins = launcher_requirements(pins)
+    job_package = Path(job_package).resolve()
+    job_hash = job_fingerprint(job_package)
+    env_hash = _hash(env_inputs(version, pins, launcher_only=launcher_only))
+    name = f"beam-{version}{LAUNCHER_SUFFIX if launcher_only else ''}"
+    return Path(root).resolve() / name, pins, env_hash, job_package, job_hash
 
 
 def _failed(version: str, path: Path, log: Path, error: str, **extra: Any) -> SdkEnv:

@@ -52,6 +52,15 @@ def prepare(run_id: str, params: Mapping[str, Any]) -> dict[str, Any]:
     from caption_platform.benchmark.versions import default_versions, pinned_beam_version
     from caption_platform.storage import is_local, storage_path
 
+    versions = [str(v) for v in params.get("sdk_versions") or
+                default_versions(pinned_beam_version())]
+    # Checked before anything runs: these used to fail only in `report`, after every run.
+    repeated = sorted({v for v in versions if versions.count(v) > 1})
+    if repeated:
+        raise ValueError(f"sdk_versions: {', '.join(repeated)} given more than once (each "
+                         "version runs once per repetition)")
+    if params.get("baseline"):
+        params = {**params, "baseline": _baseline_among(str(params["baseline"]), versions)}
     settings = tasks.settings_for_run(benchmark_params(params), OVERRIDES)
     if not params.get("dataset"):
         settings = settings.model_copy(
@@ -64,7 +73,6 @@ def prepare(run_id: str, params: Mapping[str, Any]) -> dict[str, Any]:
             from captioning.sample_images import write_sample_images
 
             write_sample_images(folder.path, count=DEFAULT_DATASET_IMAGES, size=(640, 480))
-    versions = list(params.get("sdk_versions") or default_versions(pinned_beam_version()))
     return {
         "benchmark_id": run_id,
         "versions": versions,
@@ -74,14 +82,38 @@ def prepare(run_id: str, params: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _baseline_among(baseline: str, versions: list[str]) -> str:
+    """The version of ``versions`` that ``baseline`` names (``2.77`` names ``2.77.0``), or
+    ValueError naming the versions."""
+    from caption_platform.benchmark.version_stats import version_order
+
+    if baseline in versions:
+        return baseline
+    want = version_order(baseline)
+    for version in versions:
+        if want[0] == 0 and version_order(version)[:2] == want[:2]:
+            return version
+    raise ValueError(f"baseline {baseline!r} is not one of the SDK versions to run "
+                     f"({', '.join(versions)}): choose one of them, or leave it empty for "
+                     "the oldest")
+
+
 def environment(version: str, bench: Mapping[str, Any]) -> dict[str, Any]:
-    """The environment of one SDK version (built on first use); failed ones are reported."""
-    from caption_platform.benchmark.sdk_envs import default_root, ensure_env
+    """The environment of one SDK version (built on first use). One that cannot be had (a
+    failed build, a version string refused, a file system error) is a reported result with
+    ``status="failed"``, never a failed task: the other versions still run."""
+    from caption_platform.benchmark.sdk_envs import SdkEnv, default_root, ensure_env
 
     settings = Settings.model_validate(bench["settings"])
-    # On Dataflow the workers (the worker image of this version) run the models: the
-    # launching environment needs Beam and the job package, not torch/transformers.
-    env = ensure_env(version, settings.sdk_envs_root or default_root(),
+    try:
+        # On Dataflow the workers (the worker image of this version) run the models: the
+        # launching environment needs Beam and the job package, not torch/transformers.
+        env = ensure_env(version, settings.sdk_envs_root or default_root(),
+                         launcher_only=settings.on_dataflow)
+    except Exception as exc:  # noqa: BLE001 - reported below and in the result
+        log.exception("apache-beam %r: no environment", version)
+        env = SdkEnv(version=str(version), path="", python="", status="failed",
+                     error=f"{type(exc).__name__}: {exc}"[:2000],
                      launcher_only=settings.on_dataflow)
     if env.ok:
         log.info("apache-beam %s: %s (%s)", version, env.python,
@@ -107,22 +139,32 @@ def run_id_of(spec: Mapping[str, Any]) -> str:
 def run_once(spec: Mapping[str, Any], context: Any) -> dict[str, Any]:
     """One run, start to end, in this task: planned like the caption DAG's plan task (its own
     tables, the whole dataset), launched by the caption task's own operator with this
-    version's interpreter, then published, validated and recorded like the caption DAG."""
-    from caption_platform.benchmark.sdk_envs import SdkEnv
+    version's interpreter, then published, validated and recorded like the caption DAG.
+
+    The interpreter is derived here from the version and the configured environments' root
+    (:func:`~caption_platform.benchmark.sdk_envs.interpreter_for`: a ready environment
+    only); the ``python`` path in the spec (XCom) is never executed."""
+    from caption_platform.benchmark.sdk_envs import default_root, interpreter_for
+    from caption_platform.benchmark.versions import check_version
     from caption_platform.launch import for_sdk_version
     from caption_platform.operators import CaptionJobOperator
 
-    env = SdkEnv(**spec["env"])
+    version = check_version(spec["env"]["version"])
+    if spec["env"].get("status") != "ok":
+        raise ValueError(f"apache-beam {version}: its environment failed, nothing to run: "
+                         f"{spec['env'].get('error')}")
     plan = tasks.plan_run(run_id_of(spec), benchmark_params(spec["params"]), run_kind=RUN_KIND,
                           benchmark_id=spec["benchmark_id"], overrides=OVERRIDES)
+    interpreter = interpreter_for(version, plan.settings.sdk_envs_root or default_root(),
+                                  launcher_only=plan.settings.on_dataflow)
     plan = plan.model_copy(update={
-        "launch": for_sdk_version(plan.launch, env.version, env.interpreter())})
+        "launch": for_sdk_version(plan.launch, version, interpreter)})
     job_id = CaptionJobOperator(task_id="caption").run_to_completion(plan, context)
     published = tasks.publish_run(plan)
     checked = tasks.validate_run(plan)
     row = tasks.record_metrics(plan, dag_id=DAG_ID, dataflow_job_id=job_id) or {}
     _save_captions(plan)
-    return {"run_id": plan.run_id, "version": env.version,
+    return {"run_id": plan.run_id, "version": version,
             "reported": row.get("beam_sdk_version"), "published": published,
             "validated": checked, "runtime_s": row.get("runtime_s"),
             "images_per_s": row.get("images_per_s")}

@@ -24,25 +24,33 @@ BEAM_PROJECT = "apache-beam"
 # Left out of a launcher-only environment: only the Dataflow workers run the models.
 LAUNCHER_EXCLUDED = ("torch", "transformers")
 
-# A public PEP 440 release, pre- or post-release: digits, dots and a few fixed letters.
-# Anything else (local labels, epochs, wildcards, spaces, ';', '$', '/') is refused: the
-# string becomes a directory name and a pip requirement.
-_VERSION_RE = re.compile(r"^\d+(\.\d+){0,3}((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?$")
+# A public PEP 440 release, pre- or post-release: ASCII digits, dots and a few fixed letters.
+# Anything else (local labels, epochs, wildcards, spaces, ';', '$', '/', other scripts'
+# digits such as '２', which `\d` would take) is refused: the string becomes a directory
+# name and a pip requirement.
+_VERSION_RE = re.compile(
+    r"[0-9]+(\.[0-9]+){0,3}((a|b|rc)[0-9]+)?(\.post[0-9]+)?(\.dev[0-9]+)?", re.ASCII)
+#: Longer is no Beam release (and ``beam-<version>`` must stay a valid file name).
+MAX_VERSION_LENGTH = 32
 _NAME_RE = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?")
 
 
 def check_version(version: str) -> str:
-    """Return ``version`` stripped if it is a plain PEP 440 release, else raise ValueError."""
-    if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
+    """Return ``version`` if it is a plain PEP 440 release (ASCII), else raise ValueError."""
+    if (not isinstance(version, str) or len(version) > MAX_VERSION_LENGTH
+            or not _VERSION_RE.fullmatch(version)):
+        shown = version if not isinstance(version, str) else version[:MAX_VERSION_LENGTH + 8]
         raise ValueError(
-            f"not a Beam SDK version: {version!r} (expected a PEP 440 release such as "
-            "2.76.0 or 2.77.0rc1; no spaces, extras, ranges or shell characters)")
+            f"not a Beam SDK version: {shown!r} (expected a PEP 440 release such as "
+            "2.76.0 or 2.77.0rc1: ASCII digits, at most "
+            f"{MAX_VERSION_LENGTH} characters; no spaces, extras, ranges or shell characters)")
     return version
 
 
 def _key(version: str) -> tuple:
     """Sort/compare key for versions :func:`check_version` accepts (no packaging needed)."""
-    m = re.match(r"^([\d.]+)(?:(a|b|rc)(\d+))?(?:\.post(\d+))?(?:\.dev(\d+))?$", version)
+    m = re.fullmatch(r"([0-9.]+)(?:(a|b|rc)([0-9]+))?(?:\.post([0-9]+))?(?:\.dev([0-9]+))?",
+                     version)
     if not m:
         raise ValueError(f"not a Beam SDK version: {version!r}")
     release = [int(p) for p in m.group(1).split(".")]
@@ -162,7 +170,7 @@ def default_versions(pinned: str, count: int = 3, *,
     best: dict[tuple[int, int], str] = {}
     for v in available:
         v = v.strip()
-        if not _VERSION_RE.fullmatch(v) or re.search(r"(a|b|rc|dev)\d", v):
+        if not _VERSION_RE.fullmatch(v) or re.search(r"(a|b|rc|dev)[0-9]", v):
             continue
         r = _key(v)[0]
         mm = (r[0], r[1] if len(r) > 1 else 0)

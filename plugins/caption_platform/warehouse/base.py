@@ -239,9 +239,22 @@ class Warehouse(ABC):
         return self._query(sql.FETCH_BENCHMARK_RUNS.format(**self._refs()),
                            {"benchmark_id": benchmark_id})
 
-    def fetch_runs(self, limit: int = 50) -> list[dict[str, Any]]:
-        """The latest pipeline_runs rows, newest first."""
-        return self._query(sql.FETCH_RUNS.format(**self._refs()), {"limit": int(limit)})
+    def fetch_runs(self, limit: int = 50,
+                   dag_ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """The latest pipeline_runs rows, newest first.
+
+        ``dag_ids``: only the runs of these DAGs (None: every DAG), ``limit`` counting those
+        runs alone, so nothing read depends on the runs of other DAGs. No DAG: no row.
+        """
+        if dag_ids is None:
+            return self._query(sql.FETCH_RUNS.format(**self._refs()), {"limit": int(limit)})
+        if isinstance(dag_ids, str | bytes):
+            raise TypeError("dag_ids: a collection of DAG ids, not one string")
+        ids = sorted({str(d) for d in dag_ids})
+        if not ids:
+            return []
+        return self._query(sql.FETCH_RUNS_OF_DAGS.format(**self._refs()),
+                           {"dag_ids": ids, "limit": int(limit)})
 
 
 

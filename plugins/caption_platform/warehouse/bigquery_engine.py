@@ -173,17 +173,33 @@ def _project_id(project: str) -> str:
 
 
 def _bq_param(name: str, value: Any, sql_type: str | None = None) -> dict[str, Any]:
-    """A named query parameter in the BigQuery REST shape (NULLs need a declared type)."""
-    from google.cloud.bigquery import ScalarQueryParameter
+    """A named query parameter in the BigQuery REST shape (NULLs need a declared type).
 
+    A list or tuple is an ARRAY parameter (``x IN UNNEST(@name)``) of its elements' one
+    scalar type; an empty one is ARRAY<STRING> unless ``sql_type`` says ``ARRAY<T>``.
+    """
+    from google.cloud.bigquery import ArrayQueryParameter, ScalarQueryParameter
+
+    if isinstance(value, list | tuple):
+        element = sql_type[len("ARRAY<"):-1] if sql_type and sql_type.startswith("ARRAY<") \
+            else None
+        kinds = {_scalar_type(name, v) for v in value}
+        if element is None:
+            if len(kinds) > 1:
+                raise TypeError(f"parameter {name}: array elements of several types {kinds}")
+            element = kinds.pop() if kinds else "STRING"
+        return ArrayQueryParameter(name, element, list(value)).to_api_repr()
     if sql_type is None:
-        if isinstance(value, datetime):
-            sql_type = "TIMESTAMP"
-        elif isinstance(value, date):
-            sql_type = "DATE"
-        elif type(value) in _BQ_TYPES:
-            sql_type = _BQ_TYPES[type(value)]
-        else:
-            raise TypeError(f"parameter {name}: cannot infer a BigQuery type for {value!r}")
+        sql_type = _scalar_type(name, value)
     return ScalarQueryParameter(name, sql_type, value).to_api_repr()
 
+
+def _scalar_type(name: str, value: Any) -> str:
+    """The BigQuery type of a Python value, or TypeError."""
+    if isinstance(value, datetime):
+        return "TIMESTAMP"
+    if isinstance(value, date):
+        return "DATE"
+    if type(value) in _BQ_TYPES:
+        return _BQ_TYPES[type(value)]
+    raise TypeError(f"parameter {name}: cannot infer a BigQuery type for {value!r}")

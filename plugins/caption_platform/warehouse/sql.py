@@ -213,6 +213,11 @@ FROM {captions} WHERE run_id = @run_id AND caption_similarity IS NOT NULL
 """
 
 FETCH_RUNS = "SELECT * FROM {pipeline_runs} ORDER BY started_at DESC, run_id LIMIT @limit"
+# The runs of some DAGs only (@dag_ids: ARRAY<STRING>), the limit counting those alone.
+FETCH_RUNS_OF_DAGS = """
+SELECT * FROM {pipeline_runs} WHERE dag_id IN UNNEST(@dag_ids)
+ORDER BY started_at DESC, run_id LIMIT @limit
+"""
 FETCH_BENCHMARK_RUNS = """
 SELECT * FROM {pipeline_runs} WHERE benchmark_id = @benchmark_id ORDER BY started_at, run_id
 """

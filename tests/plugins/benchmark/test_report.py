@@ -416,3 +416,56 @@ def test_import_is_light() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env={"PYTHONPATH": str(PLUGINS), "PATH": "/usr/bin:/bin"})
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# -- Hardening item 4: stored values are drawn as plain text ---------------------------------
+MATHTEXT_VERSIONS = ("$\\foo{$", "$x^2$", "$\\frac{a}{b}$ and $", "2.77.0")
+
+
+def mathtext_rows() -> list[dict[str, Any]]:
+    rows = []
+    for i, version in enumerate(MATHTEXT_VERSIONS):
+        for rep in range(2):
+            rows.append(run_row(version, run_id=f"m{i}-{rep}", runner="$\\bar{x}$",
+                                started_at=DAY0 + timedelta(days=rep, hours=i),
+                                runtime_s=100.0 + 10 * i + rep, images_per_s=1.0 + i / 10,
+                                cost_per_1k_images_usd=2.0))
+    return rows
+
+
+def test_mathtext_in_stored_values_is_drawn_as_plain_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A beam_sdk_version such as `$\\foo{$` reached matplotlib's mathtext in the tick
+    labels: `render` (and the UI page) failed with a parse error. Every text drawn from
+    stored data is plain: the report renders and the labels keep the text as stored."""
+    from matplotlib.text import Text
+
+    from caption_platform.benchmark import charts
+
+    drawn: list[Any] = []
+    real_png = charts._png
+
+    def keep(fig: Any) -> bytes:
+        png = real_png(fig)  # draws: a mathtext error would raise here
+        drawn.append(fig)
+        return png
+
+    monkeypatch.setattr(charts, "_png", keep)
+    rows = mathtext_rows()
+    agreement = {v: 1.0 - i / 10 for i, v in enumerate(MATHTEXT_VERSIONS)}
+    report = summarize(rows, baseline="$\\foo{$", agreement=agreement, generated_at=GENERATED)
+    written = render(report, rows, tmp_path / "out")
+    assert {"runtime_s_by_version", "runtime_s_over_time", "caption_agreement_by_version",
+            "html"} <= set(written)
+    page = html_page(report, rows)
+    assert "$\\foo{$" in page and "$x^2$" in page
+    texts = [t for fig in drawn for t in fig.findobj(Text) if t.get_visible() and t.get_text()]
+    with_dollar = [t for t in texts if "$" in t.get_text()]
+    assert with_dollar and all(not t.get_parse_math() for t in with_dollar), [
+        t.get_text() for t in with_dollar if t.get_parse_math()]
+    shown = {t.get_text() for t in texts}
+    for version in MATHTEXT_VERSIONS:
+        assert any(s.startswith(version) for s in shown), version  # tick labels, legends
+    assert "$\\foo{$\n(baseline)" in shown  # the tick label, as stored
+    assert "Caption agreement with baseline $\\foo{$" in shown  # a title

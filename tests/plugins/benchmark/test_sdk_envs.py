@@ -444,3 +444,167 @@ def test_benchmark_environment_asks_for_a_launcher_on_dataflow(
     out = benchmark.environment(OTHER, {"settings": settings.model_dump(mode="json")})
     assert out["status"] == "ok"
     assert seen == {"version": OTHER, "root": str(tmp_path), "launcher_only": launcher_only}
+
+
+# --- Hardening item 9: the interpreter is derived, never read from XCom -------------------
+
+
+def test_interpreter_for_derives_the_python_of_a_ready_environment(tmp_path, monkeypatch,
+                                                                     job) -> None:
+    pkg, reqs = job
+
+    def interpreter(version, **kw):
+        return sdk_envs.interpreter_for(version, tmp_path, requirements=reqs, job_package=pkg,
+                                        **kw)
+
+    assert interpreter(INSTALLED) == sys.executable  # nothing to build, nothing looked up
+    assert interpreter(INSTALLED, launcher_only=True) == sys.executable
+    with pytest.raises(sdk_envs.EnvironmentNotReady, match=f"apache-beam {OTHER}"):
+        interpreter(OTHER)  # never built
+    fake_venv(tmp_path / f"beam-{OTHER}")  # a folder with a python, but not verified
+    with pytest.raises(sdk_envs.EnvironmentNotReady, match="ensure 2.70.0"):
+        interpreter(OTHER)
+    monkeypatch.setattr(sdk_envs, "run_command", FakeRunner(reports=OTHER))
+    assert _ensure(OTHER, tmp_path, job).ok
+    assert interpreter(OTHER) == str(tmp_path / f"beam-{OTHER}" / "bin" / "python")
+    # the launcher flavour is another folder, not built yet
+    with pytest.raises(sdk_envs.EnvironmentNotReady, match="--launcher-only"):
+        interpreter(OTHER, launcher_only=True)
+    assert _ensure(OTHER, tmp_path, job, launcher_only=True).ok
+    assert interpreter(OTHER, launcher_only=True) == str(
+        tmp_path / f"beam-{OTHER}-launcher" / "bin" / "python")
+    # changed job code: the environment is stale until ensure_env refreshes it
+    (pkg / "captioning" / "pipeline.py").write_text("X = 3\n")
+    with pytest.raises(sdk_envs.EnvironmentNotReady):
+        interpreter(OTHER)
+    for bad in ("２.７６.０", "../2.76.0", "2.76.0\n"):
+        with pytest.raises(ValueError, match="not a Beam SDK version"):
+            interpreter(bad)
+
+
+# --- Hardening item 3: an environment that cannot be had is a result --------------------
+
+
+def _bench_settings(tmp_path: Path, monkeypatch) -> dict:
+    from caption_platform import tasks
+    from caption_platform.benchmark import steps as benchmark
+
+    monkeypatch.setenv("CAPTION_IGNORE_AIRFLOW_VARIABLES", "1")
+    settings = tasks.settings_for_run({}, benchmark.OVERRIDES)
+    return settings.model_copy(update={"sdk_envs_root": str(tmp_path / "envs")}
+                               ).model_dump(mode="json")
+
+
+@pytest.mark.parametrize("version, error", [
+    ("9" * 300 + ".0.0", "ValueError"),  # passed the old form; refused by check_version
+    ("2.77.0\n", "ValueError"),
+    ("２.７６.０", "ValueError"),
+])
+def test_a_version_whose_environment_cannot_be_had_is_reported_not_raised(
+        version, error, tmp_path, monkeypatch) -> None:
+    from caption_platform.benchmark import steps as benchmark
+
+    monkeypatch.setattr(sdk_envs, "run_command", FakeRunner(reports=OTHER))
+    bench = {"benchmark_id": "b1", "repetitions": 2, "params": {},
+             "settings": _bench_settings(tmp_path, monkeypatch)}
+    failed = benchmark.environment(version, bench)
+    assert failed["status"] == "failed" and failed["error"].startswith(error)
+    assert failed["version"] == version
+    good = benchmark.environment(INSTALLED, bench)
+    assert good["status"] == "ok"
+    runs = benchmark.runs(bench, [failed, good])
+    assert [(r["env"]["version"], r["repetition"]) for r in runs] == [
+        (INSTALLED, 1), (INSTALLED, 2)]
+
+
+def test_an_os_error_while_building_is_reported_not_raised(tmp_path, monkeypatch) -> None:
+    from caption_platform.benchmark import steps as benchmark
+
+    def no_space(*a, **k):
+        raise OSError(36, "File name too long")
+
+    monkeypatch.setattr(sdk_envs, "ensure_env", no_space)
+    bench = {"settings": _bench_settings(tmp_path, monkeypatch)}
+    out = benchmark.environment(OTHER, bench)
+    assert out["status"] == "failed" and "File name too long" in out["error"]
+    assert out["python"] == ""  # nothing anyone could execute
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"sdk_versions": ["2.75.0", "2.76.0"], "baseline": "2.77.0"},
+     "baseline '2.77.0' is not one of the SDK versions to run (2.75.0, 2.76.0)"),
+    ({"sdk_versions": ["2.76.0", "2.76.0"]}, "2.76.0 given more than once"),
+])
+def test_prepare_refuses_at_once_what_report_would_fail_on(params, message, tmp_path,
+                                                            monkeypatch) -> None:
+    from caption_platform.benchmark import steps as benchmark
+
+    monkeypatch.setenv("CAPTION_DATA_ROOT", f"file://{tmp_path / 'data'}")
+    monkeypatch.setenv("CAPTION_IGNORE_AIRFLOW_VARIABLES", "1")
+    with pytest.raises(ValueError) as err:
+        benchmark.prepare("manual__b1", params)
+    assert message in str(err.value)
+    assert not (tmp_path / "data").exists()  # refused before anything was written
+
+
+def test_prepare_takes_a_baseline_among_the_versions(tmp_path, monkeypatch) -> None:
+    from caption_platform.benchmark import steps as benchmark
+
+    monkeypatch.setenv("CAPTION_DATA_ROOT", f"file://{tmp_path / 'data'}")
+    monkeypatch.setenv("CAPTION_IGNORE_AIRFLOW_VARIABLES", "1")
+    monkeypatch.setenv("CAPTION_DUCKDB_PATH", str(tmp_path / "wh.duckdb"))
+    images = tmp_path / "data" / "images"
+    images.mkdir(parents=True)
+    (images / "a.jpg").write_bytes(b"x")
+    for asked, kept in (("2.76.0", "2.76.0"), ("2.76", "2.76.0")):
+        bench = benchmark.prepare("manual__b1", {
+            "sdk_versions": ["2.75.0", "2.76.0"], "baseline": asked, "dataset": str(images)})
+        assert bench["versions"] == ["2.75.0", "2.76.0"]
+        assert bench["params"]["baseline"] == kept
+
+
+def test_run_once_never_executes_the_python_path_from_xcom(tmp_path, monkeypatch,
+                                                            make_plan) -> None:
+    """Hardening item 9: the spec's `python` (XCom) is ignored; the interpreter is the
+    installed one for the installed version, and a ready environment's otherwise."""
+    from caption_platform import tasks
+    from caption_platform.benchmark import steps as benchmark
+    from caption_platform.config import Settings
+    from caption_platform.operators import CaptionJobOperator
+
+    settings = Settings.model_validate(_bench_settings(tmp_path, monkeypatch))
+    launched: list[str] = []
+
+    class Stop(Exception):
+        pass
+
+    def run_to_completion(self, plan, context):
+        launched.append(plan.launch.py_interpreter)
+        raise Stop
+
+    monkeypatch.setattr(tasks, "plan_run", lambda run_id, *a, **k: make_plan(settings, run_id))
+    monkeypatch.setattr(CaptionJobOperator, "run_to_completion", run_to_completion)
+    evil = tmp_path / "evil.sh"
+
+    def spec(version: str) -> dict:
+        return {"benchmark_id": "b1", "repetition": 1, "params": {},
+                "env": {"version": version, "path": str(tmp_path), "python": str(evil),
+                        "status": "ok"}}
+
+    with pytest.raises(Stop):
+        benchmark.run_once(spec(INSTALLED), {})
+    assert launched == [sys.executable]
+    # another version: its ready environment under the configured root, or nothing
+    with pytest.raises(sdk_envs.EnvironmentNotReady):
+        benchmark.run_once(spec(OTHER), {})
+    assert launched == [sys.executable]
+    monkeypatch.setattr(sdk_envs, "run_command", FakeRunner(reports=OTHER))
+    assert sdk_envs.ensure_env(OTHER, settings.sdk_envs_root).ok
+    with pytest.raises(Stop):
+        benchmark.run_once(spec(OTHER), {})
+    assert launched[-1] == str(Path(settings.sdk_envs_root).resolve() / f"beam-{OTHER}"
+                               / "bin" / "python")
+    for bad in ("../../tmp", "２.７６.０"):
+        with pytest.raises(ValueError, match="not a Beam SDK version"):
+            benchmark.run_once(spec(bad), {})
+    assert str(evil) not in launched

@@ -101,3 +101,24 @@ def test_default_versions_refuse_nonsense() -> None:
         versions.default_versions("2.77.0", 0)
     with pytest.raises(ValueError):
         versions.default_versions("main")
+
+
+@pytest.mark.parametrize("bad", [
+    "２.７６.０",  # fullwidth digits: `\d` took them, and made a `beam-２.７６.０` folder
+    "2.7٦.0",  # an Arabic-Indic six
+    "2.76.0rc١", "２.76", "2.76.0.post٣", "2.76.0.dev𝟑",
+    "9" * 300 + ".0.0",  # OSError: File name too long, once a folder
+    "1." + "0" * 40,
+])
+def test_only_ascii_versions_of_a_sane_length_are_accepted(bad) -> None:
+    """Hardening item 9: `\\d` matches any Unicode digit; a version is ASCII only."""
+    with pytest.raises(ValueError, match="not a Beam SDK version"):
+        versions.check_version(bad)
+    with pytest.raises(ValueError):
+        versions.same_version(bad, "2.76.0")
+
+
+def test_a_long_version_is_named_shortly_in_the_error() -> None:
+    with pytest.raises(ValueError) as err:
+        versions.check_version("9" * 300)
+    assert len(str(err.value)) < 300

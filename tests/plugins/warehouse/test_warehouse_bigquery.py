@@ -211,6 +211,39 @@ def test_existing_ids_and_captions_read_rows() -> None:
         {"image_id": "a", "caption": "x", "candidates": [{"text": "x", "score": 1.0}]}]
 
 
+def test_fetch_runs_of_some_dags_sends_an_array_parameter() -> None:
+    """Hardening item 5: the DAG ids travel as one ARRAY<STRING> query parameter, never in
+    the SQL text; no DAG to read sends no query at all."""
+    hook = FakeHook({"FROM `my-proj.caps_ds.pipeline_runs`": FakeJob(_rows(
+        {"run_id": "r1", "dag_id": "team_a"}))})
+    wh = _wh(hook)
+    hidden = "x'; DROP TABLE pipeline_runs; --"
+    assert wh.fetch_runs(5, dag_ids={"team_a", hidden}) == [{"run_id": "r1", "dag_id": "team_a"}]
+    (query,) = hook.queries()
+    assert "dag_id IN UNNEST(@dag_ids)" in query["query"] and "team_a" not in query["query"]
+    assert "DROP" not in query["query"]
+    params = {p["name"]: p for p in query["queryParameters"]}
+    assert params["dag_ids"]["parameterType"] == {"type": "ARRAY",
+                                                  "arrayType": {"type": "STRING"}}
+    assert params["dag_ids"]["parameterValue"] == {
+        "arrayValues": [{"value": "team_a"}, {"value": hidden}]}  # sorted: the same query
+    assert params["limit"]["parameterValue"] == {"value": "5"}
+    assert wh.fetch_runs(5, dag_ids=[]) == [] and len(hook.queries()) == 1
+    wh.fetch_runs(5)  # every DAG: the query without the filter
+    assert "dag_ids" not in hook.queries()[-1]["query"]
+
+
+def test_array_parameters_are_typed_even_when_empty() -> None:
+    from caption_platform.warehouse.bigquery_engine import _bq_param
+
+    assert _bq_param("ids", [])["parameterType"] == {"type": "ARRAY",
+                                                      "arrayType": {"type": "STRING"}}
+    assert _bq_param("ns", [1, 2])["parameterType"] == {"type": "ARRAY",
+                                                         "arrayType": {"type": "INT64"}}
+    with pytest.raises(TypeError):
+        _bq_param("mixed", ["a", 1])
+
+
 def test_get_warehouse_builds_hook_with_standard_sql(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT", "google-cloud-platform://")
     settings = load_settings("gcp", gcp_project="my-proj", bq_dataset="caps_ds",

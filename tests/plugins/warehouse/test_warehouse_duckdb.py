@@ -171,6 +171,28 @@ def test_record_run_replaces_and_fetches(wh: DuckDBWarehouse) -> None:
         wh.record_run({"run_id": "x", "bogus": 1})
 
 
+def test_fetch_runs_of_some_dags_applies_the_limit_to_those_dags_only(
+        wh: DuckDBWarehouse) -> None:
+    """Hardening item 5: the page reads only the runs of the DAGs a user may read, so the
+    limit counts those runs alone (the DAG filter is in the query, its values parameters)."""
+    hidden = "x'); DROP TABLE pipeline_runs; --"
+    for day in range(1, 9):  # two DAGs' runs interleaved, newest on day 8
+        dag = "team_a" if day % 2 else hidden
+        wh.record_run({"run_id": f"r{day}", "dag_id": dag,
+                       "started_at": datetime(2026, 1, day, tzinfo=UTC)})
+    assert [r["run_id"] for r in wh.fetch_runs(3)] == ["r8", "r7", "r6"]
+    assert [r["run_id"] for r in wh.fetch_runs(3, dag_ids={"team_a"})] == ["r7", "r5", "r3"]
+    assert [r["run_id"] for r in wh.fetch_runs(10, dag_ids=["team_a"])] == [
+        "r7", "r5", "r3", "r1"]
+    assert [r["run_id"] for r in wh.fetch_runs(2, dag_ids=[hidden])] == ["r8", "r6"]
+    assert len(wh.fetch_runs(10, dag_ids=["team_a", hidden, "other"])) == 8
+    assert wh.fetch_runs(10, dag_ids=[]) == []  # may read no DAG: no row
+    assert wh.fetch_runs(10, dag_ids=["nope"]) == []
+    assert len(wh.fetch_runs(10)) == 8  # None: every DAG (the plan task's forecast)
+    with pytest.raises(TypeError):
+        wh.fetch_runs(10, dag_ids="team_a")  # a string is not a collection of ids
+
+
 def test_waits_for_another_process_lock(tmp_path: Path) -> None:
     import subprocess
     import sys
