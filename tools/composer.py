@@ -86,6 +86,7 @@ FROM_IMAGE: Mapping[str, str] = {
 NOT_ON_COMPOSER: Mapping[str, str] = {
     "torch": "Dataflow workers only (worker image)",
     "transformers": "Dataflow workers only (worker image)",
+    "pillow-heif": "Dataflow workers only: only the workers decode images (HEIC)",
     "sqlglot": "the DuckDB warehouse only (local profile)",
     "psycopg2-binary": "Composer manages Airflow's metadata database",
     "asyncpg": "Composer manages Airflow's metadata database",

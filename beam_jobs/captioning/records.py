@@ -39,9 +39,18 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+class DeadLetterReason(Exception):  # noqa: N818 - a mixin naming a kind of message, not an error
+    """Mixed into exceptions whose message is already the whole reason, written for a person
+    ("truncated JPEG at byte 6132 of ...", "not an image: starts like a QuickTime movie"):
+    :func:`describe_error` gives it as it is, without the exception's type in front."""
+
+
 def describe_error(e: BaseException) -> str:
-    """One readable line for a dead letter's ``error``: exception type and first message line."""
+    """One readable line for a dead letter's ``error``: the first line of the message, after
+    the exception's type unless the exception is a :class:`DeadLetterReason`."""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, DeadLetterReason) and msg:
+        return msg[:1000]
     return f"{type(e).__name__}: {msg}"[:1000]
 
 

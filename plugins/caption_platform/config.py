@@ -40,7 +40,7 @@ from pydantic import (
 
 #: The checkout (or, on Cloud Composer, the environment bucket's mount) this file lives in.
 from caption_platform import REPO_ROOT
-from captioning import job_spec, layout
+from captioning import formats, job_spec, layout
 
 PROFILES = ("local", "gcp")
 WAREHOUSES = ("duckdb", "bigquery")
@@ -96,6 +96,7 @@ class TableNames(_Model):
     pipeline_runs: str = "pipeline_runs"
     manifests: str = "manifests"
     published_images: str = "published_images"
+    skipped_files: str = "skipped_files"
 
     @field_validator("*")
     @classmethod
@@ -103,12 +104,24 @@ class TableNames(_Model):
         return validate_identifier(v)
 
 
-class ImageFilters(_Model):
-    """Which listed objects count as images for the manifest."""
+#: ``images.sniff``: when a listed file whose name says nothing (no extension, or one that is
+#: neither an image's nor a known non-image's) has its first bytes read to tell an image.
+SNIFF_MODES = ("auto", "always", "never")
 
-    extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff")
+
+class ImageFilters(_Model):
+    """Which listed objects count as images for the manifest (rule: ``manifest.py``).
+
+    ``extensions``: names that are images by name (default: every alias the job's shared
+    format table knows, ``captioning.formats.IMAGE_EXTENSIONS``). ``sniff``: ``auto`` reads
+    the first bytes of a file whose name says nothing on local sources only (an object store
+    pays a request per object), ``always`` on ``gs://`` too, ``never`` not at all.
+    """
+
+    extensions: tuple[str, ...] = tuple(sorted(formats.IMAGE_EXTENSIONS))
     # The upper bound is the job's own max_image_bytes (settings.job), so the two agree.
     min_bytes: int = Field(default=0, ge=0)
+    sniff: Annotated[str, _one_of(SNIFF_MODES)] = "auto"
 
     @field_validator("extensions", mode="before")
     @classmethod

@@ -8,6 +8,35 @@ de-duplication and the incremental anti-join never need a Python dict or set of
 millions of ids. Only one directory's listing is held in memory at a time (the
 fsspec listing itself may cache more for object stores).
 
+**What is an image.** The formats and their names come from one table shared with the job,
+``captioning.formats``. For each listed regular file, by its name first:
+
+1. its extension (any case) is in ``images.extensions`` (default: every alias the table
+   knows, ``formats.IMAGE_EXTENSIONS``: ``.jpg .jpeg .jpe .jfif .png .tif .tiff .heic
+   .heif .avif ...``): an image, not read here (a PNG named ``.jpg`` is still captioned,
+   a non-image named ``.jpg`` is a ``decode`` dead letter);
+2. its extension is a known non-image one (:data:`NOT_IMAGE_EXTENSIONS`: sidecars such as
+   ``.json .xmp .aae``, movies such as ``.mov .mp4`` of a Live Photo, ``.txt``,
+   ``.DS_Store``, camera raw files the job cannot decode), or an image alias the
+   deployment left out of ``images.extensions``: ``not_image``, not read;
+3. otherwise (no extension, or one nobody knows) its first :data:`SNIFF_BYTES` bytes are
+   read and ``formats.sniff`` decides: an image of a format in ``formats.IMAGE_FORMATS``
+   is kept, anything else is ``not_image`` with what it looks like (``formats.describe``,
+   e.g. "QuickTime movie"). Only where ``images.sniff`` allows: ``auto`` (default) on local
+   sources only, ``always`` on object stores too (one small ranged read per such object),
+   ``never`` not at all (such a file is then ``not_image``, unread).
+
+Size limits apply after that (``too_small``, ``too_large``), then hashing (``unreadable``).
+
+**Every file left out is named.** Each listed entry the manifest does not carry is a row
+of the run's :data:`SKIPPED_FILE` (JSON Lines beside the manifest, :func:`skipped_uri`):
+``{"uri", "reason", "detail", "size_bytes", "image_id", "duplicate_of"}`` where ``reason``
+is the :class:`ManifestStats` count it is in (:data:`SKIP_REASONS`), ``detail`` a short
+human reason, ``image_id`` the MD5 when it was hashed and ``duplicate_of`` the manifest URI
+of the same bytes (``duplicates``). The rows go through the same on-disk DuckDB database
+(never a Python list) and are written in URI order; the plan task loads them into the
+``skipped_files`` table. Rows per reason == the counts in ``manifest_stats``.
+
 Determinism: duplicates by content keep the lexicographically smallest URI; with
 ``max_images`` the manifest holds the first N unique images in URI order. The
 manifest is written in URI order.
@@ -25,10 +54,11 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-from caption_platform.config import SettingsError
+from caption_platform.config import SNIFF_MODES, SettingsError
 from caption_platform.storage import is_local, normalize_uri, storage_path
+from captioning import formats
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +66,36 @@ _BATCH_ROWS = 10_000
 #: DuckDB's own cap: past it, the listing spills to the temporary database file.
 _DUCKDB_MEMORY = "128MB"
 _CHUNK_BYTES = 1 << 20
+#: How much of a file whose name says nothing is read to tell what it is (one small read:
+#: the shared table's own need, enough for every signature it knows).
+SNIFF_BYTES = formats.HEAD_BYTES
+#: The run's record of every listed file the manifest does not carry (beside the manifest).
+SKIPPED_FILE = "skipped.jsonl"
+#: Why a listed file is not in the manifest: the :class:`ManifestStats` count it is in.
+SKIP_REASONS = ("not_image", "too_small", "too_large", "skipped_links", "unreadable",
+                "duplicates", "skipped_existing", "capped")
+#: Fields of a :data:`SKIPPED_FILE` line, in order (the ``skipped_files`` table adds run_id).
+SKIPPED_FIELDS = ("uri", "reason", "detail", "size_bytes", "image_id", "duplicate_of")
+#: Camera raw files: images, but none the job decodes (a DNG even sniffs as a TIFF).
+CAMERA_RAW_EXTENSIONS = frozenset({
+    "dng", "cr2", "cr3", "crw", "nef", "nrw", "arw", "srf", "sr2", "orf", "rw2", "raf",
+    "pef", "srw", "x3f", "raw", "3fr", "iiq", "rwl",
+})
+#: Extensions that say "not an image" (or an image the job cannot decode): never read.
+#: Lowercase, no dot; a file named ``.DS_Store`` has the extension ``ds_store``.
+NOT_IMAGE_EXTENSIONS = frozenset({
+    # sidecars and metadata of cameras, phones and editors
+    "aae", "xmp", "json", "xml", "thm", "lrv", "ds_store", "ini", "db", "plist", "exif",
+    # movies (a Live Photo's .mov beside its .heic) and sound
+    "mov", "mp4", "m4v", "3gp", "avi", "mkv", "mts", "m2ts", "webm", "wav", "mp3", "m4a",
+    "aac",
+    # text and documents
+    "txt", "md", "csv", "tsv", "html", "htm", "pdf", "doc", "docx", "log", "yaml", "yml",
+    # archives
+    "zip", "tar", "gz", "tgz", "7z", "rar",
+    # photo editors' own documents
+    "psd", "psb", "xcf", "afphoto",
+}) | CAMERA_RAW_EXTENSIONS
 
 
 class SourceError(SettingsError):
@@ -50,15 +110,16 @@ class ManifestStats:
     """Counts of one manifest build: every listed entry is accounted for exactly once.
 
     ``listed`` == ``not_image + too_small + too_large + skipped_links + unreadable +
-    duplicates + skipped_existing + capped + written`` (see :meth:`unaccounted`).
+    duplicates + skipped_existing + capped + written`` (see :meth:`unaccounted`). Each count
+    but ``listed`` and ``written`` is a reason of :data:`SKIPPED_FILE`, one row per entry.
     """
 
     listed: int = 0
-    not_image: int = 0  # no image extension, or not a regular file (fifo, socket...)
+    not_image: int = 0  # not an image by name or by its first bytes, or not a regular file
     too_small: int = 0  # under images.min_bytes
     too_large: int = 0  # over job.max_image_bytes: never read, counted here
     skipped_links: int = 0  # symlinks to folders, outside the source, or to nothing
-    unreadable: int = 0  # could not be opened to hash it (permissions, vanished)
+    unreadable: int = 0  # could not be opened to sniff or hash it (permissions, vanished)
     duplicates: int = 0
     skipped_existing: int = 0
     capped: int = 0
@@ -71,6 +132,16 @@ class ManifestStats:
         """Listed entries in no count (always 0: a non-zero value is a bug)."""
         counts = self.to_dict()
         return counts.pop("listed") - sum(counts.values())
+
+    def skipped(self) -> dict[str, int]:
+        """Entries left out, per reason (:data:`SKIP_REASONS`, zeros included)."""
+        counts = self.to_dict()
+        return {reason: counts[reason] for reason in SKIP_REASONS}
+
+
+def skipped_uri(manifest_uri: str) -> str:
+    """Where a manifest's :data:`SKIPPED_FILE` goes: beside it, in the run folder."""
+    return f"{manifest_uri.rsplit('/', 1)[0]}/{SKIPPED_FILE}"
 
 
 def md5_from_info(info: dict[str, Any]) -> str | None:
@@ -98,15 +169,46 @@ def md5_of_file(fs: Any, name: str) -> str:
     return digest.hexdigest()
 
 
-def _resolve_link(name: str, real_root: str) -> tuple[str, int] | None:
+def head_of_file(fs: Any, name: str, n: int = SNIFF_BYTES) -> bytes:
+    """The first ``n`` bytes of a file: one ranged read (gcsfs would read ahead megabytes
+    through ``open``)."""
+    return bytes(fs.cat_file(name, start=0, end=n))[:n]
+
+
+def _resolve_link(name: str, real_root: str) -> tuple[str, int] | str:
     """A local symlink's target ``(real path, size)`` when it is a regular file inside
-    the source root; None (skipped, counted) when it leads to a folder, outside, or nowhere."""
+    the source root, else why it is skipped (a folder, outside, or nowhere)."""
     real = os.path.realpath(name)
     if not (real == real_root or real.startswith(real_root.rstrip("/") + "/")):
-        return None
+        return "link outside the source"
+    if not os.path.exists(real):
+        return "broken link"
     if not os.path.isfile(real):
-        return None
+        return "link to a folder" if os.path.isdir(real) else "link to a non-regular file"
     return real, os.path.getsize(real)
+
+
+class _Entry(NamedTuple):
+    """One listed entry: kept for the manifest (``reason`` None) or left out."""
+
+    image_id: str | None
+    uri: str
+    size_bytes: int | None
+    reason: str | None = None
+    detail: str | None = None
+
+
+def _by_name(base: str, extensions: set[str]) -> tuple[bool | None, str | None]:
+    """(True: an image by name | False: not one, with why | None: the name says nothing)."""
+    ext = base.rpartition(".")[2].lower() if "." in base else ""
+    if ext and ext in extensions:
+        return True, None
+    if ext in NOT_IMAGE_EXTENSIONS:
+        raw = ext in CAMERA_RAW_EXTENSIONS
+        return False, f".{ext}: camera raw, not decoded" if raw else f".{ext}: not an image"
+    if ext in formats.IMAGE_EXTENSIONS:
+        return False, f".{ext}: not in images.extensions"
+    return None, None
 
 
 def _listing(
@@ -115,54 +217,75 @@ def _listing(
     extensions: set[str],
     min_bytes: int,
     max_bytes: int,
+    sniff: bool,
     stats: ManifestStats,
-) -> Iterator[tuple[str, str, int]]:
-    """Yield ``(image_id, uri, size_bytes)`` for every file that passes the filters.
+) -> Iterator[_Entry]:
+    """Yield an :class:`_Entry` for every listed entry: kept, or left out with its reason.
 
     Listing errors are raised, never skipped (fsspec's default would drop a folder it cannot
     read without a word). Symlinked files are followed when they resolve inside the source
-    root (the manifest keeps the link's name); any other link is counted as skipped.
+    root (the manifest keeps the link's name); any other link is counted as skipped. A file
+    whose name says nothing is read (:data:`SNIFF_BYTES`) only when ``sniff``.
     """
     fs = root.fs
     scheme = normalize_uri(str(root)).split("://", 1)[0]
-    real_root = os.path.realpath(root.path) if is_local(root) else ""
+    local = is_local(root)
+    real_root = os.path.realpath(root.path) if local else ""
     # Object-store filesystems (gcsfs) cache listings per process: list what is there now.
     fs.invalidate_cache(root.path)
     for _dirpath, _dirs, files in fs.walk(root.path, detail=True, on_error="raise"):
         for info in files.values():
             stats.listed += 1
             name = str(info["name"])
+            full = name if "://" in name else f"{scheme}://{name}"
             size = int(info.get("size") or 0)
-            if info.get("islink") and is_local(root):
+            if info.get("islink") and local:
                 target = _resolve_link(name, real_root)
-                if target is None:
+                if isinstance(target, str):
                     stats.skipped_links += 1
+                    yield _Entry(None, full, None, "skipped_links", target)
                     continue
                 size = target[1]
-            elif info.get("type", "file") != "file":
+            elif (kind := info.get("type", "file")) != "file":
                 stats.not_image += 1
+                yield _Entry(None, full, size, "not_image", f"not a regular file ({kind})")
                 continue
-            base = name.rsplit("/", 1)[-1]
-            ext = base.rpartition(".")[2].lower()
-            if "." not in base or ext not in extensions:
+            image, why = _by_name(name.rsplit("/", 1)[-1], extensions)
+            if image is None and not sniff:
+                image, why = False, "no image extension; not read (images.sniff)"
+            elif image is None:
+                try:
+                    head = head_of_file(fs, name)
+                except OSError as exc:
+                    stats.unreadable += 1
+                    yield _Entry(None, full, size, "unreadable",
+                                 f"{type(exc).__name__}: {exc}"[:300])
+                    continue
+                image = formats.sniff(head) in formats.IMAGE_FORMATS
+                why = None if image else formats.describe(head)
+            if not image:
                 stats.not_image += 1
+                yield _Entry(None, full, size, "not_image", why)
                 continue
             if size < min_bytes:
                 stats.too_small += 1
+                yield _Entry(None, full, size, "too_small", f"under images.min_bytes={min_bytes}")
                 continue
             if size > max_bytes:
                 stats.too_large += 1
                 log.warning("not captioned: %s is %d bytes, over max_image_bytes=%d",
                             name, size, max_bytes)
+                yield _Entry(None, full, size, "too_large",
+                             f"over job.max_image_bytes={max_bytes}")
                 continue
             try:
                 image_id = md5_from_info(info) or md5_of_file(fs, name)
             except OSError as exc:
                 stats.unreadable += 1
                 log.warning("not captioned: %s cannot be read: %s", name, exc)
+                yield _Entry(None, full, size, "unreadable", f"{type(exc).__name__}: {exc}"[:300])
                 continue
-            full = name if "://" in name else f"{scheme}://{name}"
-            yield image_id, full, size
+            yield _Entry(image_id, full, size)
 
 
 def _checked(batches: Iterator[Any], source_uri: str) -> Iterator[Any]:
@@ -206,6 +329,52 @@ def _batches(rows: Iterable[Any], size: int = _BATCH_ROWS) -> Iterator[list[Any]
         yield batch
 
 
+def sniffs(mode: str, root: Any) -> bool:
+    """Whether ``images.sniff`` = ``mode`` reads the head of unnamed files under ``root``."""
+    return mode == "always" or (mode == "auto" and is_local(root))
+
+
+# Every listed entry the manifest does not carry, in URI order: the listing's own rejects,
+# then the duplicates (not the smallest URI of their bytes), the images captioned already and
+# those past max_images (the same URI order and limit as the manifest's query).
+_SKIPPED_ROWS = """
+SELECT uri, reason, detail, size_bytes, image_id, duplicate_of FROM (
+  SELECT uri, reason, detail, size_bytes, image_id, CAST(NULL AS VARCHAR) AS duplicate_of
+  FROM entries WHERE reason IS NOT NULL
+  UNION ALL
+  SELECT e.uri, 'duplicates', 'same bytes as ' || u.uri, e.size_bytes, e.image_id, u.uri
+  FROM entries e JOIN uniq u ON e.image_id = u.image_id
+  WHERE e.reason IS NULL AND e.uri <> u.uri
+  UNION ALL
+  SELECT uri, 'skipped_existing', 'captioned by another run already', size_bytes, image_id,
+         NULL
+  FROM uniq WHERE image_id IN (SELECT image_id FROM excluded)
+  UNION ALL
+  SELECT uri, 'capped', 'past max_images=' || CAST($limit AS VARCHAR), size_bytes, image_id,
+         NULL
+  FROM (
+    SELECT uri, size_bytes, image_id, ROW_NUMBER() OVER (ORDER BY uri) AS n FROM uniq u
+    WHERE NOT EXISTS (SELECT 1 FROM excluded x WHERE x.image_id = u.image_id)
+  ) WHERE n > $limit
+)
+ORDER BY uri, reason
+"""
+
+
+def _write_jsonl(cursor: Any, uri: str, conn_id: str | None, fields: tuple[str, ...]) -> int:
+    """Stream a query's rows as JSON Lines to ``uri`` (overwritten); return the row count."""
+    out = storage_path(uri, conn_id)
+    if is_local(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with out.open("w", encoding="utf-8") as handle:
+        while chunk := cursor.fetchmany(10_000):
+            for values in chunk:
+                handle.write(json.dumps(dict(zip(fields, values, strict=True))) + "\n")
+                n += 1
+    return n
+
+
 def build_manifest(
     source_uri: str,
     manifest_uri: str,
@@ -216,40 +385,48 @@ def build_manifest(
     exclude_ids: Iterable[str] | None = None,
     max_images: int | None = None,
     conn_id: str | None = None,
+    sniff: str = "auto",
+    skipped: str | None = None,
 ) -> ManifestStats:
     """List ``source_uri`` recursively and write the manifest to ``manifest_uri``.
 
     The manifest (contract) is JSON Lines ``{"image_id", "uri", "size_bytes"}``, one
     line per unique image, overwriting any previous file. ``exclude_ids`` (e.g. ids
     already captioned, for incremental runs) is streamed into DuckDB, never held
-    as a Python set.
+    as a Python set. Every listed entry left out is written to ``skipped`` (default:
+    :func:`skipped_uri` of the manifest), one JSON line each (:data:`SKIPPED_FIELDS`).
+    ``sniff``: ``images.sniff`` (see the module docstring).
     """
     import duckdb
     import pyarrow as pa
 
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images: {max_images} must be at least 1")
+    if sniff not in SNIFF_MODES:
+        raise ValueError(f"images.sniff: {sniff!r} is not allowed; choose one of "
+                         f"{', '.join(SNIFF_MODES)}")
     exts = {e.lower().lstrip(".") for e in extensions}
     stats = ManifestStats()
     root = _open_source(source_uri, conn_id)
-    schema = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("size_bytes", pa.int64())])
+    reads_heads = sniffs(sniff, root)
+    schema = pa.schema([("image_id", pa.string()), ("uri", pa.string()),
+                        ("size_bytes", pa.int64()), ("reason", pa.string()),
+                        ("detail", pa.string())])
 
     with tempfile.TemporaryDirectory(prefix="manifest_") as tmp:
         con = duckdb.connect(os.path.join(tmp, "manifest.duckdb"),
                              config={"memory_limit": _DUCKDB_MEMORY, "threads": 1,
                                      "temp_directory": tmp})
         try:
-            con.execute("CREATE TABLE listing (image_id VARCHAR, uri VARCHAR, size_bytes BIGINT)")
+            con.execute("CREATE TABLE entries (image_id VARCHAR, uri VARCHAR, "
+                        "size_bytes BIGINT, reason VARCHAR, detail VARCHAR)")
             con.execute("CREATE TABLE excluded (image_id VARCHAR)")
-            rows = _listing(
-                root, extensions=exts, min_bytes=min_bytes, max_bytes=max_bytes, stats=stats
-            )
+            rows = _listing(root, extensions=exts, min_bytes=min_bytes, max_bytes=max_bytes,
+                            sniff=reads_heads, stats=stats)
             for batch in _checked(_batches(rows), source_uri):
-                table = pa.Table.from_pylist(
-                    [dict(zip(schema.names, r, strict=True)) for r in batch], schema=schema
-                )
+                table = pa.Table.from_pylist([r._asdict() for r in batch], schema=schema)
                 con.register("batch_rows", table)
-                con.execute("INSERT INTO listing SELECT * FROM batch_rows")
+                con.execute("INSERT INTO entries SELECT * FROM batch_rows")
                 con.unregister("batch_rows")
             if stats.listed == 0:
                 raise SourceError(f"source_uri {source_uri}: the folder is empty (no files "
@@ -263,10 +440,11 @@ def build_manifest(
                 """
                 CREATE TABLE uniq AS
                 SELECT image_id, min(uri) AS uri, arg_min(size_bytes, uri) AS size_bytes
-                FROM listing GROUP BY image_id
+                FROM entries WHERE reason IS NULL GROUP BY image_id
                 """
             )
-            (n_listing,) = con.execute("SELECT count(*) FROM listing").fetchone()
+            (n_listing,) = con.execute(
+                "SELECT count(*) FROM entries WHERE reason IS NULL").fetchone()
             (n_uniq,) = con.execute("SELECT count(*) FROM uniq").fetchone()
             (n_known,) = con.execute(
                 "SELECT count(*) FROM uniq WHERE image_id IN (SELECT image_id FROM excluded)"
@@ -286,17 +464,11 @@ def build_manifest(
                 """,
                 [limit],
             )
-            out = storage_path(manifest_uri, conn_id)
-            if is_local(out):
-                out.parent.mkdir(parents=True, exist_ok=True)
-            with out.open("w", encoding="utf-8") as handle:
-                while chunk := result.fetchmany(10_000):
-                    for image_id, uri, size in chunk:
-                        handle.write(
-                            json.dumps({"image_id": image_id, "uri": uri, "size_bytes": size})
-                            + "\n"
-                        )
-                        stats.written += 1
+            stats.written = _write_jsonl(result, manifest_uri, conn_id,
+                                         ("image_id", "uri", "size_bytes"))
+            left_out = con.execute(_SKIPPED_ROWS, {"limit": limit})
+            _write_jsonl(left_out, skipped or skipped_uri(manifest_uri), conn_id,
+                         SKIPPED_FIELDS)
         finally:
             con.close()
     return stats

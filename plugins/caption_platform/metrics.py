@@ -11,6 +11,7 @@ cost-per-image is claimed for it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DONE", "MODEL_SETTINGS", "PLAN_FAILED", "fetch_dataflow_job_resources",
            "job_metric", "model_settings", "plan_failure_row", "resources_from_dataflow",
-           "run_row", "run_row_from_dataflow", "run_row_from_summary"]
+           "run_row", "run_row_from_dataflow", "run_row_from_summary", "skipped_columns"]
 _SYSTEM_ORIGIN = "dataflow/v1b3"
 # Context keys of per-step entries. Job-level totals carry `original_name` (for example
 # "Service-cpu_num_seconds") and no step, so `original_name` alone marks nothing.
@@ -308,7 +309,23 @@ def run_row(plan: RunPlan, *, dag_id: str, dataflow_job_id: str | None,
                                    images_in=plan.images, prices=prices)
     row["run_kind"] = plan.run_kind
     row["benchmark_id"] = plan.benchmark_id
+    row.update(skipped_columns(plan.manifest_stats))
     return row
+
+
+def skipped_columns(manifest_stats: dict[str, int]) -> dict[str, Any]:
+    """``files_skipped`` (listed files the manifest left out) and ``skipped_by_reason`` (a
+    JSON object: each reason of ``manifest.SKIP_REASONS`` that has files, with their count,
+    ``{}`` when none was left out) from the plan's ``manifest_stats``; both None for a plan
+    without them."""
+    from caption_platform.manifest import SKIP_REASONS
+
+    if not manifest_stats:
+        return {"files_skipped": None, "skipped_by_reason": None}
+    by_reason = {reason: int(manifest_stats.get(reason) or 0) for reason in SKIP_REASONS}
+    by_reason = {reason: n for reason, n in by_reason.items() if n}
+    return {"files_skipped": sum(by_reason.values()),
+            "skipped_by_reason": json.dumps(by_reason, separators=(",", ":"))}
 
 
 def plan_failure_row(settings: Settings, *, run_id: str, dag_id: str, run_kind: str | None,

@@ -99,7 +99,7 @@ def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
     """
     from caption_platform.forecast import comparison_key, forecast
     from caption_platform.launch import job_options, launch_spec
-    from caption_platform.manifest import build_manifest
+    from caption_platform.manifest import build_manifest, skipped_uri
     from caption_platform.warehouse import get_warehouse
 
     settings = settings_for_run(params, overrides)
@@ -107,6 +107,7 @@ def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
     warehouse.ensure_tables()
     exclude = warehouse.existing_image_ids(exclude_run_id=run_id) if settings.incremental else None
     target = manifest_uri(settings, run_id)
+    skipped = skipped_uri(target)
     stats = build_manifest(
         settings.source_uri,
         target,
@@ -116,8 +117,12 @@ def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
         exclude_ids=exclude,
         max_images=settings.max_images,
         conn_id=settings.storage_conn_id,
+        sniff=settings.images.sniff,
+        skipped=skipped,
     )
     loaded = warehouse.load_manifest(run_id, target)
+    left_out = warehouse.load_skipped(run_id, skipped)
+    log_skipped(warehouse, run_id, skipped, left_out)
     expected = forecast(warehouse.fetch_runs(limit=500), comparison_key(settings), loaded)
     log.info(expected.message)
     expected.check_budget(settings.max_cost_usd)
@@ -140,6 +145,28 @@ def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
         settings=settings,
         params=dict(params),
     )
+
+
+#: How many files of each reason the plan task's log names (all are in skipped_files).
+SKIPPED_LOG_SAMPLE = 20
+
+
+def log_skipped(warehouse: Any, run_id: str, skipped: str, total: int) -> None:
+    """Name the files the manifest left out in the log: the first
+    :data:`SKIPPED_LOG_SAMPLE` of each reason, by URI (every one is in ``skipped``
+    and the ``skipped_files`` table)."""
+    if not total:
+        log.info("no listed file was left out of the manifest")
+        return
+    log.info("%d listed file(s) left out of the manifest: every one in %s and in %s "
+             "(WHERE run_id = %r)", total, skipped, warehouse.table_uri("skipped_files"),
+             run_id)
+    for reason, entry in warehouse.skipped_sample(run_id, SKIPPED_LOG_SAMPLE).items():
+        shown = len(entry["files"])
+        more = f" (first {shown} by URI)" if entry["total"] > shown else ""
+        lines = "".join(f"\n  {f['uri']}" + (f"  [{f['detail']}]" if f["detail"] else "")
+                        for f in entry["files"])
+        log.info("left out, %s: %d file(s)%s:%s", reason, entry["total"], more, lines)
 
 
 def publish_run(xcom: PlanXCom) -> dict[str, Any]:

@@ -99,14 +99,14 @@ def write_hostile_corpus(folder: Path) -> dict[str, tuple[str, str]]:
     buf = io.BytesIO()
     _picture(9, (200, 160)).save(buf, "PNG")
     (folder / "truncated.png").write_bytes(buf.getvalue()[:300])
-    out["truncated.png"] = ("decode", "cannot decode")
+    out["truncated.png"] = ("decode", "truncated PNG at byte 300 of at least ")
     (folder / "zero.jpg").write_bytes(b"")
     out["zero.jpg"] = ("decode", "empty")
     # wrong extensions: a PNG named .jpg is still a picture; text named .png is not
     _save(_picture(11), folder / "png_named.jpg", "PNG")
     out["png_named.jpg"] = ("ok", "")
     (folder / "text_named.png").write_text("<html>not an image</html>")
-    out["text_named.png"] = ("decode", "not a recognised image")
+    out["text_named.png"] = ("decode", "not an image: starts like an HTML page")
     # over --max_image_bytes (set to 60 KB below): refused at read, never decoded
     _save(_picture(12, (200, 200)), folder / "too_big.png", "PNG")
     out["too_big.png"] = ("read", "max_image_bytes")

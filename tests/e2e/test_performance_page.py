@@ -101,7 +101,9 @@ def write_warehouse(path: Path) -> list[dict[str, Any]]:
 
     def add(**row: Any) -> None:
         optional = {"run_kind": row.pop("run_kind", None),
-                    "benchmark_id": row.pop("benchmark_id", None), "num_beams": 5,
+                    "benchmark_id": row.pop("benchmark_id", None),
+                    "files_skipped": sum(row.get("skips", {}).values()),
+                    "skipped_by_reason": json.dumps(row.pop("skips", {})), "num_beams": 5,
                     "max_new_tokens": 30, "decoding": "beam",
                     "blip_model": "Salesforce/blip-image-captioning-base",
                     "clip_model": "openai/clip-vit-base-patch32"}
@@ -119,7 +121,8 @@ def write_warehouse(path: Path) -> list[dict[str, Any]]:
                 runtime_s=runtime, images_in=100, images_captioned=100, images_failed=0,
                 images_per_s=ips, cost_per_1k_images_usd=cost, num_captions=5,
                 final_state="JOB_STATE_DONE", run_kind="benchmark",
-                benchmark_id="benchmark_beam_sdks__2026-11-01")
+                benchmark_id="benchmark_beam_sdks__2026-11-01",
+                skips={"not_image": 2, "duplicates": 1, "capped": 0})
     # two local runs of the captioning DAG, between the latest benchmark runs (the newest
     # five: bench_09, local_1, bench_08, local_0, bench_07): the filters tell them apart
     for i in range(2):
@@ -128,7 +131,8 @@ def write_warehouse(path: Path) -> list[dict[str, Any]]:
             runner="DirectRunner", machine_type="local", gpu_type=None, started_at=started,
             finished_at=started + timedelta(seconds=60), runtime_s=60.0 + i, images_in=6,
             images_captioned=5, images_failed=1, images_per_s=0.08, num_captions=3,
-            cost_per_1k_images_usd=0.2, final_state="JOB_STATE_DONE", run_kind="manual")
+            cost_per_1k_images_usd=0.2, final_state="JOB_STATE_DONE", run_kind="manual",
+            skips={"not_image": 10, "too_large": 1})
     warehouse = DuckDBWarehouse(path)
     warehouse.ensure_tables()
     for row in rows:
@@ -303,6 +307,20 @@ def test_page_logic_without_a_server() -> None:
     assert '<table id="metrics">' in drawn and "$\\foo{$" in drawn and "$x^2$" in drawn
     with pytest.raises(page.BadRequest):
         page.parse_limit("\u00b2")  # str.isdigit() takes it, int() does not
+    # "Skipped files, by reason": the shown runs' skipped_by_reason summed, zeros left out;
+    # no section for rows of an older release (no such column), a bad value is not counted
+    skips = [{**rows[0], "skipped_by_reason": '{"not_image": 3, "capped": 0}'},
+             {**rows[1], "skipped_by_reason": {"not_image": 1, "duplicates": 5}},
+             {**rows[1], "skipped_by_reason": "not json"}]
+    with_skips = page.render_page(skips, [], action="/captioning/", source="t")
+    assert ('<table id="skipped"><thead><tr><th class="l">reason</th><th>files</th></tr>'
+            '</thead><tbody><tr><td class="l">duplicates</td><td>5</td></tr>'
+            '<tr><td class="l">not_image</td><td>4</td></tr></tbody></table>') in with_skips
+    assert "of the 2 run(s) shown" in with_skips
+    assert 'id="skipped"' not in full
+    none_skipped = page.render_page([{**rows[0], "skipped_by_reason": '{"capped": 0}'}], [],
+                                    action="/captioning/", source="t")
+    assert 'id="skipped-none"' in none_skipped
 
 
 def test_readable_dag_ids_ask_the_auth_manager(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -369,6 +387,8 @@ def test_plugin_is_registered_with_its_navigation_entry(server: ApiServer) -> No
 
 @pytest.mark.slow
 def test_logged_in_user_sees_the_report(server: ApiServer) -> None:
+    import re
+
     token = server.token()
     resp = server.request("GET", PAGE, token=token)  # the Authorization header
     assert resp.status == 200, resp.text
@@ -391,6 +411,12 @@ def test_logged_in_user_sees_the_report(server: ApiServer) -> None:
         assert label in mixed, mixed
     for name in ("dag_id", "runner", "machine_type", "gpu_type", "num_captions"):
         assert f'name="{name}"' in page
+    # the files the runs' manifests skipped, summed per reason over the 11 runs shown
+    skipped = page[page.index('<table id="skipped">'):]
+    skipped = skipped[: skipped.index("</table>")]
+    cells = re.findall(r'<td class="l">([a-z_]+)</td><td>(\d+)</td>', skipped)
+    assert cells == [("not_image", "38"), ("duplicates", "9"), ("too_large", "2")]
+    assert "Skipped files, by reason" in page and "of the 11 run(s) shown" in page
     # the UI's cookie works the same way as the header
     by_cookie = server.request("GET", PAGE, headers={"Cookie": f"_token={token}"})
     assert by_cookie.status == 200 and '<table id="metrics">' in by_cookie.text
@@ -462,6 +488,9 @@ def test_the_page_reveals_nothing_of_runs_the_user_may_not_read(server: ApiServe
         pages[limit] = text
     # past the readable runs, a larger limit changes nothing at all
     assert pages[9] == pages[10] == pages[12]
+    # the skipped-file totals are the readable runs' alone (9 x 2 and 9 x 1)
+    assert '<td class="l">not_image</td><td>18</td>' in pages[9]
+    assert "too_large" not in pages[12]
     assert '<table id="metrics">' in pages[9] and "REGRESSION" in pages[9]
 
 

@@ -128,3 +128,14 @@ def test_unpriceable_settings_fail_before_any_run() -> None:
     s = load_settings("gcp", **gcp, dataflow__accelerator_type="nvidia-tesla-p4",
                       pricing={"gpu_per_hour": {"nvidia-tesla-p4": 0.6}})
     assert s.dataflow.accelerator_type == "nvidia-tesla-p4"
+
+
+def test_every_table_has_a_configurable_name_and_a_benchmark_twin() -> None:
+    """A new table kind gets a setting, and the benchmark's runs never write to its
+    production table (pipeline_runs is shared on purpose)."""
+    from caption_platform.benchmark.steps import TABLES
+    from caption_platform.config import TableNames
+    from caption_platform.warehouse import tables
+
+    assert set(TableNames.model_fields) == set(tables.TABLE_KINDS)
+    assert set(TABLES) == set(tables.TABLE_KINDS) - {tables.PIPELINE_RUNS}

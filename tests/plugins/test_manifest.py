@@ -4,6 +4,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -277,3 +278,214 @@ def test_a_listing_that_fails_part_way_fails_the_plan_and_unreadable_files_are_c
     _gcs(monkeypatch, _Breaks({"bkt/imgs/a.jpg": b"a"}))
     with pytest.raises(SourceError, match="gs://bkt/imgs: listing failed part-way: OSError"):
         _build("gs://bkt/imgs", tmp_path / "m2.jsonl")
+
+
+# -- images by what they are, every file left out named ---------------------------------------
+JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"j" * 40
+PNG = b"\x89PNG\r\n\x1a\n" + b"p" * 40
+HEIC = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"h" * 40
+MOV = b"\x00\x00\x00\x14ftypqt  \x00\x00\x00\x00qt  " + b"m" * 40
+
+
+def _skipped(folder: Path) -> list[dict]:
+    return _read(folder / "skipped.jsonl")
+
+
+def _default_exts() -> tuple[str, ...]:
+    from caption_platform.config import ImageFilters
+
+    return ImageFilters().extensions
+
+
+def test_image_aliases_are_images_in_any_case(tmp_path: Path) -> None:
+    from captioning import formats
+
+    names = ["a.JPE", "b.jfif", "c.TIF", "d.heic", "e.HEIF", "f.avif", "g.Jpeg", "h.tiff",
+             "i.JFIF"]
+    src = tmp_path / "src"
+    for i, name in enumerate(names):
+        _write(src / name, f"bytes of {name} {i}".encode())  # by name: never read here
+    out = tmp_path / "run" / "manifest.jsonl"
+    stats = _build(f"file://{src}", out, extensions=_default_exts())
+    assert (stats.written, stats.not_image) == (len(names), 0)
+    assert sorted(r["uri"].rsplit("/", 1)[1] for r in _read(out)) == sorted(names)
+    # the default is the shared table's aliases, not a copy
+    assert set(_default_exts()) == set(formats.IMAGE_EXTENSIONS)
+    assert {"jpe", "jfif", "tif", "heic", "heif", "avif"} <= set(_default_exts())
+
+
+def test_local_files_whose_name_says_nothing_are_sniffed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import caption_platform.manifest as manifest_mod
+
+    src = tmp_path / "src"
+    ids = {"IMG_0001": _write(src / "IMG_0001", JPEG), "scan.bin": _write(src / "scan.bin", PNG),
+           "IMG_0002.": _write(src / "IMG_0002.", HEIC),
+           "big_jpeg": _write(src / "big_jpeg", JPEG + b"\x00" * 100_000)}
+    _write(src / "blob", b"hello, not an image")
+    _write(src / "movie_noext", MOV)
+    _write(src / "empty", b"")
+    heads: list[int] = []
+    real_head = manifest_mod.head_of_file
+
+    def head_of_file(fs: Any, name: str, n: int = manifest_mod.SNIFF_BYTES) -> bytes:
+        head = real_head(fs, name, n)
+        heads.append(len(head))
+        return head
+
+    monkeypatch.setattr(manifest_mod, "head_of_file", head_of_file)
+    out = tmp_path / "run" / "manifest.jsonl"
+    stats = _build(f"file://{src}", out, max_bytes=1_000_000)
+    assert {r["image_id"] for r in _read(out)} == set(ids.values())
+    assert (stats.written, stats.not_image, stats.unaccounted()) == (4, 3, 0)
+    # a few bytes each, never the file (big_jpeg is 100 kB)
+    assert len(heads) == 7 and max(heads) <= manifest_mod.SNIFF_BYTES <= 512
+    details = {r["uri"].rsplit("/", 1)[1]: r["detail"] for r in _skipped(out.parent)}
+    assert set(details) == {"blob", "movie_noext", "empty"}
+    assert details["movie_noext"] == manifest_mod.formats.describe(MOV)
+    assert all(details.values())
+
+    stats = _build(f"file://{src}", out, max_bytes=1_000_000, sniff="never")
+    assert (stats.written, stats.not_image) == (0, 7)
+    assert {r["reason"] for r in _skipped(out.parent)} == {"not_image"}
+    assert all("images.sniff" in r["detail"] for r in _skipped(out.parent))
+
+
+def test_a_live_photo_movie_beside_its_heic_is_not_an_image_and_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import caption_platform.manifest as manifest_mod
+
+    src = tmp_path / "phone"
+    heic = _write(src / "IMG_0001.HEIC", HEIC)
+    for name, data in [("IMG_0001.MOV", MOV), ("IMG_0001.AAE", b"<?xml?>"),
+                       (".DS_Store", b"\x00\x00\x00\x01Bud1"), ("IMG_0001.json", b"{}"),
+                       ("IMG_0001.xmp", b"<x:xmpmeta/>"), ("RAW_0001.DNG", b"II*\x00dng")]:
+        _write(src / name, data)
+    read: list[str] = []
+    monkeypatch.setattr(manifest_mod, "head_of_file",
+                        lambda fs, name, n=512: read.append(name) or b"")
+    out = tmp_path / "run" / "manifest.jsonl"
+    stats = _build(f"file://{src}", out, extensions=_default_exts(), sniff="always")
+    assert [r["image_id"] for r in _read(out)] == [heic]
+    assert (stats.listed, stats.not_image, stats.written) == (7, 6, 1)
+    assert read == []  # known non-image names are never read, even with sniff=always
+    rows = {r["uri"].rsplit("/", 1)[1]: r for r in _skipped(out.parent)}
+    assert rows["IMG_0001.MOV"]["reason"] == "not_image"
+    assert rows["IMG_0001.MOV"]["detail"] == ".mov: not an image"
+    assert "camera raw" in rows["RAW_0001.DNG"]["detail"]
+
+
+def test_object_store_files_are_sniffed_only_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from captioning import formats
+
+    class _Ranged(_FakeGcsFs):
+        ranges: list[tuple[str, int, int]] = []
+
+        def cat_file(self, name: str, start: int | None = None, end: int | None = None):
+            self.ranges.append((name, start, end))
+            return self.objects[name][start:end]
+
+    fs = _Ranged({"bkt/imgs/a.jpg": b"jpeg by name", "bkt/imgs/IMG_0002": JPEG,
+                  "bkt/imgs/notes": b"text"})
+    _gcs(monkeypatch, fs)
+    out = tmp_path / "run" / "m.jsonl"
+    stats = _build("gs://bkt/imgs", out)  # auto: no per-object read on gs://
+    assert (stats.written, stats.not_image, fs.ranges) == (1, 2, [])
+    assert {r["uri"] for r in _skipped(out.parent)} == {"gs://bkt/imgs/IMG_0002",
+                                                        "gs://bkt/imgs/notes"}
+    stats = _build("gs://bkt/imgs", out, sniff="always")
+    assert (stats.written, stats.not_image) == (2, 1)
+    head = formats.HEAD_BYTES
+    assert sorted(fs.ranges) == [("bkt/imgs/IMG_0002", 0, head), ("bkt/imgs/notes", 0, head)]
+    assert [r["uri"] for r in _skipped(out.parent)] == ["gs://bkt/imgs/notes"]
+
+
+def test_images_sniff_is_validated_like_the_other_settings(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from caption_platform.config import SettingsError, load_settings
+
+    assert load_settings().images.sniff == "auto"
+    monkeypatch.setenv("CAPTION_IMAGES__SNIFF", "always")
+    assert load_settings().images.sniff == "always"
+    with pytest.raises(SettingsError, match=r"images.sniff.*choose one of auto, always, never"):
+        load_settings(images={"sniff": "sometimes"})
+    with pytest.raises(ValueError, match="images.sniff"):
+        build_manifest("/nonexistent", "/tmp/x.jsonl", extensions=EXTS, min_bytes=0,
+                       max_bytes=1, sniff="sometimes")
+
+
+def test_every_file_left_out_is_named_with_its_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One row per listed entry the manifest does not carry; rows per reason == counts."""
+    import caption_platform.manifest as manifest_mod
+
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    known = _write(src / "a_known.jpg", b"captioned before" * 3)
+    _write(src / "b.jpg", b"image b" * 5)
+    _write(src / "b_copy.jpg", b"image b" * 5)  # duplicate of b.jpg
+    _write(src / "c.jpg", b"image c" * 5)
+    _write(src / "d.png", b"image d" * 5)  # past max_images=2
+    _write(src / "e.png", b"image e" * 5)  # past max_images=2
+    _write(src / "locked.jpg", b"no access" * 5)
+    _write(src / "tiny.jpg", b"t")
+    _write(src / "big.jpg", b"b" * 2000)
+    _write(src / "clip.mov", MOV)
+    _write(outside / "x.jpg", b"outside")
+    (src / "escape.jpg").symlink_to(outside / "x.jpg")
+    os.mkfifo(src / "pipe")
+    real_md5 = manifest_mod.md5_of_file
+
+    def md5(fs: Any, name: str) -> str:
+        if name.endswith("locked.jpg"):
+            raise PermissionError(13, "Permission denied", name)
+        return real_md5(fs, name)
+
+    monkeypatch.setattr(manifest_mod, "md5_of_file", md5)
+    out = tmp_path / "run" / "manifest.jsonl"
+    stats = _build(f"file://{src}", out, min_bytes=2, exclude_ids=[known], max_images=2)
+    rows = _skipped(out.parent)
+    counts = stats.to_dict()
+    by_reason: dict[str, int] = {}
+    for r in rows:
+        by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1
+    assert by_reason == {k: v for k, v in stats.skipped().items() if v}
+    assert set(by_reason) == set(manifest_mod.SKIP_REASONS)  # every reason is exercised
+    assert len(rows) + counts["written"] == counts["listed"] == 12
+    assert all(list(r) == list(manifest_mod.SKIPPED_FIELDS) for r in rows)
+    assert [r["uri"] for r in rows] == sorted(r["uri"] for r in rows)
+    named = {r["uri"].removeprefix(f"file://{src}/"): r for r in rows}
+    assert {name: r["reason"] for name, r in named.items()} == {
+        "a_known.jpg": "skipped_existing", "b_copy.jpg": "duplicates", "d.png": "capped",
+        "e.png": "capped",
+        "locked.jpg": "unreadable", "tiny.jpg": "too_small", "big.jpg": "too_large",
+        "clip.mov": "not_image", "escape.jpg": "skipped_links", "pipe": "not_image"}
+    assert named["b_copy.jpg"]["duplicate_of"] == f"file://{src}/b.jpg"
+    assert named["a_known.jpg"]["image_id"] == known
+    assert "PermissionError" in named["locked.jpg"]["detail"]
+    assert named["escape.jpg"]["detail"] == "link outside the source"
+    assert named["pipe"]["detail"].startswith("not a regular file")
+    assert [r["uri"] for r in _read(out)] == [f"file://{src}/b.jpg", f"file://{src}/c.jpg"]
+
+
+def test_a_big_listing_left_out_goes_through_duckdb_rows_equal_counts(tmp_path: Path) -> None:
+    """More rows than one batch: every skipped row is streamed out, none lost or repeated."""
+    import caption_platform.manifest as manifest_mod
+
+    src = tmp_path / "src"
+    src.mkdir()
+    n = manifest_mod._BATCH_ROWS + 7
+    for i in range(n):
+        (src / f"f{i:05d}.txt").write_bytes(b"")
+    _write(src / "one.jpg", b"one image")
+    out = tmp_path / "run" / "manifest.jsonl"
+    stats = _build(f"file://{src}", out)
+    assert (stats.not_image, stats.written) == (n, 1)
+    with (out.parent / "skipped.jsonl").open() as handle:
+        count = sum(1 for _ in handle)
+    assert count == n

@@ -185,3 +185,32 @@ def test_dataflow_metrics_are_awaited_until_the_totals_settle() -> None:
     _, metrics = m.fetch_dataflow_job_resources(
         JOB["id"], "my-proj", "us-central1", wait_s=0.05, poll_s=0.01, hook=hook)
     assert metrics == [] and 2 <= hook.metric_calls <= 10
+
+
+STATS = {"listed": 12, "not_image": 3, "too_small": 0, "too_large": 1, "skipped_links": 1,
+         "unreadable": 0, "duplicates": 2, "skipped_existing": 0, "capped": 1, "written": 4}
+
+
+def test_run_row_counts_the_files_left_out_by_reason(tmp_path: Path, make_plan) -> None:
+    """files_skipped is the plan's manifest_stats total of files left out, skipped_by_reason
+    the same per reason as a JSON object; both land in pipeline_runs."""
+    import json
+
+    settings = load_settings(data_root=str(tmp_path / "data"),
+                             duckdb_path=str(tmp_path / "w.duckdb"))
+    plan = make_plan(settings, "manual__skips", images=4, manifest_stats=STATS)
+    row = m.run_row(plan, dag_id="caption_images", dataflow_job_id=None, caption_error="boom")
+    assert row["files_skipped"] == 8 == STATS["listed"] - STATS["written"]
+    assert json.loads(row["skipped_by_reason"]) == {  # the reasons with files
+        "not_image": 3, "too_large": 1, "skipped_links": 1, "duplicates": 2, "capped": 1}
+    wh = DuckDBWarehouse(tmp_path / "w.duckdb")
+    wh.ensure_tables()
+    wh.record_run(row)
+    stored = wh.fetch_runs(1)[0]
+    assert stored["files_skipped"] == 8
+    assert json.loads(stored["skipped_by_reason"])["not_image"] == 3
+    # nothing left out: zero and an empty object; a plan without stats (an older
+    # release's) claims nothing
+    assert m.skipped_columns({"listed": 2, "written": 2, "not_image": 0}) == {
+        "files_skipped": 0, "skipped_by_reason": "{}"}
+    assert m.skipped_columns({}) == {"files_skipped": None, "skipped_by_reason": None}

@@ -11,6 +11,7 @@ import base64
 import csv
 import html
 import io
+import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -20,7 +21,7 @@ from caption_platform.benchmark.charts import draw_charts
 from caption_platform.benchmark.formatting import iso, metric_table, version_table
 from caption_platform.benchmark.version_stats import Report
 
-__all__ = ["csv_text", "html_page", "render"]
+__all__ = ["csv_text", "html_page", "render", "skipped_totals"]
 
 
 def render(
@@ -46,13 +47,38 @@ def render(
     written["csv"] = out / "report.csv"
     written["csv"].write_bytes(csv_text(report).encode("utf-8"))
     written["html"] = out / "report.html"
-    written["html"].write_bytes(_html(report, charts).encode("utf-8"))
+    written["html"].write_bytes(_html(report, charts, skipped_totals(runs)).encode("utf-8"))
     return written
 
 
 def html_page(report: Report, runs: Iterable[Mapping[str, Any]]) -> str:
     """The self-contained HTML page that :func:`render` writes, as a string (for a web page)."""
-    return _html(report, draw_charts(report, list(runs)))
+    runs = list(runs)
+    return _html(report, draw_charts(report, runs), skipped_totals(runs))
+
+
+def skipped_totals(runs: Iterable[Mapping[str, Any]]) -> tuple[dict[str, int], int] | None:
+    """Files the runs' manifests skipped, summed per reason (``pipeline_runs``'
+    ``skipped_by_reason``, a JSON object), most first, and how many runs recorded them;
+    None when no run did (rows of an older release)."""
+    totals: dict[str, int] = {}
+    counted = 0
+    for run in runs:
+        value = run.get("skipped_by_reason")
+        if isinstance(value, str | bytes):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                continue
+        if not isinstance(value, Mapping):
+            continue
+        counted += 1
+        for reason, n in value.items():
+            if isinstance(n, int | float) and not isinstance(n, bool):
+                totals[str(reason)] = totals.get(str(reason), 0) + int(n)
+    if not counted:
+        return None
+    return dict(sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))), counted
 
 
 def csv_text(report: Report) -> str:
@@ -78,7 +104,8 @@ ul.regressions li{color:#c62828}.meta{color:#666;font-size:.85em}
 """
 
 
-def _html(report: Report, charts: Mapping[str, bytes]) -> str:
+def _html(report: Report, charts: Mapping[str, bytes],
+          skipped: tuple[dict[str, int], int] | None = None) -> str:
     esc = html.escape
 
     def table(header: list[str], body: list[list[str]], *, left: int, flag_col: int | None,
@@ -120,8 +147,27 @@ def _html(report: Report, charts: Mapping[str, bytes]) -> str:
         "range; changes are relative to the median of the previous version and of the "
         "baseline. Failed runs are counted, not measured.</p>",
         f'<h2>Charts</h2><div class="charts">{"".join(figures)}</div>',
+        _skipped_section(skipped, table),
         "</body></html>",
     ])
+
+
+def _skipped_section(skipped: tuple[dict[str, int], int] | None, table: Any) -> str:
+    """"Skipped files, by reason": the totals of the runs shown (nothing without any)."""
+    if skipped is None:
+        return ""
+    totals, counted = skipped
+    body = [[reason, str(n)] for reason, n in totals.items() if n]
+    if not body:
+        return ('<h2>Skipped files, by reason</h2><p class="meta" id="skipped-none">'
+                f"None: the manifests of the {counted} run(s) shown carried every listed "
+                "file.</p>")
+    return ("<h2>Skipped files, by reason</h2>"
+            + table(["reason", "files"], body, left=1, flag_col=None, css_id="skipped")
+            + f'<p class="meta">Listed files that the manifests of the {counted} run(s) '
+            "shown did not carry, summed (pipeline_runs.skipped_by_reason); each file and "
+            "its reason: the skipped_files table (per run_id) and the run folder's "
+            "skipped.jsonl.</p>")
 
 
 def _class(*names: str | bool) -> str:

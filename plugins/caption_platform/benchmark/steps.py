@@ -27,7 +27,8 @@ RUN_KIND = "benchmark"
 #: Where benchmark runs keep their captions, dead letters, manifests and provenance
 #: ledger (pipeline_runs is shared).
 TABLES = {"captions": "benchmark_captions", "dead_letters": "benchmark_dead_letters",
-          "manifests": "benchmark_manifests", "published_images": "benchmark_published_images"}
+          "manifests": "benchmark_manifests", "published_images": "benchmark_published_images",
+          "skipped_files": "benchmark_skipped_files"}
 CAPTIONS_FILE = "chosen_captions.json"
 DEFAULT_DATASET_IMAGES = 12
 

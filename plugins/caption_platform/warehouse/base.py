@@ -71,6 +71,10 @@ class Warehouse(ABC):
         """Make the manifest file queryable; return its table reference."""
 
     @abstractmethod
+    def _stage_skipped(self, run_id: str, skipped_uri: str) -> str:
+        """Make the run's skipped-files record (JSON Lines) queryable; return its reference."""
+
+    @abstractmethod
     def _stage_output(self, run_id: str, staging: str) -> tuple[str, str]:
         """Make the job's output queryable; return (captions, dead_letters) references."""
 
@@ -88,8 +92,12 @@ class Warehouse(ABC):
         """Where a table lives, as a URI (the captions Asset event names it)."""
 
     # -- shared helpers ------------------------------------------------------------------
+    def _name(self, kind: str) -> str:
+        """The configured name of a table kind."""
+        return getattr(self.tables, kind)
+
     def _table(self, kind: str) -> str:
-        return self._ref(validate_identifier(getattr(self.tables, kind)))
+        return self._ref(validate_identifier(self._name(kind)))
 
     def _refs(self, **extra: str) -> dict[str, str]:
         refs = {kind: self._table(kind) for kind in tables.TABLE_KINDS}
@@ -108,7 +116,7 @@ class Warehouse(ABC):
         for kind in tables.TABLE_KINDS:
             self._execute([create_table_sql(self._table(kind), kind)])
         for kind in tables.TABLE_KINDS:
-            have = before.get(getattr(self.tables, kind))
+            have = before.get(self._name(kind))
             if have is None:  # created just now, with every column
                 continue
             for name, sql_type in tables.columns(kind).items():
@@ -124,19 +132,43 @@ class Warehouse(ABC):
 
     def load_manifest(self, run_id: str, manifest_uri: str) -> int:
         """Replace the run's manifest rows with the manifest file's; return the count."""
-        staged = self._stage_manifest(run_id, manifest_uri)
+        return self._load_run_file(run_id, self._stage_manifest(run_id, manifest_uri),
+                                   "staging_manifest", sql.REPLACE_MANIFEST, tables.MANIFESTS)
+
+    def load_skipped(self, run_id: str, skipped_uri: str) -> int:
+        """Replace the run's skipped_files rows with its skipped-files record's; return the
+        count (one row per listed file the manifest left out)."""
+        return self._load_run_file(run_id, self._stage_skipped(run_id, skipped_uri),
+                                   "staging_skipped", sql.REPLACE_SKIPPED, tables.SKIPPED_FILES)
+
+    def _load_run_file(self, run_id: str, staged: str, staging_key: str,
+                       statements: Sequence[str], kind: str) -> int:
+        """Replace the run's rows of table ``kind`` with a staged file's; count them."""
         try:
-            self._execute(
-                [s.format(**self._refs(staging_manifest=staged)) for s in sql.REPLACE_MANIFEST],
-                {"run_id": run_id},
-            )
+            self._execute([s.format(**self._refs(**{staging_key: staged})) for s in statements],
+                          {"run_id": run_id})
         finally:
             self._unstage([staged])
-        rows = self._query(
-            "SELECT COUNT(*) AS n FROM {manifests} WHERE run_id = @run_id".format(**self._refs()),
-            {"run_id": run_id},
-        )
+        rows = self._query(f"SELECT COUNT(*) AS n FROM {self._table(kind)} WHERE run_id = @run_id",
+                           {"run_id": run_id})
         return int(rows[0]["n"])
+
+    def skipped_sample(self, run_id: str, per_reason: int = 20) -> dict[str, dict[str, Any]]:
+        """The run's skipped files by reason: ``{reason: {"total": n, "files": [{"uri",
+        "detail", "duplicate_of"}, ...]}}``, at most ``per_reason`` files each, by URI."""
+        out: dict[str, dict[str, Any]] = {}
+        rows = self._iter_query(sql.SKIPPED_SAMPLE.format(**self._refs()),
+                                {"run_id": run_id, "per_reason": int(per_reason)})
+        for r in rows:
+            entry = out.setdefault(str(r["reason"]), {"total": int(r["total"]), "files": []})
+            entry["files"].append({"uri": r["uri"], "detail": r["detail"],
+                                   "duplicate_of": r["duplicate_of"]})
+        return out
+
+    def skipped_for_run(self, run_id: str) -> Iterator[dict[str, Any]]:
+        """The run's skipped_files rows by URI, streamed."""
+        yield from self._iter_query(sql.SKIPPED_FOR_RUN.format(**self._refs()),
+                                    {"run_id": run_id})
 
     def existing_image_ids(self, exclude_run_id: str = "") -> Iterator[str]:
         """Every image_id captioned by a run other than ``exclude_run_id``, streamed.

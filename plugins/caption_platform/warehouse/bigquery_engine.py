@@ -59,7 +59,7 @@ class BigQueryWarehouse(Warehouse):
         return self._hook
 
     def table_uri(self, kind: str) -> str:
-        return f"bigquery://{self.project}/{self.dataset}/{getattr(self.tables, kind)}"
+        return f"bigquery://{self.project}/{self.dataset}/{self._name(kind)}"
 
     def _columns(self) -> dict[str, set[str]]:
         dataset = validate_identifier(self.dataset)
@@ -108,24 +108,33 @@ class BigQueryWarehouse(Warehouse):
         affected = getattr(job, "num_dml_affected_rows", None)
         return None if affected is None else int(affected)
 
-    def _stage_manifest(self, run_id: str, manifest_uri: str) -> str:
-        table = validate_identifier(f"stg_{run_key(run_id)}_manifest")
+    def _stage_jsonl(self, run_id: str, uri: str, kind: str, what: str) -> str:
+        """Load a JSON Lines file into a per-run staging table (a table kind's columns but
+        run_id); return its reference."""
+        table = validate_identifier(f"stg_{run_key(run_id)}_{what}")
+        fields = [f for f in tables.bigquery_schema_fields(kind) if f["name"] != "run_id"]
         load = {
             "load": {
-                "sourceUris": [manifest_uri],
+                "sourceUris": [uri],
                 "sourceFormat": "NEWLINE_DELIMITED_JSON",
                 "destinationTable": {
                     "projectId": self.project,
                     "datasetId": self.dataset,
                     "tableId": table,
                 },
-                "schema": {"fields": tables.bigquery_schema_fields(tables.MANIFESTS)[1:]},
+                "schema": {"fields": fields},
                 "writeDisposition": "WRITE_TRUNCATE",
                 "createDisposition": "CREATE_IF_NEEDED",
             }
         }
         self._insert_job(load)
         return self._ref(table)
+
+    def _stage_manifest(self, run_id: str, manifest_uri: str) -> str:
+        return self._stage_jsonl(run_id, manifest_uri, tables.MANIFESTS, "manifest")
+
+    def _stage_skipped(self, run_id: str, skipped_uri: str) -> str:
+        return self._stage_jsonl(run_id, skipped_uri, tables.SKIPPED_FILES, "skipped")
 
     def _staging_refs(self, staging: str) -> tuple[str, str]:
         """References of the per-run staging tables (``PREFIX_captions``, ``PREFIX_dead_letters``)."""

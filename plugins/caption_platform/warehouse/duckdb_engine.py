@@ -25,6 +25,8 @@ from caption_platform.warehouse.base import (
 )
 from captioning.layout import run_key
 
+#: read_json column types of the flat tables staged from JSON Lines.
+_DUCK_TYPES = {"STRING": "VARCHAR", "INT64": "BIGINT"}
 _DUCK_PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -76,7 +78,7 @@ class DuckDBWarehouse(Warehouse):
         return f"`{validate_identifier(name)}`"
 
     def table_uri(self, kind: str) -> str:
-        return f"duckdb://{self.path}#{getattr(self.tables, kind)}"
+        return f"duckdb://{self.path}#{self._name(kind)}"
 
     def _columns(self) -> dict[str, set[str]]:
         con = self._connect()
@@ -135,16 +137,25 @@ class DuckDBWarehouse(Warehouse):
             con.close()
         return self._ref(name)
 
-    def _stage_manifest(self, run_id: str, manifest_uri: str) -> str:
-        path = _local_path(manifest_uri)
+    def _stage_jsonl(self, run_id: str, uri: str, kind: str, what: str) -> str:
+        """A view over a JSON Lines file with a table kind's columns but run_id."""
+        path = _local_path(uri)
         if not path.is_file():
-            raise FileNotFoundError(f"manifest {manifest_uri} does not exist")
+            raise FileNotFoundError(f"{what} {uri} does not exist")
+        cols = {c: t for c, t in tables.columns(kind).items() if c != "run_id"}
+        types = ", ".join(f"{c}: '{_DUCK_TYPES[t]}'" for c, t in cols.items())
         select = (
-            "SELECT image_id, uri, size_bytes FROM read_json("
+            f"SELECT {', '.join(cols)} FROM read_json("
             f"{_sql_string(str(path))}, format = 'newline_delimited', "
-            "columns = {image_id: 'VARCHAR', uri: 'VARCHAR', size_bytes: 'BIGINT'})"
+            f"columns = {{{types}}})"
         )
-        return self._view(f"stg_{run_key(run_id)}_manifest", select)
+        return self._view(f"stg_{run_key(run_id)}_{what}", select)
+
+    def _stage_manifest(self, run_id: str, manifest_uri: str) -> str:
+        return self._stage_jsonl(run_id, manifest_uri, tables.MANIFESTS, "manifest")
+
+    def _stage_skipped(self, run_id: str, skipped_uri: str) -> str:
+        return self._stage_jsonl(run_id, skipped_uri, tables.SKIPPED_FILES, "skipped")
 
     def _stage_output(self, run_id: str, staging: str) -> tuple[str, str]:
         folder = _local_path(staging)

@@ -28,6 +28,31 @@ REPLACE_MANIFEST = (
     """,
 )
 
+# -- skipped_files ---------------------------------------------------------------------
+# The files a run's manifest left out (its skipped.jsonl), replaced per run like the manifest.
+REPLACE_SKIPPED = (
+    "DELETE FROM {skipped_files} WHERE run_id = @run_id",
+    """
+    INSERT INTO {skipped_files}
+      (run_id, uri, reason, detail, size_bytes, image_id, duplicate_of)
+    SELECT @run_id, uri, reason, detail, CAST(size_bytes AS INT64), image_id, duplicate_of
+    FROM {staging_skipped}
+    """,
+)
+
+# The run's skipped files per reason: the count, and the first @per_reason by URI.
+SKIPPED_SAMPLE = """
+SELECT reason, uri, detail, duplicate_of, COUNT(*) OVER (PARTITION BY reason) AS total
+FROM {skipped_files}
+WHERE run_id = @run_id
+QUALIFY ROW_NUMBER() OVER (PARTITION BY reason ORDER BY uri) <= @per_reason
+ORDER BY reason, uri
+"""
+
+SKIPPED_FOR_RUN = """
+SELECT * FROM {skipped_files} WHERE run_id = @run_id ORDER BY uri, reason
+"""
+
 # Images captioned by other runs: a retried or re-triggered run keeps its own manifest.
 EXISTING_IMAGE_IDS = "SELECT image_id FROM {captions} WHERE run_id != @run_id"
 

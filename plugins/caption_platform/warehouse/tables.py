@@ -1,9 +1,9 @@
-"""Column declarations of the four warehouse tables, in BigQuery standard SQL types.
+"""Column declarations of the warehouse tables, in BigQuery standard SQL types.
 
 captions and dead_letters come from the job's single declaration
 (``captioning.schema``), so the warehouse can never drift from what the job writes.
-pipeline_runs, manifests and published_images belong to the Airflow side and are
-declared here.
+pipeline_runs, manifests, published_images and skipped_files belong to the Airflow side
+and are declared here.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ DEAD_LETTERS = job_schema.DEAD_LETTERS
 PIPELINE_RUNS = "pipeline_runs"
 MANIFESTS = "manifests"
 PUBLISHED_IMAGES = "published_images"
-TABLE_KINDS = (CAPTIONS, DEAD_LETTERS, PIPELINE_RUNS, MANIFESTS, PUBLISHED_IMAGES)
+SKIPPED_FILES = "skipped_files"
+TABLE_KINDS = (CAPTIONS, DEAD_LETTERS, PIPELINE_RUNS, MANIFESTS, PUBLISHED_IMAGES,
+               SKIPPED_FILES)
 
 #: contract: run metrics row, plus final_state and error (see ARCHITECTURE.md).
 PIPELINE_RUNS_COLUMNS: dict[str, str] = {
@@ -59,6 +61,10 @@ PIPELINE_RUNS_COLUMNS: dict[str, str] = {
     "max_new_tokens": "INT64",
     "precision": "STRING",  # fp32 | bf16 (job_spec): a bf16 run is never compared as fp32
     "caption_similarity_median": "FLOAT64",
+    # listed files the manifest left out: the total, and per reason (a JSON object
+    # {"not_image": 3, ...}: the plan's manifest_stats counts but listed and written)
+    "files_skipped": "INT64",
+    "skipped_by_reason": "STRING",
 }
 
 MANIFESTS_COLUMNS: dict[str, str] = {
@@ -66,6 +72,20 @@ MANIFESTS_COLUMNS: dict[str, str] = {
     "image_id": "STRING",
     "uri": "STRING",
     "size_bytes": "INT64",
+}
+
+#: Every listed file a run's manifest left out, and why (the run folder's skipped.jsonl,
+#: replaced per run): reason is a manifest_stats count (manifest.SKIP_REASONS).
+SKIPPED_FILES_COLUMNS: dict[str, str] = {
+    "run_id": "STRING",
+    "uri": "STRING",
+    # not_image | too_small | too_large | skipped_links | unreadable | duplicates |
+    # skipped_existing | capped
+    "reason": "STRING",
+    "detail": "STRING",  # e.g. "QuickTime movie", ".mov: not an image", "same bytes as URI"
+    "size_bytes": "INT64",
+    "image_id": "STRING",  # the MD5, where the file was hashed
+    "duplicate_of": "STRING",  # duplicates: the manifest's URI of the same bytes
 }
 
 #: The provenance ledger: what each run published, one row per (run, image), never
@@ -92,6 +112,8 @@ def columns(kind: str) -> dict[str, str]:
         return dict(MANIFESTS_COLUMNS)
     if kind == PUBLISHED_IMAGES:
         return dict(PUBLISHED_IMAGES_COLUMNS)
+    if kind == SKIPPED_FILES:
+        return dict(SKIPPED_FILES_COLUMNS)
     if kind in (CAPTIONS, DEAD_LETTERS):
         return job_schema.sql_columns(kind)
     raise ValueError(f"table kind {kind!r} is unknown; choose one of {', '.join(TABLE_KINDS)}")

@@ -61,7 +61,8 @@ def _wh(hook: FakeHook) -> BigQueryWarehouse:
 
 # pipeline_runs columns newer than the first release
 NEW_RUN_COLUMNS = ("run_kind", "benchmark_id", "blip_model", "clip_model", "decoding",
-                   "num_beams", "max_new_tokens", "caption_similarity_median")
+                   "num_beams", "max_new_tokens", "caption_similarity_median",
+                   "files_skipped", "skipped_by_reason")
 
 
 def test_ensure_tables_sends_standard_sql_ddl_and_adds_missing_columns() -> None:
@@ -84,6 +85,10 @@ def test_ensure_tables_sends_standard_sql_ddl_and_adds_missing_columns() -> None
     assert "captioned_at TIMESTAMP" in ddl
     assert "`my-proj.caps_ds.pipeline_runs`" in creates[2]
     assert "final_state STRING, error STRING" in creates[2]
+    assert creates[-1] == (
+        "CREATE TABLE IF NOT EXISTS `my-proj.caps_ds.skipped_files` (run_id STRING, "
+        "uri STRING, reason STRING, detail STRING, size_bytes INT64, image_id STRING, "
+        "duplicate_of STRING)")
     looked_up = [q["query"] for q in queries if "INFORMATION_SCHEMA" in q["query"]]
     assert looked_up == [  # one lookup for all the tables
         "SELECT table_name, column_name FROM `my-proj.caps_ds.INFORMATION_SCHEMA.COLUMNS`"]
@@ -121,6 +126,39 @@ def test_load_manifest_load_job_then_transaction() -> None:
     assert script["queryParameters"] == [
         {"name": "run_id", "parameterType": {"type": "STRING"}, "parameterValue": {"value": RUN}}
     ]
+
+
+def test_load_skipped_load_job_then_replaces_the_runs_rows() -> None:
+    """The run folder's skipped.jsonl is loaded like the manifest: a load job into a per-run
+    staging table, then the run's skipped_files rows replaced in one transaction."""
+    hook = FakeHook({"SELECT COUNT(*) AS n": FakeJob(_rows({"n": 3}))})
+    n = _wh(hook).load_skipped(RUN, "gs://bkt/runs/x/skipped.jsonl")
+    assert n == 3
+    load = hook.calls[0]["configuration"]["load"]
+    stg = f"stg_{run_key(RUN)}_skipped"
+    assert load == {
+        "sourceUris": ["gs://bkt/runs/x/skipped.jsonl"],
+        "sourceFormat": "NEWLINE_DELIMITED_JSON",
+        "destinationTable": {"projectId": "my-proj", "datasetId": "caps_ds", "tableId": stg},
+        "schema": {"fields": [
+            {"name": "uri", "type": "STRING", "mode": "NULLABLE"},
+            {"name": "reason", "type": "STRING", "mode": "NULLABLE"},
+            {"name": "detail", "type": "STRING", "mode": "NULLABLE"},
+            {"name": "size_bytes", "type": "INT64", "mode": "NULLABLE"},
+            {"name": "image_id", "type": "STRING", "mode": "NULLABLE"},
+            {"name": "duplicate_of", "type": "STRING", "mode": "NULLABLE"},
+        ]},
+        "writeDisposition": "WRITE_TRUNCATE",
+        "createDisposition": "CREATE_IF_NEEDED",
+    }
+    script, drop, count = (q["query"] for q in hook.queries())
+    assert script.startswith("BEGIN TRANSACTION;")
+    assert "DELETE FROM `my-proj.caps_ds.skipped_files` WHERE run_id = @run_id" in script
+    assert "INSERT INTO `my-proj.caps_ds.skipped_files`" in script
+    assert f"FROM `my-proj.caps_ds.{stg}`" in script
+    assert script.rstrip().endswith("COMMIT TRANSACTION;")
+    assert "FROM `my-proj.caps_ds.skipped_files` WHERE run_id = @run_id" in count
+    assert drop == f"DROP TABLE IF EXISTS `my-proj.caps_ds.{stg}`"
 
 
 def test_publish_merges_from_staging_prefix() -> None:

@@ -46,6 +46,46 @@ def test_load_manifest_replaces_run_rows(wh: DuckDBWarehouse, tmp_path: Path, he
     assert not [t for t in wh._query("SELECT view_name FROM duckdb_views() WHERE NOT internal")]
 
 
+def _write_skipped(path: Path, rows: list[tuple]) -> str:
+    import json
+
+    fields = ("uri", "reason", "detail", "size_bytes", "image_id", "duplicate_of")
+    path.write_text("".join(json.dumps(dict(zip(fields, r, strict=True))) + "\n" for r in rows))
+    return f"file://{path}"
+
+
+def test_load_skipped_replaces_run_rows_and_is_queryable_per_run(
+        wh: DuckDBWarehouse, tmp_path: Path) -> None:
+    rows = [("file:///src/IMG_1.MOV", "not_image", ".mov: not an image", 900, None, None),
+            ("file:///src/b_copy.jpg", "duplicates", "same bytes as file:///src/b.jpg", 70,
+             "md5b", "file:///src/b.jpg"),
+            ("file:///src/notes", "not_image", "JSON text", 2, None, None)]
+    uri = _write_skipped(tmp_path / "skipped.jsonl", rows)
+    assert wh.load_skipped(RUN, uri) == 3
+    assert wh.load_skipped(RUN, uri) == 3  # retried plan: replaced, not appended
+    assert wh.load_skipped("other", _write_skipped(tmp_path / "o.jsonl", rows[:1])) == 1
+    assert wh.load_skipped("empty", _write_skipped(tmp_path / "e.jsonl", [])) == 0
+    assert _count(wh, "skipped_files") == 4
+    assert not [t for t in wh._query("SELECT view_name FROM duckdb_views() WHERE NOT internal")]
+    got = list(wh.skipped_for_run(RUN))
+    assert [(r["run_id"], r["uri"], r["reason"], r["detail"], r["size_bytes"], r["image_id"],
+             r["duplicate_of"]) for r in got] == [(RUN, *r) for r in sorted(rows)]
+    by_reason = wh._query("SELECT reason, COUNT(*) AS n FROM `skipped_files` "
+                          "WHERE run_id = $run_id GROUP BY reason ORDER BY reason",
+                          {"run_id": RUN})
+    assert by_reason == [{"reason": "duplicates", "n": 1}, {"reason": "not_image", "n": 2}]
+    assert wh.skipped_sample(RUN, per_reason=1) == {
+        "duplicates": {"total": 1, "files": [{"uri": "file:///src/b_copy.jpg",
+                                              "detail": "same bytes as file:///src/b.jpg",
+                                              "duplicate_of": "file:///src/b.jpg"}]},
+        "not_image": {"total": 2, "files": [{"uri": "file:///src/IMG_1.MOV",
+                                             "detail": ".mov: not an image",
+                                             "duplicate_of": None}]},
+    }
+    with pytest.raises(FileNotFoundError, match="skipped"):
+        wh.load_skipped(RUN, f"file://{tmp_path}/none.jsonl")
+
+
 def test_publish_is_idempotent_and_validates(wh: DuckDBWarehouse, tmp_path: Path, helpers) -> None:
     ids = ["id1", "id2", "id3", "id4"]
     wh.load_manifest(RUN, helpers.write_manifest(tmp_path / "m.jsonl", ids))
@@ -227,12 +267,14 @@ def test_tables_of_an_older_release_get_the_new_columns(tmp_path: Path) -> None:
     w.ensure_tables()
     w.ensure_tables()  # idempotent
     w.record_run({"run_id": "new-run", "dag_id": "caption_images", "run_kind": "benchmark",
-                  "benchmark_id": "b1", "num_beams": 5, "caption_similarity_median": 0.31})
+                  "benchmark_id": "b1", "num_beams": 5, "caption_similarity_median": 0.31,
+                  "files_skipped": 3, "skipped_by_reason": '{"not_image":3}'})
     with duckdb.connect(str(path), read_only=True) as con:
         rows = con.execute("SELECT run_id, runtime_s, run_kind, num_beams, "
-                           "caption_similarity_median FROM pipeline_runs ORDER BY run_id"
-                           ).fetchall()
-    assert rows == [("new-run", None, "benchmark", 5, 0.31), ("old-run", 1.5, None, None, None)]
+                           "caption_similarity_median, files_skipped, skipped_by_reason "
+                           "FROM pipeline_runs ORDER BY run_id").fetchall()
+    assert rows == [("new-run", None, "benchmark", 5, 0.31, 3, '{"not_image":3}'),
+                    ("old-run", 1.5, None, None, None, None, None)]
 
 
 def _outcomes(w: DuckDBWarehouse) -> dict[str, str]:
