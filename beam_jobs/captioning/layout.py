@@ -11,6 +11,8 @@ import re
 #: The job's summary beside its folder output.
 SUMMARY_FILE = "run_summary.json"
 MANIFEST_FILE = "manifest.jsonl"
+#: Every listed file the manifest left out, with its reason (JSON Lines, beside the manifest).
+SKIPPED_FILE = "skipped.jsonl"
 #: Environment variable the Airflow caption task sets: a local job then ends as soon as the
 #: task process that launched it is gone (``captioning.runner.exit_with_parent``). Not
 #: ``CAPTION_``-prefixed: those are settings, and the settings loader refuses unknown ones.
@@ -36,6 +38,11 @@ def run_folder(data_root: str, run_id: str) -> str:
 def manifest_uri(data_root: str, run_id: str) -> str:
     """URI of the run's manifest (JSON Lines)."""
     return f"{run_folder(data_root, run_id)}/{MANIFEST_FILE}"
+
+
+def skipped_uri(data_root: str, run_id: str) -> str:
+    """URI of the run's record of the files its manifest left out (JSON Lines)."""
+    return f"{run_folder(data_root, run_id)}/{SKIPPED_FILE}"
 
 
 def output_folder(data_root: str, run_id: str) -> str:

@@ -27,17 +27,16 @@ class NotARegularFile(OSError):
     """A local path that is not a regular file (FIFO, socket, device, directory...)."""
 
 
-def _kind(mode: int) -> str:
-    return next((name for test, name in _KINDS if test(mode)), "not a plain file")
+def _not_regular(path: str, mode: int) -> str:
+    kind = next((name for test, name in _KINDS if test(mode)), "not a plain file")
+    return f"{path!r} is not a regular file ({kind}); only regular files are read"
 
 
 def not_regular_reason(path: str) -> str | None:
     """Why ``path`` (symlinks followed) is not a regular file, from ``os.stat`` without
     opening it; None when it is one. Raises OSError (FileNotFoundError...) as ``os.stat``."""
     mode = os.stat(path).st_mode
-    if stat.S_ISREG(mode):
-        return None
-    return f"{path!r} is not a regular file ({_kind(mode)}); only regular files are read"
+    return None if stat.S_ISREG(mode) else _not_regular(path, mode)
 
 
 def open_regular(path: str, *, follow_symlinks: bool = True) -> BinaryIO:
@@ -58,8 +57,7 @@ def open_regular(path: str, *, follow_symlinks: bool = True) -> BinaryIO:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise NotARegularFile(
-                f"{path!r} is not a regular file ({_kind(mode)}); only regular files are read")
+            raise NotARegularFile(_not_regular(path, mode))
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:

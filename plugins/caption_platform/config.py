@@ -537,6 +537,11 @@ def manifest_uri(settings: Settings, run_id: str) -> str:
     return layout.manifest_uri(settings.data_root, run_id)
 
 
+def skipped_uri(settings: Settings, run_id: str) -> str:
+    """URI of the run's record of the files its manifest left out (JSON Lines)."""
+    return layout.skipped_uri(settings.data_root, run_id)
+
+
 def job_output(settings: Settings, run_id: str) -> str:
     """The job's ``--output``: the run's output folder, or ``bq://P.D.PREFIX``."""
     if settings.warehouse == "bigquery":

@@ -32,7 +32,7 @@ from captioning.uris import NotARegularFile, beam_path, open_regular
 log = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 1 << 20
-_MD5_HEX = re.compile(r"^[0-9a-f]{32}$")
+_MD5_HEX = re.compile(r"[0-9a-f]{32}")
 
 # Why a captions row was not exported (the keys of the result's "skipped").
 BAD_IMAGE_ID = "bad_image_id"  # not the MD5 hex an image_id is: never used as a file name
@@ -128,7 +128,7 @@ def export_hf_imagefolder(
             image_id, uri = str(row["image_id"]), str(row["uri"])
             file_name = f"{image_id}{_extension(uri)}"
             try:
-                if not _MD5_HEX.match(image_id):
+                if not _MD5_HEX.fullmatch(image_id):
                     raise _Skip(BAD_IMAGE_ID, f"image_id {image_id!r} is not an MD5 hex digest")
                 if copy_images:
                     with _open_source(uri, roots, conn_id) as src:

@@ -29,7 +29,7 @@ fsspec listing itself may cache more for object stores).
 Size limits apply after that (``too_small``, ``too_large``), then hashing (``unreadable``).
 
 **Every file left out is named.** Each listed entry the manifest does not carry is a row
-of the run's :data:`SKIPPED_FILE` (JSON Lines beside the manifest, :func:`skipped_uri`):
+of the run's ``skipped.jsonl`` (JSON Lines beside the manifest, ``layout.SKIPPED_FILE``):
 ``{"uri", "reason", "detail", "size_bytes", "image_id", "duplicate_of"}`` where ``reason``
 is the :class:`ManifestStats` count it is in (:data:`SKIP_REASONS`), ``detail`` a short
 human reason, ``image_id`` the MD5 when it was hashed and ``duplicate_of`` the manifest URI
@@ -59,6 +59,7 @@ from typing import Any, NamedTuple
 from caption_platform.config import SNIFF_MODES, SettingsError
 from caption_platform.storage import is_local, normalize_uri, storage_path
 from captioning import formats
+from captioning.layout import SKIPPED_FILE
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,10 @@ _CHUNK_BYTES = 1 << 20
 #: the shared table's own need, enough for every signature it knows).
 SNIFF_BYTES = formats.HEAD_BYTES
 #: The run's record of every listed file the manifest does not carry (beside the manifest).
-SKIPPED_FILE = "skipped.jsonl"
 #: Why a listed file is not in the manifest: the :class:`ManifestStats` count it is in.
 SKIP_REASONS = ("not_image", "too_small", "too_large", "skipped_links", "unreadable",
                 "duplicates", "skipped_existing", "capped")
-#: Fields of a :data:`SKIPPED_FILE` line, in order (the ``skipped_files`` table adds run_id).
+#: Fields of a ``skipped.jsonl`` line, in order (the ``skipped_files`` table adds run_id).
 SKIPPED_FIELDS = ("uri", "reason", "detail", "size_bytes", "image_id", "duplicate_of")
 #: Camera raw files: images, but none the job decodes (a DNG even sniffs as a TIFF).
 CAMERA_RAW_EXTENSIONS = frozenset({
@@ -111,7 +111,7 @@ class ManifestStats:
 
     ``listed`` == ``not_image + too_small + too_large + skipped_links + unreadable +
     duplicates + skipped_existing + capped + written`` (see :meth:`unaccounted`). Each count
-    but ``listed`` and ``written`` is a reason of :data:`SKIPPED_FILE`, one row per entry.
+    but ``listed`` and ``written`` is a reason of ``skipped.jsonl``, one row per entry.
     """
 
     listed: int = 0
@@ -137,11 +137,6 @@ class ManifestStats:
         """Entries left out, per reason (:data:`SKIP_REASONS`, zeros included)."""
         counts = self.to_dict()
         return {reason: counts[reason] for reason in SKIP_REASONS}
-
-
-def skipped_uri(manifest_uri: str) -> str:
-    """Where a manifest's :data:`SKIPPED_FILE` goes: beside it, in the run folder."""
-    return f"{manifest_uri.rsplit('/', 1)[0]}/{SKIPPED_FILE}"
 
 
 def md5_from_info(info: dict[str, Any]) -> str | None:
@@ -394,7 +389,7 @@ def build_manifest(
     line per unique image, overwriting any previous file. ``exclude_ids`` (e.g. ids
     already captioned, for incremental runs) is streamed into DuckDB, never held
     as a Python set. Every listed entry left out is written to ``skipped`` (default:
-    :func:`skipped_uri` of the manifest), one JSON line each (:data:`SKIPPED_FIELDS`).
+    ``layout.SKIPPED_FILE`` beside the manifest), one JSON line each (:data:`SKIPPED_FIELDS`).
     ``sniff``: ``images.sniff`` (see the module docstring).
     """
     import duckdb
@@ -467,7 +462,8 @@ def build_manifest(
             stats.written = _write_jsonl(result, manifest_uri, conn_id,
                                          ("image_id", "uri", "size_bytes"))
             left_out = con.execute(_SKIPPED_ROWS, {"limit": limit})
-            _write_jsonl(left_out, skipped or skipped_uri(manifest_uri), conn_id,
+            beside = f"{manifest_uri.rsplit('/', 1)[0]}/{SKIPPED_FILE}"
+            _write_jsonl(left_out, skipped or beside, conn_id,
                          SKIPPED_FIELDS)
         finally:
             con.close()

@@ -31,6 +31,7 @@ class CaptionJobOperator(BeamRunPythonPipelineOperator):
         super().__init__(py_file="caption_images.py", runner="DirectRunner",
                          deferrable=False, **kwargs)
         self.plan_task_id = plan_task_id
+        self._run_plan: tuple[Any, RunPlan] | None = None
 
     def apply_plan(self, plan: RunPlan) -> None:
         """Take the runner, job file, options and deferral the plan resolved for this run."""
@@ -60,28 +61,37 @@ class CaptionJobOperator(BeamRunPythonPipelineOperator):
         self.log.info("launching %s with %s on %s (deferrable: %s)", self.py_file,
                       self.py_interpreter, self.runner, self.deferrable)
 
+    def _plan(self, context: Any) -> RunPlan:
+        """The plan task's plan, read from XCom and validated once per task attempt (its
+        ``pre_execute`` and ``execute`` share it; a retry or another run reads it anew)."""
+        from caption_platform.plan import RunPlan
+
+        ti = context["ti"]
+        if self._run_plan is None or self._run_plan[0] is not ti:
+            xcom = ti.xcom_pull(task_ids=self.plan_task_id)
+            if not xcom:
+                raise ValueError(f"no plan in XCom from task {self.plan_task_id!r}")
+            self._run_plan = (ti, RunPlan.from_xcom(xcom))
+        return self._run_plan[1]
+
     def pre_execute(self, context: Any) -> None:
         """The execution_timeout the plan derived from the run's size and settings (read by
         the task runner after this, before execute: a stuck job cannot hold the run)."""
         from datetime import timedelta
 
-        from caption_platform.plan import RunPlan
+        from caption_platform.tasks import error_in_xcom
 
-        xcom = context["ti"].xcom_pull(task_ids=self.plan_task_id)
-        timeout_s = RunPlan.from_xcom(xcom).launch.timeout_s if xcom else None
+        with error_in_xcom(context["ti"]):
+            timeout_s = self._plan(context).launch.timeout_s
         if timeout_s:
             self.execution_timeout = timedelta(seconds=timeout_s)
             self.log.info("execution_timeout: %.0f s", timeout_s)
 
     def execute(self, context: Any) -> Any:
-        from caption_platform.plan import RunPlan
         from caption_platform.tasks import error_in_xcom
 
         with error_in_xcom(context["ti"]):
-            xcom = context["ti"].xcom_pull(task_ids=self.plan_task_id)
-            if not xcom:
-                raise ValueError(f"no plan in XCom from task {self.plan_task_id!r}")
-            plan = RunPlan.from_xcom(xcom)
+            plan = self._plan(context)
             self._take(plan)
             with _refusal_is_final(plan), _timeout_named(self.execution_timeout):
                 return super().execute(context)

@@ -20,6 +20,7 @@ from caption_platform.config import (
     load_settings,
     manifest_uri,
     run_folder,
+    skipped_uri,
 )
 from caption_platform.params import setting_overrides
 from caption_platform.plan import RunPlan, run_kind_name
@@ -99,7 +100,7 @@ def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
     """
     from caption_platform.forecast import comparison_key, forecast
     from caption_platform.launch import job_options, launch_spec
-    from caption_platform.manifest import build_manifest, skipped_uri
+    from caption_platform.manifest import build_manifest
     from caption_platform.warehouse import get_warehouse
 
     settings = settings_for_run(params, overrides)
@@ -107,7 +108,7 @@ def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
     warehouse.ensure_tables()
     exclude = warehouse.existing_image_ids(exclude_run_id=run_id) if settings.incremental else None
     target = manifest_uri(settings, run_id)
-    skipped = skipped_uri(target)
+    skipped = skipped_uri(settings, run_id)
     stats = build_manifest(
         settings.source_uri,
         target,
@@ -273,7 +274,5 @@ def export_run(xcom: PlanXCom) -> dict[str, Any]:
     rows = get_warehouse(plan.settings).captions_for_run(plan.run_id, limit=None)
     out = f"{plan.run_folder}/hf_dataset"
     result = export_hf_imagefolder(rows, out, source_roots=plan.settings.job.source_roots,
-                                   conn_id=plan.settings.storage_conn_id)
-    log.info("exported %d images to %s; skipped %s", result["rows"], out,
-             result["skipped"] or "none")
+                                   conn_id=plan.settings.storage_conn_id)  # logs the counts
     return {"uri": out, **result}
