@@ -296,7 +296,7 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         out[name] = {
             "images_per_s_median": round(statistics.median(r.images_per_s for r in mine), 4),
             "images_per_s_runs": [round(r.images_per_s, 4) for r in mine],
-            "wall_s_runs": [round(r.wall_s, 1) for r in mine],
+            "wall_s_runs": [round(r.wall_s, 2) for r in mine],
             "wall_s_median": round(statistics.median(r.wall_s for r in mine), 2),
             "cpu_s_per_image_median": round(statistics.median(r.cpu_s for r in mine)
                                             / mine[0].images, 2),
