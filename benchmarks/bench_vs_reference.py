@@ -226,24 +226,29 @@ def timed_process(cmd: list[str], env: dict[str, str], log_path: Path
     return wall, _children_cpu_s() - cpu0, peak / 2**20, rc
 
 
-def _env() -> dict[str, str]:
+def _env(pythonpath: str | None = None) -> dict[str, str]:
+    """Offline Hugging Face; no inherited PYTHONPATH, only ``pythonpath`` when given (the
+    unpacked packages of a machine without package access, ``bench_gpu.py``)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     env.pop("PYTHONPATH", None)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
     return env
 
 
 def run_ours(work: Path, manifest: Path, models: dict[str, str], s: Settings,
-             extra_args: list[str], round_no: int, name: str = "ours") -> Run:
+             extra_args: list[str], round_no: int, name: str = "ours",
+             python: str = sys.executable, pythonpath: str | None = None) -> Run:
     out = work / f"{name}-{round_no}"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, str(JOB), "--manifest", manifest.as_uri(), "--output", str(out),
+    cmd = [python, str(JOB), "--manifest", manifest.as_uri(), "--output", str(out),
            "--run_id", f"bench-{round_no}", "--blip_model", models["blip"],
            "--clip_model", models["clip"], "--num_captions", str(s.num_captions),
            "--num_beams", str(s.num_beams), "--max_new_tokens", str(s.new_tokens),
            *extra_args]
     log = work / f"{name}-{round_no}.log"
-    wall, cpu, rss, rc = timed_process(cmd, _env(), log)
+    wall, cpu, rss, rc = timed_process(cmd, _env(pythonpath), log)
     if rc != 0:
         raise RuntimeError(f"our job failed (exit {rc}); log: {log}")
     summary = json.loads((out / "run_summary.json").read_text())
@@ -264,16 +269,17 @@ def _our_rows(out: Path) -> dict[str, dict[str, Any]]:
 
 
 def run_reference(work: Path, python: Path, uris: Path, models: dict[str, str], s: Settings,
-                  round_no: int) -> Run:
-    rows = work / f"reference-{round_no}.jsonl"
+                  round_no: int, device: str = "CPU", pythonpath: str | None = None,
+                  name: str = "reference") -> Run:
+    rows = work / f"{name}-{round_no}.jsonl"
     rows.unlink(missing_ok=True)
     cmd = [str(python), str(LAUNCHER), "--rows_out", str(rows), "--mode", "batch",
-           "--publish_to_big_query", "false", "--device", "CPU", "--input", str(uris),
+           "--publish_to_big_query", "false", "--device", device, "--input", str(uris),
            "--output_table", "local.unused", "--blip_model_name", models["blip"],
            "--clip_model_name", models["clip"], "--num_captions", str(s.num_captions),
            "--num_beams", str(s.num_beams), "--max_new_tokens", str(s.new_tokens)]
-    log = work / f"reference-{round_no}.log"
-    wall, cpu, rss, rc = timed_process(cmd, _env(), log)
+    log = work / f"{name}-{round_no}.log"
+    wall, cpu, rss, rc = timed_process(cmd, _env(pythonpath), log)
     if rc != 0:
         raise RuntimeError(f"reference pipeline failed (exit {rc}); log: {log}")
     got = [json.loads(line) for line in rows.read_text().splitlines() if line.strip()]

@@ -1,4 +1,4 @@
-"""Faster BLIP beam search on CPU that computes the same captions as stock ``generate``.
+"""Faster BLIP beam search that computes the same captions as stock ``generate``.
 
 Three named changes, all switched on only for the cache object :func:`beam_search_cache`
 returns (any other call of the model runs transformers' own code path unchanged):
@@ -19,7 +19,8 @@ returns (any other call of the model runs transformers' own code path unchanged)
    ``BlipForConditionalGeneration.generate`` with one difference: the decoder gets a
    one-token stand-in for the image embeddings, so ``generate`` has nothing large to repeat
    per beam, and the shared cross-attention reads the one copy per image from the cache.
-   Those keys and values are projected two images at a time (on CPU) straight into the
+   Those keys and values are projected two images at a time on CPU (all at once on a GPU,
+   where small products leave the card idle: :func:`project_images_for`) straight into the
    cache tensors, a product shape the matmul kernels run at full speed, with no per-layer
    temporary of all images' keys and values to map and fault in afresh.
 
@@ -115,11 +116,13 @@ def _classes() -> dict[str, type]:
         contiguous copy of each image's embeddings that every layer projects them from.
         """
 
-        def __init__(self, text_config: Any, num_beams: int, max_len: int) -> None:
+        def __init__(self, text_config: Any, num_beams: int, max_len: int,
+                     project_images: int) -> None:
             self_cache = DynamicCache(config=text_config)
             self_cache.layers = [PreallocatedLayer(max_len) for _ in self_cache.layers]
             super().__init__(self_cache, DynamicCache(config=text_config))
             self.num_beams = num_beams
+            self.project_images = project_images  # per key/value product; 0: all at once
             self.image_states: Any = None  # one row per image, contiguous, set at step 1
             self.cross_kv: dict[int, tuple[Any, Any]] = {}
 
@@ -150,7 +153,8 @@ def _classes() -> dict[str, type]:
             if self.layer_idx not in cache.cross_kv:
                 if cache.image_states is None:  # stock generate: beams of an image adjacent
                     cache.image_states = encoder_hidden_states[::group].contiguous()
-                cache.cross_kv[self.layer_idx] = self._image_keys_values(cache.image_states)
+                cache.cross_kv[self.layer_idx] = self._image_keys_values(
+                    cache.image_states, cache.project_images)
             keys_t, values = cache.cross_kv[self.layer_idx]
             scores = torch.matmul(query, keys_t)
             if encoder_attention_mask is not None:
@@ -164,17 +168,17 @@ def _classes() -> dict[str, type]:
                        .permute(0, 2, 3, 1, 4).reshape(n, length, heads * dim))
             return context, probs
 
-        def _image_keys_values(self, per_image: Any) -> tuple[Any, Any]:
+        def _image_keys_values(self, per_image: Any, project_images: int) -> tuple[Any, Any]:
             """Keys as ``[images, heads, dim, tokens]`` and values as ``[.., tokens, dim]``.
 
-            Projected ``PROJECT_IMAGES`` images at a time straight into the two cache
-            tensors: the products keep a shape matmul kernels run at full speed, and the
-            temporary (7 MB at 2 images, 42 MB at 12) is reused instead of being mapped
-            afresh for every layer.
+            Projected ``project_images`` images at a time (0: all) straight into the two
+            cache tensors: on CPU the products keep a shape matmul kernels run at full
+            speed, and the temporary (7 MB at 2 images, 42 MB at 12) is reused instead of
+            being mapped afresh for every layer.
             """
             heads, dim = self.num_attention_heads, self.attention_head_size
             images, tokens, _ = per_image.shape
-            step = PROJECT_IMAGES if per_image.device.type == "cpu" else images  # GPUs: one
+            step = project_images or images
             keys_t = per_image.new_empty((images, heads, dim, tokens))
             values = per_image.new_empty((images, heads, tokens, dim))
             for i in range(0, images, step):
@@ -258,9 +262,21 @@ def generate(model: Any, cache: Any, pixel_values: Any, input_ids: Any = None,
         **generate_kwargs)
 
 
-def beam_search_cache(model: Any, num_beams: int, max_len: int) -> Any:
+def project_images_for(device: str) -> int:
+    """Images per key/value product on ``device``: :data:`PROJECT_IMAGES` on CPU, 0 (all
+    at once) on a GPU."""
+    return PROJECT_IMAGES if device.split(":", 1)[0] == "cpu" else 0
+
+
+def beam_search_cache(model: Any, num_beams: int, max_len: int,
+                      project_images: int | None = None) -> Any:
     """The cache to pass as ``generate(cache=...)`` for beam search with ``num_beams``.
 
     ``max_len`` is the longest sequence generate may reach (prompt plus new tokens).
+    ``project_images``: images per key/value product; None chooses by the model's device
+    (:func:`project_images_for`), which tests override to run the GPU branch on a CPU.
     """
-    return _classes()["BeamSearchCache"](model.config.text_config, num_beams, max_len)
+    if project_images is None:
+        project_images = project_images_for(next(model.parameters()).device.type)
+    return _classes()["BeamSearchCache"](model.config.text_config, num_beams, max_len,
+                                         project_images)

@@ -1,4 +1,4 @@
-"""BLIP's image encoder, faster on CPU, computing what stock BLIP computes.
+"""BLIP's image encoder, faster, computing what stock BLIP computes.
 
 Two named changes, swapped in by :func:`speed_up_vision` (same weights, same module tree):
 
@@ -10,7 +10,8 @@ Two named changes, swapped in by :func:`speed_up_vision` (same weights, same mod
    layer: they miss the CPU caches, and glibc maps and page-faults every one of them afresh
    (its mmap threshold tops out at 32 MB). :class:`ChunkedBlipEncoder` runs the encoder
    layers on ``chunk_images`` images at a time (images are independent in the encoder), so
-   the activations stay small and are reused.
+   the activations stay small and are reused. On a GPU the whole batch goes through at
+   once (:func:`chunk_images_for`): small products would leave the card idle.
 
 Outputs equal stock within float rounding (``tests/beam_jobs/test_blip_decoding.py``).
 Attention probabilities and per-layer hidden states are not returned: the captioning job
@@ -51,7 +52,7 @@ def _classes() -> dict[str, type]:
 
         def forward(self, inputs_embeds: Any, **kwargs: Any) -> Any:
             step = self.chunk_images
-            if inputs_embeds.shape[0] <= step:
+            if not step or inputs_embeds.shape[0] <= step:
                 return super().forward(inputs_embeds, **kwargs)
             parts = [super(ChunkedBlipEncoder, self).forward(inputs_embeds[i:i + step],
                                                              **kwargs).last_hidden_state
@@ -63,8 +64,15 @@ def _classes() -> dict[str, type]:
     return _CLASSES
 
 
+def chunk_images_for(device: str) -> int:
+    """Images per chunk through the encoder on ``device``: :data:`CHUNK_IMAGES` on CPU, 0
+    (the whole batch at once) on a GPU, where a product needs many rows to fill the card."""
+    return CHUNK_IMAGES if device.split(":", 1)[0] == "cpu" else 0
+
+
 def speed_up_vision(model: Any, chunk_images: int = CHUNK_IMAGES) -> Any:
-    """Swap in the fused attention and the chunked encoder in ``model``'s image encoder."""
+    """Swap in the fused attention and the chunked encoder in ``model``'s image encoder
+    (``chunk_images`` 0: no chunks)."""
     from transformers.models.blip.modeling_blip import BlipAttention, BlipEncoder
 
     classes = _classes()

@@ -5,8 +5,17 @@ pipeline is built, which must work where neither is installed (Cloud Composer).
 
 Both handlers get already-decoded RGB images (``DecodedImage``), load their model once per
 worker process (Beam's ``Shared`` hands the same model to every thread), and never lose an
-image to a failing batch: the batch is retried image by image and only the images that still
-fail come back as ``{"error": ...}`` for the pipeline to dead-letter (stage ``inference``).
+image to a failing batch. A batch that runs out of GPU memory is split in halves and each
+half retried (recursively; later batches start at the size that fitted): out of memory is a
+capacity problem, not a bad image, and only an image that does not fit alone is
+dead-lettered, with a reason that says so. A batch failing any other way is retried image by
+image. What still fails comes back as ``{"error": ...}`` for the pipeline to dead-letter
+(stage ``inference``).
+
+Where the models run and in which dtype is decided in :mod:`captioning.devices`; the device
+is a parameter everywhere below, so the GPU's code path (half-precision weights, inputs moved
+to the model's device, the decoder's GPU branch, the out-of-memory split) runs on a CPU in
+tests.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from captioning import (
     blip_decoding,
     blip_vision,
     cpu_memory,
+    devices,
     garbage_collection,
     job_spec,
     onednn_linear,
@@ -52,6 +62,7 @@ class LoadedModel:
     processor: Any
     device: str
     dtype: Any
+    gpu: devices.GpuInfo | None = None
 
 
 def sampling_seed(image_id: str) -> int:
@@ -59,13 +70,18 @@ def sampling_seed(image_id: str) -> int:
     return int(hashlib.md5(image_id.encode("utf-8")).hexdigest()[:15], 16)
 
 
-def _load(model_cls_name: str, processor_cls_name: str, ref: str, device: str) -> LoadedModel:
+def _load(model_cls_name: str, processor_cls_name: str, ref: str, device: str,
+          precision: str) -> LoadedModel:
+    """Load on ``device`` (``cpu``, ``cuda`` or ``cuda:N``) in the dtype
+    :func:`captioning.devices.choose_numerics` picks for ``precision`` and the card."""
     with garbage_collection.long_lived():  # transformers' import tree and the model live on
         import torch
         import transformers
 
         path = resolve_model_ref(ref)
-        dtype = torch.float16 if device == "cuda" else torch.float32
+        gpus = devices.list_gpus() if devices.device_type(device) == "cuda" else []
+        device, gpu = devices.place(device, gpus)
+        dtype = getattr(torch, devices.choose_numerics(device, precision, gpu).weights)
         if device == "cpu":
             cpu_memory.keep_freed_memory()
         # Weights load without executing code: safetensors only (no pickle), no remote code.
@@ -75,7 +91,8 @@ def _load(model_cls_name: str, processor_cls_name: str, ref: str, device: str) -
             path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
         model.to(device)
         model.eval()
-        return LoadedModel(model, processor, device, dtype)
+        log.info("%s on %s (%s) in %s", ref, device, gpu.name if gpu else "CPU", dtype)
+        return LoadedModel(model, processor, device, dtype, gpu)
 
 
 def _distinct_token_rows(input_ids: Any, attention_mask: Any) -> tuple[Any, Any, Any]:
@@ -97,22 +114,63 @@ def _error(e: BaseException) -> dict[str, str]:
     return {"error": describe_error(e)}
 
 
-def _with_fallback(
-    batch: Sequence[Any],
-    run_batch: Callable[[Sequence[Any]], list[dict[str, Any]]],
-) -> list[dict[str, Any]]:
-    """Run the whole batch; if it raises, run image by image and mark only the failures."""
-    try:
-        return run_batch(batch)
-    except Exception as e:  # noqa: BLE001 - isolate the bad image(s) below
+def _out_of_memory_error(e: BaseException, device: str) -> dict[str, str]:
+    return {"error": f"out of memory on {device} with this image alone in its batch: "
+                     f"{describe_error(e)}"[:1000]}
+
+
+RunBatch = Callable[[Sequence[Any]], list[dict[str, Any]]]
+
+
+class BatchRunner:
+    """Runs batches so that an out-of-memory error splits the batch instead of failing it.
+
+    On out of memory the batch is split in halves and each half run the same way, down to
+    single images; an image that does not fit alone is dead-lettered with a reason that says
+    so. The size a batch was split down to is remembered (``fits``), and later batches are
+    cut to it up front, so a card that is too small for the configured batch size
+    pays for the split once, not on every batch. Any other error retries image by image
+    (one bad image must not take its batch with it).
+
+    The retry starts after the ``except`` block: a live exception holds the failed call's
+    frames, and with them its tensors, which would keep the GPU memory the halves need.
+    ``fits`` only shrinks: a process that once ran out of memory at a size stays below it.
+    """
+
+    def __init__(self, device: str, on_split: Callable[[], None] = lambda: None) -> None:
+        self.device = device
+        self.fits: int | None = None  # largest batch known to fit after an OOM; None: no OOM
+        self._on_split = on_split
+
+    def run(self, batch: Sequence[Any], run_batch: RunBatch) -> list[dict[str, Any]]:
+        size = self.fits or len(batch)
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(batch), max(1, size)):
+            out.extend(self._run(batch[start:start + size], run_batch))
+        return out
+
+    def _run(self, batch: Sequence[Any], run_batch: RunBatch) -> list[dict[str, Any]]:
+        try:
+            results = run_batch(batch)
+        except Exception as e:  # noqa: BLE001 - split or isolate below, never lose an image
+            out_of_memory = devices.is_out_of_memory(e)
+            failure: dict[str, str] = (_out_of_memory_error(e, self.device) if out_of_memory
+                                       else _error(e))
+        else:
+            return results
+        # Out of the except block: the exception and its frames are gone (see above).
+        if out_of_memory:
+            devices.release_cached_memory(self.device)
         if len(batch) == 1:
-            return [_error(e)]
+            return [failure]
+        if out_of_memory:
+            self._on_split()
+            half = (len(batch) + 1) // 2
+            self.fits = half if self.fits is None else min(self.fits, half)
+            return self._run(batch[:half], run_batch) + self._run(batch[half:], run_batch)
         out: list[dict[str, Any]] = []
         for item in batch:
-            try:
-                out.extend(run_batch([item]))
-            except Exception as e:  # noqa: BLE001 - becomes a dead letter
-                out.append(_error(e))
+            out.extend(self._run([item], run_batch))
         return out
 
 
@@ -125,8 +183,7 @@ class _BaseHandler(ModelHandler):
                  share_across_processes: bool = False, precision: str = "fp32",
                  fast_paths: bool = True) -> None:
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        devices.choose_numerics(device, precision)  # refuses an unknown device or precision
         self.model_ref = model_ref
         self.device = device
         self.batch_size = batch_size
@@ -136,6 +193,8 @@ class _BaseHandler(ModelHandler):
         self.fast_paths = fast_paths
         self._share = share_across_processes
         self._latency = Metrics.distribution(METRICS_NAMESPACE, self._latency_name)
+        self._splits = Metrics.counter(METRICS_NAMESPACE, f"{self._latency_name[:4]}_oom_splits")
+        self._runner: BatchRunner | None = None
 
     def batch_elements_kwargs(self) -> Mapping[str, Any]:
         # min == max: every batch but a bundle's last is exactly --*_batch_size images.
@@ -156,7 +215,7 @@ class _BaseHandler(ModelHandler):
         return total
 
     def _bf16_on_cpu(self) -> bool:
-        return self.precision == "bf16" and self.device == "cpu"
+        return devices.choose_numerics(self.device, self.precision).autocast_bf16
 
     def _prepare(self, lm: LoadedModel) -> LoadedModel:
         """Settle the Linear layers' weights once, at load.
@@ -172,7 +231,7 @@ class _BaseHandler(ModelHandler):
             for module in lm.model.modules():
                 if isinstance(module, torch.nn.Linear):
                     module.to(torch.bfloat16)
-        elif self.fast_paths and self.device == "cpu" and self.precision == "fp32":
+        elif self.fast_paths and lm.device == "cpu" and self.precision == "fp32":
             swapped = onednn_linear.use_onednn(lm.model)
             log.info("%s: %d linear layers multiply with oneDNN", self.model_ref, swapped)
         return lm
@@ -189,7 +248,9 @@ class _BaseHandler(ModelHandler):
                run_batch: Callable[[Sequence[Any]], list[dict[str, Any]]],
                model_id: str) -> list[PredictionResult]:
         start = time.perf_counter()
-        results = _with_fallback(batch, run_batch)
+        if self._runner is None:
+            self._runner = BatchRunner(self.device, self._splits.inc)
+        results = self._runner.run(batch, run_batch)
         self._latency.update(int((time.perf_counter() - start) * 1000))
         return [PredictionResult(example, inference, model_id)
                 for example, inference in zip(batch, results, strict=True)]
@@ -221,11 +282,12 @@ class BlipCaptionModelHandler(_BaseHandler):
         self.top_p = top_p
 
     def load_model(self) -> LoadedModel:
-        lm = _load("BlipForConditionalGeneration", "BlipProcessor", self.model_ref, self.device)
+        lm = _load("BlipForConditionalGeneration", "BlipProcessor", self.model_ref, self.device,
+                   self.precision)
         check_generation_limit(lm, self.model_ref, self.max_new_tokens, self.prompt)
         if self.fast_paths:
             blip_decoding.share_cross_attention(lm.model)
-            blip_vision.speed_up_vision(lm.model)
+            blip_vision.speed_up_vision(lm.model, blip_vision.chunk_images_for(lm.device))
         return self._prepare(lm)
 
     def get_metrics_namespace(self) -> str:
@@ -310,7 +372,8 @@ class ClipRankModelHandler(_BaseHandler):
                          fast_paths=fast_paths)
 
     def load_model(self) -> LoadedModel:
-        return self._prepare(_load("CLIPModel", "CLIPProcessor", self.model_ref, self.device))
+        return self._prepare(_load("CLIPModel", "CLIPProcessor", self.model_ref, self.device,
+                                   self.precision))
 
     def get_metrics_namespace(self) -> str:
         return "clip_ranking"

@@ -57,5 +57,5 @@ def test_blip_and_clip_run_in_the_chosen_precision(tiny_models: dict[str, str],
 
 
 def test_unknown_precision_is_refused(tiny_models: dict[str, str]) -> None:
-    with pytest.raises(ValueError, match="fp32 or bf16"):
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16"):
         ClipRankModelHandler(tiny_models["clip"], precision="fp8")
