@@ -43,6 +43,14 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def other_blip(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A second tiny BLIP (other random weights): the model a caption-recipe switch moves to."""
+    from captioning.model_factory import build_blip
+
+    return str(build_blip(tmp_path_factory.mktemp("other_blip") / "blip", "tiny", seed=7))
+
+
+@pytest.fixture(scope="session")
 def airflow_db() -> str:
     """A migrated Airflow metadata DB (SQLite) in the test AIRFLOW_HOME."""
     airflow = str(Path(sys.executable).with_name("airflow"))

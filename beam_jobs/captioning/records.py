@@ -63,6 +63,7 @@ def dead_letter(entry: Any, run_id: str, stage: str, error: str) -> dict[str, An
         "stage": stage,
         "error": error,
         "failed_at": utc_now(),
+        "recipe": None,  # stamped by the sink (captioning.sinks.WriteCaptionOutputs)
     }
 
 
@@ -95,4 +96,5 @@ def caption_row(
         "beam_sdk_version": beam_sdk_version,
         "captioned_at": utc_now(),
         "caption_similarity": None if similarity is None else float(similarity),
+        "recipe": None,  # stamped by the sink (captioning.sinks.WriteCaptionOutputs)
     }

@@ -14,6 +14,9 @@ CAPTIONS = "captions"
 DEAD_LETTERS = "dead_letters"
 TABLES = (CAPTIONS, DEAD_LETTERS)
 
+#: The recipe column (NULL only on rows an older release wrote, before recipes existed).
+RECIPE_HELP = "fingerprint of the caption recipe the row was produced with (captioning.recipe)"
+
 #: The stages a dead letter can come from (contract).
 STAGES = ("read", "decode", "inference")
 
@@ -50,6 +53,7 @@ CAPTIONS_FIELDS: tuple[Field, ...] = (
     Field("captioned_at", "TIMESTAMP", "REQUIRED"),
     Field("caption_similarity", "FLOAT", description="CLIP cosine similarity of the chosen "
           "caption and the image (comparable across runs, unlike caption_score)"),
+    Field("recipe", "STRING", description=RECIPE_HELP),
 )
 
 DEAD_LETTER_FIELDS: tuple[Field, ...] = (
@@ -59,6 +63,7 @@ DEAD_LETTER_FIELDS: tuple[Field, ...] = (
     Field("stage", "STRING", "REQUIRED", description="read | decode | inference"),
     Field("error", "STRING", "REQUIRED"),
     Field("failed_at", "TIMESTAMP", "REQUIRED"),
+    Field("recipe", "STRING", description=RECIPE_HELP),
 )
 
 FIELDS: dict[str, tuple[Field, ...]] = {CAPTIONS: CAPTIONS_FIELDS, DEAD_LETTERS: DEAD_LETTER_FIELDS}

@@ -47,9 +47,14 @@ def _join(base: str, *parts: str) -> str:
     return FileSystems.join(base, *parts) if "://" in base else posixpath.join(base, *parts)
 
 
-def _to_bigquery_json(row: dict[str, Any]) -> dict[str, Any]:
-    """TIMESTAMP values as strings BigQuery's JSON load accepts."""
-    out = dict(row)
+def with_recipe(row: dict[str, Any], recipe: str | None) -> dict[str, Any]:
+    """The row stamped with the run's recipe fingerprint (every row of one job has the same)."""
+    return row if recipe is None else {**row, "recipe": recipe}
+
+
+def _to_bigquery_json(row: dict[str, Any], recipe: str | None = None) -> dict[str, Any]:
+    """TIMESTAMP values as strings BigQuery's JSON load accepts; the recipe stamped."""
+    out = with_recipe(row, recipe)
     for key in ("captioned_at", "failed_at"):
         value = out.get(key)
         if value is not None and hasattr(value, "strftime"):
@@ -106,11 +111,16 @@ def _match(pattern: str) -> list[Any]:
 
 
 class WriteCaptionOutputs(beam.PTransform):
-    """{"captions": rows, "dead_letters": rows} -> Parquet folder or BigQuery tables."""
+    """{"captions": rows, "dead_letters": rows} -> Parquet folder or BigQuery tables.
 
-    def __init__(self, output: str) -> None:
+    ``recipe``: the run's recipe fingerprint, stamped on every row of both tables here, so
+    no row can leave the job without the recipe that produced it.
+    """
+
+    def __init__(self, output: str, recipe: str | None = None) -> None:
         super().__init__()
         self.output = output
+        self.recipe = recipe
         self.bigquery = is_bigquery(output)
         self.tables = bigquery_tables(output) if self.bigquery else {}
         self.folder = None if self.bigquery else folder_path(output)
@@ -130,7 +140,7 @@ class WriteCaptionOutputs(beam.PTransform):
         for table in schema.TABLES:
             results[table] = (
                 pcolls[table]
-                | f"{table}ToJson" >> beam.Map(_to_bigquery_json)
+                | f"{table}ToJson" >> beam.Map(_to_bigquery_json, self.recipe)
                 | f"Write_{table}_ToBigQuery" >> WriteToBigQuery(
                     table=self.tables[table],
                     schema=schema.bigquery_schema(table),
@@ -145,7 +155,10 @@ class WriteCaptionOutputs(beam.PTransform):
         assert self.staging is not None and self.folder is not None
         written = []
         for table in schema.TABLES:
-            files = pcolls[table] | f"Write_{table}_Parquet" >> beam.io.WriteToParquet(
+            rows = pcolls[table]
+            if self.recipe is not None:
+                rows = rows | f"{table}Recipe" >> beam.Map(with_recipe, self.recipe)
+            files = rows | f"Write_{table}_Parquet" >> beam.io.WriteToParquet(
                 file_path_prefix=_join(self.staging, table, "part"),
                 schema=schema.pyarrow_schema(table),
                 file_name_suffix=".parquet",

@@ -73,7 +73,10 @@ SNIFF_BYTES = formats.HEAD_BYTES
 #: The run's record of every listed file the manifest does not carry (beside the manifest).
 #: Why a listed file is not in the manifest: the :class:`ManifestStats` count it is in.
 SKIP_REASONS = ("not_image", "too_small", "too_large", "skipped_links", "unreadable",
-                "duplicates", "skipped_existing", "capped")
+                "duplicates", "skipped_existing", "other_recipe", "over_budget", "capped")
+#: What the manifest's images are (a breakdown of ``written``, not a reason to leave out):
+#: never published, dead-lettered before (always tried again), captioned with another recipe.
+WRITTEN_KINDS = ("new", "retried", "recaptioned")
 #: Fields of a ``skipped.jsonl`` line, in order (the ``skipped_files`` table adds run_id).
 SKIPPED_FIELDS = ("uri", "reason", "detail", "size_bytes", "image_id", "duplicate_of")
 #: Camera raw files: images, but none the job decodes (a DNG even sniffs as a TIFF).
@@ -121,9 +124,15 @@ class ManifestStats:
     skipped_links: int = 0  # symlinks to folders, outside the source, or to nothing
     unreadable: int = 0  # could not be opened to sniff or hash it (permissions, vanished)
     duplicates: int = 0
-    skipped_existing: int = 0
+    skipped_existing: int = 0  # captioned already (with this run's recipe, when it has one)
+    other_recipe: int = 0  # captioned with another recipe, kept (recipe_policy=keep)
+    over_budget: int = 0  # captioned with another recipe, left to a later run by the budget
     capped: int = 0
     written: int = 0
+    # the written images by kind (WRITTEN_KINDS): new + retried + recaptioned == written
+    new: int = 0
+    retried: int = 0
+    recaptioned: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -131,7 +140,14 @@ class ManifestStats:
     def unaccounted(self) -> int:
         """Listed entries in no count (always 0: a non-zero value is a bug)."""
         counts = self.to_dict()
+        for kind in WRITTEN_KINDS:
+            counts.pop(kind)
         return counts.pop("listed") - sum(counts.values())
+
+    @property
+    def awaiting_recipe(self) -> int:
+        """Images found captioned with another recipe: re-captioned now or still waiting."""
+        return self.recaptioned + self.other_recipe + self.over_budget
 
     def skipped(self) -> dict[str, int]:
         """Entries left out, per reason (:data:`SKIP_REASONS`, zeros included)."""
@@ -227,7 +243,9 @@ def _listing(
     local = is_local(root)
     real_root = os.path.realpath(root.path) if local else ""
     # Object-store filesystems (gcsfs) cache listings per process: list what is there now.
-    fs.invalidate_cache(root.path)
+    # invalidate_cache(path) drops only that path and its parents; a subfolder an earlier
+    # listing in this process cached would hide the files added to it since.
+    _forget_listings_under(fs, root.path)
     for _dirpath, _dirs, files in fs.walk(root.path, detail=True, on_error="raise"):
         for info in files.values():
             stats.listed += 1
@@ -283,6 +301,18 @@ def _listing(
             yield _Entry(image_id, full, size)
 
 
+def _forget_listings_under(fs: Any, path: str) -> None:
+    """Drop every cached listing of ``path`` and of the folders under it."""
+    fs.invalidate_cache(path)
+    cache = getattr(fs, "dircache", None)
+    if cache is None:
+        return
+    prefix = path.rstrip("/") + "/"
+    for key in [k for k in list(cache) if str(k).startswith(prefix)]:
+        fs.invalidate_cache(key)
+        cache.pop(key, None)
+
+
 def _checked(batches: Iterator[Any], source_uri: str) -> Iterator[Any]:
     """Re-raise a listing failure part-way (a folder that cannot be read) naming the source."""
     try:
@@ -329,6 +359,76 @@ def sniffs(mode: str, root: Any) -> bool:
     return mode == "always" or (mode == "auto" and is_local(root))
 
 
+@dataclass(frozen=True)
+class RecipeSelection:
+    """How an incremental run treats what earlier runs published (``known`` outcomes).
+
+    An image is done when its newest outcome is a caption with ``recipe``; a dead letter is
+    always tried again; a caption with another recipe (or none: an older release's) is kept
+    (``policy`` keep) or re-captioned (recaption), oldest caption first, at most ``budget``
+    of them and at most ``max_images_total`` images in the whole run (what ``max_cost_usd``
+    pays for at the forecast unit cost); None: no such limit.
+    """
+
+    recipe: str
+    policy: str = "keep"
+    budget: int | None = None
+    max_images_total: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("keep", "recaption"):
+            raise ValueError(f"recipe_policy: {self.policy!r} is not allowed; choose one of "
+                             "keep, recaption")
+        for name in ("budget", "max_images_total"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name}: {value} must be at least 0")
+
+    def recaption_limit(self, first_tries: int) -> int | None:
+        """How many images of another recipe may join ``first_tries`` new and retried ones."""
+        if self.policy != "recaption":
+            return 0
+        limits = [n for n in (self.budget,) if n is not None]
+        if self.max_images_total is not None:
+            limits.append(max(0, self.max_images_total - first_tries))
+        return min(limits) if limits else None
+
+
+_KNOWN_SCHEMA = (("image_id", "string"), ("outcome", "string"), ("recipe", "string"),
+                 ("outcome_at", "timestamp"))
+
+# Each unique image's status against the known outcomes, then the decision: take it, or the
+# reason it is left out. Images of another recipe are ranked oldest caption first.
+_CLASSIFY = (
+    """
+    CREATE TABLE classified AS
+    WITH k AS (
+      SELECT DISTINCT ON (image_id) image_id, outcome, recipe, outcome_at FROM known
+      ORDER BY image_id, outcome_at DESC NULLS LAST, outcome DESC
+    )
+    SELECT u.image_id, u.uri, u.size_bytes, k.outcome_at,
+      CASE WHEN k.image_id IS NULL THEN 'new'
+           WHEN k.outcome = 'dead_lettered' THEN 'retried'
+           WHEN $recipe IS NULL OR k.recipe = $recipe THEN 'done'
+           ELSE 'stale' END AS status
+    FROM uniq u LEFT JOIN k ON k.image_id = u.image_id
+    """,
+    """
+    CREATE TABLE chosen AS
+    SELECT image_id, uri, size_bytes, status,
+      CASE WHEN status IN ('new', 'retried') THEN 'take'
+           WHEN status = 'done' THEN 'skipped_existing'
+           WHEN $policy = 'keep' THEN 'other_recipe'
+           WHEN $limit IS NULL OR age_rank <= $limit THEN 'take'
+           ELSE 'over_budget' END AS decision
+    FROM (
+      SELECT *, ROW_NUMBER() OVER (PARTITION BY status
+                                   ORDER BY outcome_at NULLS FIRST, image_id) AS age_rank
+      FROM classified
+    )
+    """,
+)
+
 # Every listed entry the manifest does not carry, in URI order: the listing's own rejects,
 # then the duplicates (not the smallest URI of their bytes), the images captioned already and
 # those past max_images (the same URI order and limit as the manifest's query).
@@ -341,19 +441,34 @@ SELECT uri, reason, detail, size_bytes, image_id, duplicate_of FROM (
   FROM entries e JOIN uniq u ON e.image_id = u.image_id
   WHERE e.reason IS NULL AND e.uri <> u.uri
   UNION ALL
-  SELECT uri, 'skipped_existing', 'captioned by another run already', size_bytes, image_id,
-         NULL
-  FROM uniq WHERE image_id IN (SELECT image_id FROM excluded)
+  SELECT uri, decision,
+         CASE decision
+           WHEN 'skipped_existing' THEN $done_detail
+           WHEN 'other_recipe' THEN 'captioned with another recipe; recipe_policy=keep'
+           ELSE 'awaits this recipe; left to a later run by the recaption budget'
+         END, size_bytes, image_id, NULL
+  FROM chosen WHERE decision <> 'take'
   UNION ALL
   SELECT uri, 'capped', 'past max_images=' || CAST($limit AS VARCHAR), size_bytes, image_id,
          NULL
   FROM (
-    SELECT uri, size_bytes, image_id, ROW_NUMBER() OVER (ORDER BY uri) AS n FROM uniq u
-    WHERE NOT EXISTS (SELECT 1 FROM excluded x WHERE x.image_id = u.image_id)
+    SELECT uri, size_bytes, image_id, ROW_NUMBER() OVER (ORDER BY uri) AS n FROM chosen
+    WHERE decision = 'take'
   ) WHERE n > $limit
 )
 ORDER BY uri, reason
 """
+
+
+def _classify(con: Any, selection: RecipeSelection | None) -> None:
+    """Create the ``chosen`` table: each unique image's status and decision (``_CLASSIFY``),
+    the budget applied after counting the new and retried images it must leave room for."""
+    con.execute(_CLASSIFY[0], {"recipe": None if selection is None else selection.recipe})
+    (first_tries,) = con.execute(
+        "SELECT count(*) FROM classified WHERE status IN ('new', 'retried')").fetchone()
+    limit = 0 if selection is None else selection.recaption_limit(first_tries)
+    policy = "keep" if selection is None else selection.policy
+    con.execute(_CLASSIFY[1], {"policy": policy, "limit": limit})
 
 
 def _write_jsonl(cursor: Any, uri: str, conn_id: str | None, fields: tuple[str, ...]) -> int:
@@ -378,6 +493,8 @@ def build_manifest(
     min_bytes: int,
     max_bytes: int,
     exclude_ids: Iterable[str] | None = None,
+    known: Iterable[tuple[str, str, str | None, Any]] | None = None,
+    selection: RecipeSelection | None = None,
     max_images: int | None = None,
     conn_id: str | None = None,
     sniff: str = "auto",
@@ -387,8 +504,11 @@ def build_manifest(
 
     The manifest (contract) is JSON Lines ``{"image_id", "uri", "size_bytes"}``, one
     line per unique image, overwriting any previous file. ``exclude_ids`` (e.g. ids
-    already captioned, for incremental runs) is streamed into DuckDB, never held
-    as a Python set. Every listed entry left out is written to ``skipped`` (default:
+    already captioned) is streamed into DuckDB, never held as a Python set. ``known``:
+    what earlier runs published, ``(image_id, outcome, recipe, outcome_at)`` per image
+    (``Warehouse.known_outcomes``), streamed the same way and judged by ``selection``
+    (:class:`RecipeSelection`; without one, every known caption is done and every dead
+    letter is tried again). Every listed entry left out is written to ``skipped`` (default:
     ``layout.SKIPPED_FILE`` beside the manifest), one JSON line each (:data:`SKIPPED_FIELDS`).
     ``sniff``: ``images.sniff`` (see the module docstring).
     """
@@ -415,7 +535,8 @@ def build_manifest(
         try:
             con.execute("CREATE TABLE entries (image_id VARCHAR, uri VARCHAR, "
                         "size_bytes BIGINT, reason VARCHAR, detail VARCHAR)")
-            con.execute("CREATE TABLE excluded (image_id VARCHAR)")
+            con.execute("CREATE TABLE known (image_id VARCHAR, outcome VARCHAR, "
+                        "recipe VARCHAR, outcome_at TIMESTAMPTZ)")
             rows = _listing(root, extensions=exts, min_bytes=min_bytes, max_bytes=max_bytes,
                             sniff=reads_heads, stats=stats)
             for batch in _checked(_batches(rows), source_uri):
@@ -428,8 +549,16 @@ def build_manifest(
                                   "at any depth); check the folder or prefix")
             for batch in _batches(exclude_ids or ()):
                 con.register("batch_ids", pa.table({"image_id": pa.array(batch, pa.string())}))
-                con.execute("INSERT INTO excluded SELECT image_id FROM batch_ids")
+                con.execute("INSERT INTO known SELECT image_id, 'captioned', NULL, NULL "
+                            "FROM batch_ids")
                 con.unregister("batch_ids")
+            known_schema = pa.schema([(n, pa.timestamp("us", tz="UTC") if t == "timestamp"
+                                       else pa.string()) for n, t in _KNOWN_SCHEMA])
+            for batch in _batches(known or ()):
+                rows = [dict(zip((n for n, _ in _KNOWN_SCHEMA), r, strict=True)) for r in batch]
+                con.register("batch_known", pa.Table.from_pylist(rows, schema=known_schema))
+                con.execute("INSERT INTO known SELECT * FROM batch_known")
+                con.unregister("batch_known")
 
             con.execute(
                 """
@@ -441,27 +570,28 @@ def build_manifest(
             (n_listing,) = con.execute(
                 "SELECT count(*) FROM entries WHERE reason IS NULL").fetchone()
             (n_uniq,) = con.execute("SELECT count(*) FROM uniq").fetchone()
-            (n_known,) = con.execute(
-                "SELECT count(*) FROM uniq WHERE image_id IN (SELECT image_id FROM excluded)"
-            ).fetchone()
             stats.duplicates = n_listing - n_uniq
-            stats.skipped_existing = n_known
-            remaining = n_uniq - n_known
+            _classify(con, selection)
+            decisions = dict(con.execute(
+                "SELECT decision, count(*) FROM chosen GROUP BY decision").fetchall())
+            stats.skipped_existing = decisions.get("skipped_existing", 0)
+            stats.other_recipe = decisions.get("other_recipe", 0)
+            stats.over_budget = decisions.get("over_budget", 0)
+            remaining = decisions.get("take", 0)
             limit = remaining if max_images is None else min(max_images, remaining)
             stats.capped = remaining - limit
 
-            result = con.execute(
-                """
-                SELECT image_id, uri, size_bytes FROM uniq u
-                WHERE NOT EXISTS (SELECT 1 FROM excluded e WHERE e.image_id = u.image_id)
-                ORDER BY uri
-                LIMIT ?
-                """,
-                [limit],
-            )
+            taken = "SELECT * FROM chosen WHERE decision = 'take' ORDER BY uri LIMIT ?"
+            kinds = dict(con.execute(f"SELECT status, count(*) FROM ({taken}) GROUP BY status",
+                                     [limit]).fetchall())
+            stats.new, stats.retried = kinds.get("new", 0), kinds.get("retried", 0)
+            stats.recaptioned = kinds.get("stale", 0)
+            result = con.execute(f"SELECT image_id, uri, size_bytes FROM ({taken})", [limit])
             stats.written = _write_jsonl(result, manifest_uri, conn_id,
                                          ("image_id", "uri", "size_bytes"))
-            left_out = con.execute(_SKIPPED_ROWS, {"limit": limit})
+            done_detail = ("captioned by another run already" if selection is None
+                           else "captioned with this recipe already")
+            left_out = con.execute(_SKIPPED_ROWS, {"limit": limit, "done_detail": done_detail})
             beside = f"{manifest_uri.rsplit('/', 1)[0]}/{SKIPPED_FILE}"
             _write_jsonl(left_out, skipped or beside, conn_id,
                          SKIPPED_FIELDS)

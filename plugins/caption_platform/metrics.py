@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DONE", "MODEL_SETTINGS", "PLAN_FAILED", "fetch_dataflow_job_resources",
            "job_metric", "model_settings", "plan_failure_row", "resources_from_dataflow",
-           "run_row", "run_row_from_dataflow", "run_row_from_summary", "skipped_columns"]
+           "recipe_columns", "run_row", "run_row_from_dataflow", "run_row_from_summary",
+           "skipped_columns"]
 _SYSTEM_ORIGIN = "dataflow/v1b3"
 # Context keys of per-step entries. Job-level totals carry `original_name` (for example
 # "Service-cpu_num_seconds") and no step, so `original_name` alone marks nothing.
@@ -310,7 +311,28 @@ def run_row(plan: RunPlan, *, dag_id: str, dataflow_job_id: str | None,
     row["run_kind"] = plan.run_kind
     row["benchmark_id"] = plan.benchmark_id
     row.update(skipped_columns(plan.manifest_stats))
+    row.update(recipe_columns(plan))
     return row
+
+
+def recipe_columns(plan: RunPlan) -> dict[str, Any]:
+    """``recipe`` (fingerprint), ``recipe_json`` (what it is) and ``recipe_selection`` (how
+    the incremental run chose its images, from the manifest counts; None for a full run)."""
+    from caption_platform.manifest import WRITTEN_KINDS
+
+    stats = plan.manifest_stats
+    settings = plan.settings
+    selection = None
+    if settings.incremental and stats:
+        counts = {k: int(stats.get(k) or 0) for k in (*WRITTEN_KINDS, "skipped_existing",
+                                                      "other_recipe", "over_budget")}
+        selection = json.dumps({**counts, "policy": settings.recipe_policy,
+                                "budget": settings.recaption_budget}, sort_keys=True,
+                               separators=(",", ":"))
+    return {"recipe": plan.recipe_fingerprint,
+            "recipe_json": None if plan.recipe is None else json.dumps(
+                plan.recipe, sort_keys=True, separators=(",", ":")),
+            "recipe_selection": selection}
 
 
 def skipped_columns(manifest_stats: dict[str, int]) -> dict[str, Any]:

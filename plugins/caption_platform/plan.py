@@ -68,6 +68,10 @@ class RunPlan(_Frozen):
     run_kind: str | None = None
     benchmark_id: str | None = None
     forecast_cost_usd: float | None = None
+    #: the caption recipe (captioning.recipe) and its fingerprint, passed to the job as
+    #: --recipe and stamped on every row it writes; None only in plans of older releases
+    recipe: dict[str, Any] | None = None
+    recipe_fingerprint: str | None = None
     settings: Settings
     #: the trigger parameters as given (for the record)
     params: dict[str, Any] = Field(default_factory=dict)

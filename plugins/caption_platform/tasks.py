@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -95,18 +96,28 @@ def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
              overrides: Mapping[str, Any] | None = None) -> RunPlan:
     """Build and load the run's manifest; return what later tasks need.
 
-    Incremental runs skip images already captioned by *other* runs, so a retried or
-    re-triggered run sees the same manifest it saw the first time.
+    Incremental runs skip images whose newest outcome published by *other* runs is a caption
+    with this run's recipe (so a retried or re-triggered run sees the same manifest it saw the
+    first time), retry dead letters, and keep or re-caption (``recipe_policy``, within
+    ``recaption_budget`` and ``max_cost_usd``) images captioned with another recipe.
     """
     from caption_platform.forecast import comparison_key, forecast
     from caption_platform.launch import job_options, launch_spec
     from caption_platform.manifest import build_manifest
+    from caption_platform.recipes import run_recipe
     from caption_platform.warehouse import get_warehouse
+    from captioning.recipe import describe, fingerprint
 
     settings = settings_for_run(params, overrides)
     warehouse = get_warehouse(settings)
     warehouse.ensure_tables()
-    exclude = warehouse.existing_image_ids(exclude_run_id=run_id) if settings.incremental else None
+    recipe = run_recipe(settings.job.model_dump(), settings.storage_conn_id)
+    recipe_id = fingerprint(recipe)
+    log.info("caption recipe %s: %s", recipe_id, describe(recipe))
+    history = warehouse.fetch_runs(limit=500)
+    key = comparison_key(settings)
+    selection = recipe_selection(settings, recipe_id, forecast(history, key, 1))
+    known = warehouse.known_outcomes(exclude_run_id=run_id) if settings.incremental else None
     target = manifest_uri(settings, run_id)
     skipped = skipped_uri(settings, run_id)
     stats = build_manifest(
@@ -115,7 +126,8 @@ def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
         extensions=settings.images.extensions,
         min_bytes=settings.images.min_bytes,
         max_bytes=settings.job.max_image_bytes,
-        exclude_ids=exclude,
+        known=known,
+        selection=selection,
         max_images=settings.max_images,
         conn_id=settings.storage_conn_id,
         sniff=settings.images.sniff,
@@ -124,7 +136,9 @@ def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
     loaded = warehouse.load_manifest(run_id, target)
     left_out = warehouse.load_skipped(run_id, skipped)
     log_skipped(warehouse, run_id, skipped, left_out)
-    expected = forecast(warehouse.fetch_runs(limit=500), comparison_key(settings), loaded)
+    if selection is not None:
+        log_selection(stats, selection)
+    expected = forecast(history, key, loaded)
     log.info(expected.message)
     expected.check_budget(settings.max_cost_usd)
     output = job_output(settings, run_id)
@@ -138,14 +152,48 @@ def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
         output=output,
         images=loaded,
         manifest_stats=stats.to_dict(),
-        job_options=job_options(settings, run_id),
+        job_options={**job_options(settings, run_id), "recipe": recipe_id},
         launch=launch_spec(settings, loaded),
         run_kind=run_kind_name(run_kind),
         benchmark_id=benchmark_id,
         forecast_cost_usd=expected.cost_usd,
+        recipe=recipe,
+        recipe_fingerprint=recipe_id,
         settings=settings,
         params=dict(params),
     )
+
+
+def recipe_selection(settings: Settings, recipe_id: str, unit: Any) -> Any:
+    """How an incremental run selects by recipe (None for a full run): the policy, the
+    image budget, and under ``recaption`` the most images ``max_cost_usd`` pays for at the
+    forecast unit cost (``unit``: the forecast of one image), so a model switch rolls
+    through a bucket within the budget instead of being refused."""
+    from caption_platform.manifest import RecipeSelection
+
+    if not settings.incremental:
+        return None
+    total = None
+    per_1k = unit.cost_per_1k_images_usd
+    if settings.recipe_policy == "recaption" and settings.max_cost_usd is not None and per_1k:
+        total = math.floor(settings.max_cost_usd * 1000.0 / per_1k)
+        while total > 0 and per_1k * total / 1000.0 > settings.max_cost_usd:
+            total -= 1  # never a forecast above the guard through rounding
+    return RecipeSelection(recipe_id, settings.recipe_policy, settings.recaption_budget, total)
+
+
+def log_selection(stats: Any, selection: Any) -> None:
+    """Say what the incremental selection did: new, retried, awaiting the recipe, left."""
+    budget = "no limit" if selection.budget is None else str(selection.budget)
+    cost = ("" if selection.max_images_total is None
+            else f", max_cost_usd pays for {selection.max_images_total} image(s)")
+    log.info("incremental, recipe %s, recipe_policy=%s (recaption_budget: %s%s): %d new "
+             "image(s), %d dead letter(s) retried, %d done with this recipe; %d await this "
+             "recipe: %d re-captioned now, %d left to later runs by the budget, %d kept "
+             "(policy keep); %d capped by max_images",
+             selection.recipe, selection.policy, budget, cost, stats.new, stats.retried,
+             stats.skipped_existing, stats.awaiting_recipe, stats.recaptioned,
+             stats.over_budget, stats.other_recipe, stats.capped)
 
 
 #: How many files of each reason the plan task's log names (all are in skipped_files).
@@ -190,7 +238,7 @@ def validate_run(xcom: PlanXCom) -> dict[str, Any]:
 
     plan = RunPlan.from_xcom(xcom)
     warehouse = get_warehouse(plan.settings)
-    result = warehouse.validate(plan.run_id)
+    result = warehouse.validate(plan.run_id, recipe=plan.recipe_fingerprint)
     log.info(result.message)
     try:
         result.raise_if_failed()

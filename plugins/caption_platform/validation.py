@@ -5,7 +5,9 @@ ledger, which later runs never relabel) matches its manifest: captioned(run) +
 dead_lettered(run) == manifest(run), each manifest id exactly once, none the manifest
 lacks, and each still has a current outcome. The whole tables are checked with it: no
 image_id twice in captions or in dead_letters, none in both, and every current row
-provable from the ledger of the run that wrote it.
+provable from the ledger of the run that wrote it. Recipes: every outcome a run published
+carries the recipe it was planned with, and every current caption row the recipe its run
+published (``captioning.recipe``), so a row always says what produced it.
 
 Separately, a run that captioned nothing, or dead-lettered more than the configured
 share of its manifest, is refused (:func:`check_outcome_share`) with the reasons counted.
@@ -29,6 +31,8 @@ PROBLEM_KINDS: dict[str, str] = {
     "duplicate_dead_letter": "image_ids more than once in the whole dead_letters table",
     "both": "image_ids both captioned and dead-lettered (whole tables)",
     "unproven": "caption/dead-letter rows no run's published set accounts for",
+    "wrong_recipe": "ids the run published with another recipe than the one it was planned with",
+    "recipe_mismatch": "caption rows whose recipe differs from what their run published",
 }
 
 
@@ -57,6 +61,8 @@ class ValidationResult:
     duplicate_dead_letter_ids: list[str] = field(default_factory=list)
     both_ids: list[str] = field(default_factory=list)
     unproven_ids: list[str] = field(default_factory=list)
+    wrong_recipe_ids: list[str] = field(default_factory=list)
+    recipe_mismatch_ids: list[str] = field(default_factory=list)
     problem_counts: dict[str, int] = field(default_factory=dict)
 
     @property

@@ -72,14 +72,15 @@ def test_bigquery_schema_matches_contract() -> None:
     fields = {f["name"]: f for f in schema.bigquery_schema("captions")["fields"]}
     assert list(fields) == ["image_id", "uri", "caption", "caption_score", "candidates",
                             "width", "height", "blip_model", "clip_model", "run_id",
-                            "beam_sdk_version", "captioned_at", "caption_similarity"]
+                            "beam_sdk_version", "captioned_at", "caption_similarity", "recipe"]
     assert fields["caption_similarity"]["mode"] == "NULLABLE"  # added later: old rows lack it
+    assert fields["recipe"]["mode"] == "NULLABLE"  # likewise
     assert fields["candidates"]["mode"] == "REPEATED"
     assert [(f["name"], f["type"]) for f in fields["candidates"]["fields"]] == [
         ("text", "STRING"), ("score", "FLOAT")]
     assert fields["captioned_at"]["type"] == "TIMESTAMP"
     dead = [f["name"] for f in schema.bigquery_schema("dead_letters")["fields"]]
-    assert dead == ["image_id", "uri", "run_id", "stage", "error", "failed_at"]
+    assert dead == ["image_id", "uri", "run_id", "stage", "error", "failed_at", "recipe"]
     arrow = schema.pyarrow_schema("captions")
     assert str(arrow.field("candidates").type) == (
         "list<item: struct<text: string not null, score: double not null>>")

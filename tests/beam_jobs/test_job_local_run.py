@@ -26,7 +26,7 @@ def happy(tmp_path_factory: pytest.TempPathFactory, run_job: Any) -> dict[str, A
         f.write(json.dumps(rows[3]) + "\n")
     output = root / "out"
     with no_network() as attempts:
-        summary = run_job(manifest, output, run_id="happy-1")
+        summary = run_job(manifest, output, run_id="happy-1", recipe="0123456789abcdef")
     return {"output": output, "summary": summary, "manifest": rows, "attempts": attempts}
 
 
@@ -41,6 +41,8 @@ def test_one_row_per_unique_image_with_contract_columns(happy: dict[str, Any]) -
     assert {r["image_id"] for r in captions} | {d["image_id"] for d in dead} == unique_ids
     assert list(captions[0]) == schema.column_names("captions")
     assert list(dead[0]) == schema.column_names("dead_letters")
+    # every row carries the recipe the plan passed (--recipe)
+    assert {r["recipe"] for r in captions + dead} == {"0123456789abcdef"}
     # Identical bytes under two names: the lexicographically smallest URI is kept.
     copy = [r for r in captions if "img_0000" in r["uri"]]
     assert len(copy) == 1 and copy[0]["uri"].endswith("copy_of_img_0000.jpg")

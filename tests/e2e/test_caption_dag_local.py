@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def local_profile(
-    tmp_path: Path, tiny_models: dict[str, str], airflow_db: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_models: dict[str, str], airflow_db: str, monkeypatch: pytest.MonkeyPatch,
+    other_blip: str,
 ) -> dict[str, Path]:
     """A source folder with duplicates, corrupt files and a non-image; settings pointing at it."""
     from captioning.sample_images import write_sample_images
@@ -30,9 +31,13 @@ def local_profile(
     (images / "nested").mkdir()
     shutil.copyfile(images / "img_0001.jpg", images / "nested" / "again.jpg")  # duplicate bytes
     env = local_profile_env(tmp_path, images, tiny_models)
+    # the deployment allows both BLIPs (a run's parameters never widen model_sources)
+    env["CAPTION_JOB__MODEL_SOURCES"] = ",".join(
+        (tiny_models["blip"], tiny_models["clip"], other_blip))
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    return {"images": images, "data": tmp_path / "data", "db": tmp_path / "warehouse.duckdb"}
+    return {"images": images, "data": tmp_path / "data", "db": tmp_path / "warehouse.duckdb",
+            "other_blip": Path(other_blip)}
 
 
 def run_dag(conf: dict[str, Any], logical_date: pendulum.DateTime) -> Any:
@@ -131,3 +136,72 @@ def test_dag_captions_exactly_once_reruns_and_increments(local_profile: dict[str
     assert after["captions"] == 6
     assert after["dead_letters"] == 2
     assert query(db, "SELECT COUNT(*) - COUNT(DISTINCT image_id) FROM captions")[0][0] == 0
+
+    switch_blip_model(local_profile, day.add(days=2), [run_id, dr3.run_id])
+
+
+def recipe_of(db: Path, run_id: str) -> str:
+    (fingerprint,) = query(db, "SELECT recipe FROM pipeline_runs WHERE run_id = ?", run_id)[0]
+    return fingerprint
+
+
+def switch_blip_model(profile: dict[str, Path], day: pendulum.DateTime,
+                      past_runs: list[str]) -> None:
+    """Issue 23: a new BLIP model. keep captions only the new image; recaption with a budget
+    of 3 re-captions the 6 older captions oldest first over two runs; dead letters are tried
+    under the new recipe too; every run validates, and the past runs stay provable."""
+    from caption_platform.config import load_settings
+    from caption_platform.warehouse import get_warehouse
+    from captioning.sample_images import write_sample_images
+
+    db = profile["db"]
+    new_recipe = {"blip_model": str(profile["other_blip"]), "num_captions": 2, "num_beams": 2,
+                  "incremental": True}
+    newer = profile["images"] / "newer"
+    write_sample_images(newer, count=1)
+    with (newer / "img_0000.jpg").open("ab") as f:  # bytes no other image has
+        f.write(b"\1\1")
+
+    # 4. keep: only the new image (and the dead letters, tried again) under the new model
+    keep = run_dag({**new_recipe, "recipe_policy": "keep"}, day)
+    assert keep.state == "success"
+    recipe = recipe_of(db, keep.run_id)
+    assert recipe not in {recipe_of(db, r) for r in past_runs}
+    tried = query(db, "SELECT regexp_extract(uri, '[^/]+$') FROM manifests WHERE run_id = ?",
+                  keep.run_id)
+    assert sorted(t for (t,) in tried) == ["corrupt.jpg", "img_0000.jpg", "zero_bytes.jpg"]
+    assert query(db, "SELECT recipe, COUNT(*) FROM captions GROUP BY recipe "
+                     "HAVING recipe = ?", recipe) == [(recipe, 1)]
+    (selection,) = query(db, "SELECT recipe_selection FROM pipeline_runs WHERE run_id = ?",
+                         keep.run_id)[0]
+    assert json.loads(selection) == {"new": 1, "retried": 2, "recaptioned": 0,
+                                     "skipped_existing": 0, "other_recipe": 6,
+                                     "over_budget": 0, "policy": "keep", "budget": None}
+
+    # 5-6. recaption, 3 per run, oldest caption first, until none is left
+    older = [i for (i,) in query(db, "SELECT image_id FROM captions WHERE recipe != ? "
+                                     "ORDER BY captioned_at, image_id", recipe)]
+    assert len(older) == 6
+    for n, expected in enumerate((older[:3], older[3:])):
+        dr = run_dag({**new_recipe, "recipe_policy": "recaption", "recaption_budget": 3},
+                     day.add(hours=n + 1))
+        assert dr.state == "success"
+        assert recipe_of(db, dr.run_id) == recipe
+        redone = [i for (i,) in query(db, "SELECT image_id FROM captions WHERE run_id = ? "
+                                          "ORDER BY image_id", dr.run_id)]
+        assert redone == sorted(expected)
+        (selection,) = query(db, "SELECT recipe_selection FROM pipeline_runs WHERE run_id = ?",
+                             dr.run_id)[0]
+        assert json.loads(selection)["recaptioned"] == 3
+        assert json.loads(selection)["over_budget"] == 3 - 3 * n  # none left after the second
+        assert json.loads(selection)["retried"] == 2  # the dead letters, under the new recipe
+    assert query(db, "SELECT DISTINCT recipe FROM captions") == [(recipe,)]
+    assert table_counts(db)["captions"] == 7
+    assert query(db, "SELECT COUNT(*) - COUNT(DISTINCT image_id) FROM captions")[0][0] == 0
+    # the ledger keeps every recipe's caption; the past runs still prove exactly-once
+    (versions,) = query(db, "SELECT COUNT(DISTINCT recipe) FROM published_images "
+                            "WHERE outcome = 'captioned' AND image_id = ?", older[0])[0]
+    assert versions == 2
+    warehouse = get_warehouse(load_settings())
+    for past in past_runs:
+        assert warehouse.validate(past).ok, warehouse.validate(past).message

@@ -52,7 +52,9 @@ def gcp_dag(gcp_settings: Gcp, tiny_models: dict[str, str], airflow_db: str,
     return gcp_settings
 
 
-def test_gcp_dag_exactly_once_reruns_and_increments(gcp_dag: Gcp, tmp_path: Path) -> None:
+def test_gcp_dag_exactly_once_reruns_and_increments(
+        gcp_dag: Gcp, tmp_path: Path, tiny_models: dict[str, str], other_blip: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     from captioning.sample_images import write_sample_images
 
     gcp = gcp_dag
@@ -106,6 +108,52 @@ def test_gcp_dag_exactly_once_reruns_and_increments(gcp_dag: Gcp, tmp_path: Path
     assert (after["captions"], after["dead_letters"], after["pipeline_runs"]) == (5, 1, 2)
     assert gcp.rows("SELECT COUNT(*) - COUNT(DISTINCT image_id) AS d FROM {ds}.captions")[0][
         "d"] == 0
+
+    # 4-6. Issue 23: a new BLIP model (the deployment allows both). keep captions only the
+    # new image; recaption with a budget of 3 re-captions the 5 older ones oldest first.
+    monkeypatch.setenv("CAPTION_JOB__MODEL_SOURCES",
+                       ",".join((tiny_models["blip"], tiny_models["clip"], other_blip)))
+    switch = {"num_captions": 2, "incremental": True, "blip_model": other_blip}
+    gcp.upload("images/new/newer.jpg", (images / "img_0001.jpg").read_bytes() + b"\1")
+    keep = run_dag({**switch, "recipe_policy": "keep"}, day.add(days=2))
+    assert keep.state == "success"
+    recipe = recipe_of(gcp, keep.run_id)
+    assert recipe != recipe_of(gcp, dr.run_id)
+    tried = gcp.rows("SELECT uri FROM {ds}.manifests WHERE run_id = @run_id", run_id=keep.run_id)
+    assert sorted(r["uri"].rsplit("/", 1)[1] for r in tried) == ["corrupt.jpg", "newer.jpg"]
+    older = [r["image_id"] for r in gcp.rows(
+        "SELECT image_id FROM {ds}.captions WHERE recipe != @recipe "
+        "ORDER BY captioned_at, image_id", recipe=recipe)]
+    assert len(older) == 5
+    for n, expected in enumerate((older[:3], older[3:])):
+        dr_n = run_dag({**switch, "recipe_policy": "recaption", "recaption_budget": 3},
+                       day.add(days=2, hours=n + 1))
+        assert dr_n.state == "success"
+        redone = gcp.rows("SELECT image_id, recipe FROM {ds}.captions WHERE run_id = @run_id",
+                          run_id=dr_n.run_id)
+        assert sorted(r["image_id"] for r in redone) == sorted(expected)
+        assert {r["recipe"] for r in redone} == {recipe}
+        (run,) = gcp.rows("SELECT recipe_selection FROM {ds}.pipeline_runs "
+                          "WHERE run_id = @run_id", run_id=dr_n.run_id)
+        selection = json.loads(run["recipe_selection"])
+        assert (selection["recaptioned"], selection["over_budget"], selection["retried"]) == (
+            len(expected), 2 - 2 * n, 1)
+    assert [r["recipe"] for r in gcp.rows("SELECT DISTINCT recipe FROM {ds}.captions")] == [
+        recipe]
+    assert counts(gcp)["captions"] == 6
+    # the past runs stay provable after their captions were replaced
+    from caption_platform.config import load_settings
+    from caption_platform.warehouse import get_warehouse
+
+    warehouse = get_warehouse(load_settings())
+    for past in (dr.run_id, dr3.run_id):
+        assert warehouse.validate(past).ok, warehouse.validate(past).message
+
+
+def recipe_of(gcp: Gcp, run_id: str) -> str:
+    (run,) = gcp.rows("SELECT recipe FROM {ds}.pipeline_runs WHERE run_id = @run_id",
+                      run_id=run_id)
+    return str(run["recipe"])
 
 
 def test_gcp_dag_job_killed_after_loading_is_retried_exactly_once(

@@ -63,6 +63,9 @@ FILTERS: dict[str, str] = {
     "decoding": "Decoding",
     "num_beams": "Beams",
     "max_new_tokens": "Max new tokens",
+    # the caption recipe's fingerprint (captioning.recipe): models, decoding and numerics
+    # together, so runs that made the same captions compare like with like
+    "recipe": "Caption recipe",
 }
 #: Filters whose mixed values still compare like with like (no note about mixing).
 UNMIXED_OK = frozenset({"benchmark_id"})
@@ -92,6 +95,23 @@ def as_text(value: Any) -> str | None:
         return value.isoformat()
     text = str(value).strip()
     return text or None
+
+
+def recipe_notes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What each caption recipe fingerprint among ``rows`` stands for (from recipe_json)."""
+    import json
+
+    from captioning.recipe import describe
+
+    out: dict[str, str] = {}
+    for row in rows:
+        fingerprint, text = row.get("recipe"), row.get("recipe_json")
+        if fingerprint and text and fingerprint not in out:
+            try:
+                out[str(fingerprint)] = f"{fingerprint} = {describe(json.loads(text))}"
+            except (ValueError, TypeError, AttributeError):
+                continue
+    return [out[k] for k in sorted(out)]
 
 
 def available_filters(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -286,6 +306,8 @@ def render_page(
     if mixed:
         notes.append("The runs shown mix several values of: " + ", ".join(mixed) + ". "
                      "Choose one of each to compare Beam SDK versions like with like.")
+    if recipes := recipe_notes(shown):
+        notes.append("Caption recipes shown: " + "; ".join(recipes) + ".")
     described = ", ".join(f"{FILTERS[k]} = {v}" for k, v in applied.items()) or "none"
     summary = (f"{len(shown)} of the latest {len(rows)} run(s) in {source} "
                f"(read at most {limit}); filters: {described}.")

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from caption_platform.config import TableNames, validate_identifier
 from caption_platform.validation import ValidationResult, result_from_rows
@@ -33,6 +33,15 @@ class PublishResult:
 
     def to_dict(self) -> dict[str, int | None]:
         return dataclasses.asdict(self)
+
+
+class KnownOutcome(NamedTuple):
+    """An image's newest published outcome: what an incremental run selects by."""
+
+    image_id: str
+    outcome: str  # captioned | dead_lettered
+    recipe: str | None  # None: published before recipes existed
+    outcome_at: datetime | None
 
 
 Params = dict[str, Any]
@@ -180,6 +189,16 @@ class Warehouse(ABC):
         for row in self._iter_query(sql.EXISTING_IMAGE_IDS.format(**self._refs()), params):
             yield str(row["image_id"])
 
+    def known_outcomes(self, exclude_run_id: str = "") -> Iterator[KnownOutcome]:
+        """Each image's newest outcome published by a run other than ``exclude_run_id``,
+        with its recipe, streamed (``sql.KNOWN_OUTCOMES``): what incremental runs select by.
+        """
+        params = {"run_id": exclude_run_id}
+        for row in self._iter_query(sql.KNOWN_OUTCOMES.format(**self._refs()), params):
+            yield KnownOutcome(str(row["image_id"]), str(row["outcome"]),
+                               None if row["recipe"] is None else str(row["recipe"]),
+                               coerce(row["outcome_at"], "TIMESTAMP"))
+
     def publish(self, run_id: str, staging: str) -> PublishResult:
         """MERGE the run's staged captions and dead letters on image_id (idempotent), the
         newest outcome of each image winning, and record what this run published.
@@ -207,13 +226,19 @@ class Warehouse(ABC):
             dead_letters_merged=dead_merged,
         )
 
-    def validate(self, run_id: str, *, sample_size: int = DEFAULT_SAMPLE_SIZE) -> ValidationResult:
+    def validate(self, run_id: str, *, sample_size: int = DEFAULT_SAMPLE_SIZE,
+                 recipe: str | None = None) -> ValidationResult:
         """Check the run against what it published (its ledger rows, which later runs never
-        relabel) and the whole tables: call ``.raise_if_failed()`` on the result."""
+        relabel) and the whole tables: call ``.raise_if_failed()`` on the result.
+
+        ``recipe``: the fingerprint the run was planned with; every outcome it published
+        must carry it (None: not checked, e.g. a past run validated again later).
+        """
         refs = self._refs()
         counts = self._query(sql.VALIDATION_COUNTS.format(**refs), {"run_id": run_id})[0]
         problems = self._query(
-            sql.VALIDATION_PROBLEMS.format(**refs), {"run_id": run_id, "sample_size": sample_size}
+            sql.VALIDATION_PROBLEMS.format(**refs),
+            {"run_id": run_id, "sample_size": sample_size, "recipe": recipe or ""},
         )
         return result_from_rows(run_id, counts, problems)
 

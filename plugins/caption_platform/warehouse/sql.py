@@ -56,6 +56,19 @@ SELECT * FROM {skipped_files} WHERE run_id = @run_id ORDER BY uri, reason
 # Images captioned by other runs: a retried or re-triggered run keeps its own manifest.
 EXISTING_IMAGE_IDS = "SELECT image_id FROM {captions} WHERE run_id != @run_id"
 
+# What incremental runs select by: each image's newest outcome published by any run but
+# @run_id, from the ledger (the captions/dead_letters rule: newest wins, a dead letter at an
+# equal instant), with the recipe it had. Leaving this run out, a retried or re-triggered
+# run finds the outcomes it found the first time, even after it replaced them.
+KNOWN_OUTCOMES = """
+SELECT image_id, outcome, recipe, outcome_at FROM {published_images}
+WHERE run_id != @run_id
+QUALIFY ROW_NUMBER() OVER (
+  PARTITION BY image_id
+  ORDER BY outcome_at DESC, CASE WHEN outcome = 'dead_lettered' THEN 0 ELSE 1 END, run_id DESC
+) = 1
+"""
+
 # -- publish --------------------------------------------------------------------------
 STAGED_COUNTS = """
 SELECT
@@ -118,14 +131,16 @@ RESOLVE_OUTCOMES = (
 RECORD_PUBLISHED = (
     "DELETE FROM {published_images} WHERE run_id = @run_id",
     """
-    INSERT INTO {published_images} (run_id, image_id, outcome, outcome_at, published_at)
-    SELECT @run_id, image_id, outcome, outcome_at, CURRENT_TIMESTAMP() FROM (
-      SELECT image_id, 'dead_lettered' AS outcome, failed_at AS outcome_at
+    INSERT INTO {published_images}
+      (run_id, image_id, outcome, outcome_at, published_at, recipe, caption)
+    SELECT @run_id, image_id, outcome, outcome_at, CURRENT_TIMESTAMP(), recipe, caption FROM (
+      SELECT image_id, 'dead_lettered' AS outcome, failed_at AS outcome_at, recipe,
+        CAST(NULL AS STRING) AS caption
       FROM {staging_dead_letters}
       WHERE TRUE
       QUALIFY ROW_NUMBER() OVER (PARTITION BY image_id ORDER BY failed_at DESC, stage, error) = 1
       UNION ALL
-      SELECT image_id, 'captioned' AS outcome, captioned_at AS outcome_at
+      SELECT image_id, 'captioned' AS outcome, captioned_at AS outcome_at, recipe, caption
       FROM {staging_captions} AS s
       WHERE NOT EXISTS (SELECT 1 FROM {staging_dead_letters} AS sd WHERE sd.image_id = s.image_id)
       QUALIFY ROW_NUMBER() OVER (PARTITION BY image_id ORDER BY captioned_at DESC, uri) = 1
@@ -136,10 +151,14 @@ RECORD_PUBLISHED = (
 # Tables an older release filled before the ledger existed: each current row is what its
 # run published (run once, when ensure_tables creates the ledger).
 BACKFILL_PUBLISHED = """
-INSERT INTO {published_images} (run_id, image_id, outcome, outcome_at, published_at)
-SELECT run_id, image_id, 'captioned', captioned_at, CURRENT_TIMESTAMP() FROM {captions}
+INSERT INTO {published_images}
+  (run_id, image_id, outcome, outcome_at, published_at, recipe, caption)
+SELECT run_id, image_id, 'captioned', captioned_at, CURRENT_TIMESTAMP(), recipe, caption
+FROM {captions}
 UNION ALL
-SELECT run_id, image_id, 'dead_lettered', failed_at, CURRENT_TIMESTAMP() FROM {dead_letters}
+SELECT run_id, image_id, 'dead_lettered', failed_at, CURRENT_TIMESTAMP(), recipe,
+  CAST(NULL AS STRING)
+FROM {dead_letters}
 """
 
 # -- validation -----------------------------------------------------------------------
@@ -159,7 +178,7 @@ SELECT
 VALIDATION_PROBLEMS = """
 WITH
   m AS (SELECT image_id FROM {manifests} WHERE run_id = @run_id),
-  p AS (SELECT image_id, outcome FROM {published_images} WHERE run_id = @run_id),
+  p AS (SELECT image_id, outcome, recipe FROM {published_images} WHERE run_id = @run_id),
   problems AS (
     -- this run, against its own manifest and ledger
     SELECT 'missing' AS kind, m.image_id FROM m
@@ -169,6 +188,10 @@ WITH
     WHERE NOT EXISTS (SELECT 1 FROM m WHERE m.image_id = p.image_id)
     UNION ALL
     SELECT 'repeated' AS kind, image_id FROM p GROUP BY image_id HAVING COUNT(*) > 1
+    UNION ALL
+    -- every outcome of this run has the recipe it was planned with (@recipe: '' unknown)
+    SELECT 'wrong_recipe' AS kind, p.image_id FROM p
+    WHERE @recipe != '' AND COALESCE(p.recipe, '') != @recipe
     UNION ALL
     SELECT 'duplicate_manifest' AS kind, image_id FROM m
     GROUP BY image_id HAVING COUNT(*) > 1
@@ -191,6 +214,12 @@ WITH
     WHERE NOT EXISTS (
       SELECT 1 FROM {published_images} AS l
       WHERE l.run_id = c.run_id AND l.image_id = c.image_id AND l.outcome = 'captioned')
+    UNION ALL
+    -- a current row carries the recipe its run published it with
+    SELECT 'recipe_mismatch' AS kind, c.image_id FROM {captions} AS c
+    JOIN {published_images} AS l
+      ON l.run_id = c.run_id AND l.image_id = c.image_id AND l.outcome = 'captioned'
+    WHERE COALESCE(c.recipe, '') != COALESCE(l.recipe, '')
     UNION ALL
     SELECT 'unproven' AS kind, d.image_id FROM {dead_letters} AS d
     WHERE NOT EXISTS (

@@ -65,6 +65,12 @@ PIPELINE_RUNS_COLUMNS: dict[str, str] = {
     # {"not_image": 3, ...}: the plan's manifest_stats counts but listed and written)
     "files_skipped": "INT64",
     "skipped_by_reason": "STRING",
+    # the caption recipe (captioning.recipe): its fingerprint, what it is (canonical JSON),
+    # and the incremental selection that chose the run's images (JSON: new, retried,
+    # recaptioned, done, awaiting, left_by_budget, policy, budget)
+    "recipe": "STRING",
+    "recipe_json": "STRING",
+    "recipe_selection": "STRING",
 }
 
 MANIFESTS_COLUMNS: dict[str, str] = {
@@ -80,7 +86,7 @@ SKIPPED_FILES_COLUMNS: dict[str, str] = {
     "run_id": "STRING",
     "uri": "STRING",
     # not_image | too_small | too_large | skipped_links | unreadable | duplicates |
-    # skipped_existing | capped
+    # skipped_existing | other_recipe | over_budget | capped
     "reason": "STRING",
     "detail": "STRING",  # e.g. "QuickTime movie", ".mov: not an image", "same bytes as URI"
     "size_bytes": "INT64",
@@ -96,6 +102,10 @@ PUBLISHED_IMAGES_COLUMNS: dict[str, str] = {
     "outcome": "STRING",  # captioned | dead_lettered
     "outcome_at": "TIMESTAMP",  # the row's captioned_at / failed_at
     "published_at": "TIMESTAMP",
+    # the history of an image's captions: the recipe each outcome was produced with and the
+    # caption it published (NULL for a dead letter); captions keeps only the current one
+    "recipe": "STRING",
+    "caption": "STRING",
 }
 
 #: outcome values in published_images

@@ -171,7 +171,7 @@ def test_validation_failures_name_ids(wh: DuckDBWarehouse, tmp_path: Path, helpe
     assert "(e.g. id9)" in message
     # a row written around the MERGE (a manual INSERT) is caught table-wide
     wh._execute(["INSERT INTO `dead_letters` SELECT image_id, uri, 'manual', stage, error, "
-                 "failed_at FROM `dead_letters`"])
+                 "failed_at, recipe FROM `dead_letters`"])
     again = wh.validate(RUN)
     assert again.duplicate_dead_letter_ids == ["id3"] and again.unproven_ids == ["id3"]
 
