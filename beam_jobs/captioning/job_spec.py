@@ -138,6 +138,12 @@ RUN_ARGUMENTS: tuple[Setting, ...] = (
             "URI of the manifest (JSON Lines: image_id, uri, size_bytes)."),
     Setting("output", str, None, "Output folder URI (Parquet) or bq://PROJECT.DATASET.PREFIX."),
     Setting("run_id", str, None, "Run id written into every row."),
+    Setting("recipe", str, None,
+            "Fingerprint of the caption recipe, written into every row (captioning.recipe): "
+            "the DAG passes the one its plan computed, with the models' content digests. "
+            "Empty: the job's own settings, the models known by reference only.",
+            pattern=r"^[0-9a-f]{16}" + PATTERN_END, pattern_help="16 lowercase hex digits",
+            nullable=True),
 )
 
 BLIP_MODEL = "Salesforce/blip-image-captioning-base"
@@ -183,16 +189,20 @@ SETTINGS: tuple[Setting, ...] = (
             max_length=200, nullable=True, per_run=True),
     Setting("blip_batch_size", int, 16,
             "Images per BLIP batch (larger batches share each decoding step's weight reads; "
-            "16 measured faster than 8 on a 2-core CPU worker).", minimum=1, maximum=256,
+            "16 measured faster than 8 on a 2-core CPU worker). With device cuda the default "
+            "means 'for the card' (captioning.devices); any other value is used as given.",
+            minimum=1, maximum=256,
             per_run=True),
-    Setting("clip_batch_size", int, 8, "Images per CLIP batch.", minimum=1, maximum=1024,
+    Setting("clip_batch_size", int, 8, "Images per CLIP batch. With device cuda the default "
+            "means 'for the card'; any other value is used as given.", minimum=1, maximum=1024,
             per_run=True),
-    Setting("device", str, "cpu", "cpu, or cuda on GPU workers (half precision).",
+    Setting("device", str, "cpu", "cpu, or cuda on GPU workers (half precision, one GPU).",
             choices=("cpu", "cuda")),
     Setting("precision", str, "fp32",
             "fp32, or bf16: bfloat16 autocast of the models' matrix products on CPU workers "
             "(fast on CPUs with AVX512-BF16/AMX; a caption may differ from fp32's). "
-            "cuda always runs fp16.",
+            "With device cuda, fp32 runs the card's half precision (bf16 where the card has "
+            "it: A100, L4, H100, H200; fp16 on T4) and bf16 runs bf16.",
             choices=("fp32", "bf16"), per_run=True),
     Setting("max_image_bytes", int, 50 * 1024 * 1024,
             "Larger files are left out of the manifest (counted as too_large in its stats); "

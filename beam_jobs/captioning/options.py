@@ -34,8 +34,12 @@ def values(opts: CaptionOptions) -> dict[str, Any]:
 def validate(opts: CaptionOptions) -> None:
     """Raise :class:`CaptionOptionsError` listing every invalid option at once."""
     errors = [f"--{s.name} is required" for s in job_spec.RUN_ARGUMENTS
-              if not getattr(opts, s.name)]
+              if not s.nullable and not getattr(opts, s.name)]
+    errors += [f"--{s.name}: {msg}" for s in job_spec.RUN_ARGUMENTS
+               if s.nullable and getattr(opts, s.name) is not None
+               for msg in s.problems(getattr(opts, s.name))]
     errors += [f"--{name}: {msg}" for name, msg in job_spec.problems(values(opts))]
+    errors += [f"--dataflow_service_options: {msg}" for msg in accelerator_problems(opts)]
     if not errors:  # the models' own limits, before any image is read
         from captioning.model_refs import launch_problems
 
@@ -47,6 +51,17 @@ def validate(opts: CaptionOptions) -> None:
             errors.append(f"--output bq:// form must be bq://PROJECT.DATASET.PREFIX, got {output!r}")
     if errors:
         raise CaptionOptionsError("invalid options: " + "; ".join(errors))
+
+
+def accelerator_problems(opts: PipelineOptions) -> list[str]:
+    """More GPUs per worker than the job uses (``captioning.devices``), refused at launch."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+    from captioning.devices import accelerator_problem, parse_worker_accelerator
+
+    _, count = parse_worker_accelerator(opts.view_as(GoogleCloudOptions).dataflow_service_options)
+    problem = accelerator_problem(count)
+    return [problem] if problem else []
 
 
 def settings(opts: CaptionOptions) -> dict[str, Any]:

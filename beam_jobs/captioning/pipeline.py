@@ -15,9 +15,12 @@ from apache_beam.ml.inference.base import PredictionResult, RunInference
 from apache_beam.version import __version__ as BEAM_SDK_VERSION
 
 from captioning.counters import NAMESPACE as METRICS_NAMESPACE
+from captioning.devices import job_batch_sizes
 from captioning.images import DEAD_LETTER_TAG, DecodedImage, ReadAndDecodeFn
 from captioning.model_handlers import BlipCaptionModelHandler, ClipRankModelHandler
 from captioning.options import CaptionOptions
+from captioning.options import values as option_values
+from captioning.recipe import job_fingerprint
 from captioning.records import ManifestEntry, caption_row, dead_letter
 from captioning.sinks import WriteCaptionOutputs
 from captioning.trust import split_list
@@ -223,13 +226,15 @@ class CaptionImages(beam.PTransform):
 
 def model_handlers(opts: CaptionOptions) -> tuple[BlipCaptionModelHandler,
                                                    ClipRankModelHandler]:
-    """The two handlers configured from the command line."""
+    """The two handlers configured from the command line (batch sizes for the device:
+    ``captioning.devices.job_batch_sizes``)."""
+    sizes = job_batch_sizes(opts)
     blip = BlipCaptionModelHandler(
         opts.blip_model, num_captions=opts.num_captions, decoding=opts.decoding,
         num_beams=opts.num_beams, max_new_tokens=opts.max_new_tokens, prompt=opts.prompt,
-        device=opts.device, batch_size=opts.blip_batch_size, precision=opts.precision)
+        device=opts.device, batch_size=sizes.blip, precision=opts.precision)
     clip = ClipRankModelHandler(opts.clip_model, device=opts.device,
-                                batch_size=opts.clip_batch_size, precision=opts.precision)
+                                batch_size=sizes.clip, precision=opts.precision)
     return blip, clip
 
 
@@ -246,7 +251,8 @@ def build_pipeline(pipeline: beam.Pipeline, opts: CaptionOptions) -> dict[str, A
         (entries[DEAD_LETTER_TAG], decoded[DEAD_LETTER_TAG], captioned[DEAD_LETTER_TAG])
         | "AllDeadLetters" >> beam.Flatten()
     )
-    sink = WriteCaptionOutputs(opts.output)
+    sink = WriteCaptionOutputs(opts.output, recipe=job_fingerprint(
+        {**option_values(opts), "recipe": opts.recipe}))
     written = {"captions": captioned[MAIN_TAG], "dead_letters": dead_letters} | (
         "WriteOutputs" >> sink)
     return {"captions": captioned[MAIN_TAG], "dead_letters": dead_letters, "sink": sink,

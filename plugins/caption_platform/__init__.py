@@ -12,3 +12,12 @@ from pathlib import Path
 #: The checkout this package lives in (on Cloud Composer: the environment bucket's mount,
 #: whose plugins/ holds this package).
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+#: The Beam job's project (its requirements file, pyproject and ``captioning`` package), which
+#: the per-SDK-version benchmark reads its pins from and installs into each version's
+#: environment: ``beam_jobs/`` in a checkout; ``data/beam_jobs/`` in the Composer bundle
+#: (Composer syncs only the bucket's dags/, plugins/ and data/ folders to its machines).
+JOB_PROJECT = next(
+    (p for p in (REPO_ROOT / "beam_jobs", REPO_ROOT / "data" / "beam_jobs")
+     if (p / "requirements.txt").is_file()),
+    REPO_ROOT / "beam_jobs")

@@ -43,6 +43,8 @@ from caption_platform import REPO_ROOT
 from captioning import formats, job_spec, layout
 
 PROFILES = ("local", "gcp")
+#: ``recipe_policy``: images captioned with another recipe are kept, or re-captioned.
+RECIPE_POLICIES = ("keep", "recaption")
 WAREHOUSES = ("duckdb", "bigquery")
 DATAFLOW = "DataflowRunner"
 RUNNERS = ("DirectRunner", "PrismRunner", DATAFLOW)
@@ -195,9 +197,22 @@ class DataflowOptions(_Model):
     labels: dict[str, str] = Field(default_factory=dict)
     # Free the Airflow worker slot while the GPU job runs (the triggerer polls Dataflow).
     deferrable: bool = True
+    # How often the caption task (or the triggerer) asks Dataflow for the job's state.
+    poll_sleep_s: int = Field(default=10, ge=1, le=600)
     job_name: str = "caption-images"
     # Dataflow's resource totals arrive minutes after a job ends (Beam's benchmark waits 240 s).
     metrics_wait_s: float = Field(default=300, ge=0, le=3600)
+
+    @field_validator("accelerator_count")
+    @classmethod
+    def _one_gpu_per_worker(cls, v: int) -> int:
+        """More GPUs per worker would idle (the job loads its models on one): refused at
+        trigger time, with what is allowed (captioning.devices)."""
+        from captioning.devices import accelerator_problem
+
+        if problem := accelerator_problem(v):
+            raise ValueError(problem)
+        return v
 
     @field_validator("labels")
     @classmethod
@@ -244,6 +259,11 @@ class Settings(_Model):
     dataflow: DataflowOptions = Field(default_factory=DataflowOptions)
     images: ImageFilters = Field(default_factory=ImageFilters)
     incremental: bool = False
+    # Incremental runs: what to do with images whose current caption has another recipe
+    # (captioning.recipe): keep them, or recaption them, at most recaption_budget per run
+    # (None: no count limit; max_cost_usd also limits them), oldest caption first.
+    recipe_policy: Annotated[str, _one_of(RECIPE_POLICIES)] = "keep"
+    recaption_budget: int | None = Field(default=None, ge=0)
     max_images: int | None = Field(default=None, ge=1)
     # Refuse to launch a run whose forecast cost (from recorded runs) is above this, in USD.
     max_cost_usd: float | None = Field(default=None, ge=0)

@@ -71,6 +71,7 @@ def dataflow_config(settings: Settings) -> dict[str, Any] | None:
         "location": settings.dataflow.region,
         "gcp_conn_id": settings.gcp_conn_id,
         "wait_until_finished": True,
+        "poll_sleep": settings.dataflow.poll_sleep_s,
         "service_account": settings.dataflow.service_account,
     }
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import re
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from airflow.providers.apache.beam.hooks.beam import BeamHook
 from airflow.providers.apache.beam.operators.beam import BeamRunPythonPipelineOperator
 from airflow.version import version as airflow_version
 
@@ -21,6 +24,30 @@ from captioning.layout import EXIT_WITH_PARENT_ENV
 
 if TYPE_CHECKING:
     from caption_platform.plan import RunPlan
+
+
+class DataflowLauncherHook(BeamHook):
+    """Beam's hook, for a launcher that submits to Dataflow: a launcher that ends without
+    having printed the Dataflow job id fails here, with its last lines, instead of leaving
+    the operator to poll (or defer on) a job it cannot name."""
+
+    def __init__(self, *, runner: str, job_id: Callable[[], str | None],
+                 lines: Iterable[str]) -> None:
+        super().__init__(runner=runner)
+        self._job_id, self._lines = job_id, lines
+
+    def start_python_pipeline(self, *args: Any, **kwargs: Any) -> None:
+        super().start_python_pipeline(*args, **kwargs)
+        if not self._job_id():
+            from airflow.sdk.exceptions import AirflowException
+
+            said = launcher_error(self._lines) or next(
+                (line.strip() for line in reversed(list(self._lines)) if line.strip()),
+                "nothing")
+            raise AirflowException(
+                "the Beam launcher ended without printing a Dataflow job id (Beam logs "
+                "'Submitted job: ID' at INFO once Dataflow accepted the job), so the job "
+                f"cannot be followed; its last words: {said}")
 
 
 class CaptionJobOperator(BeamRunPythonPipelineOperator):
@@ -32,6 +59,8 @@ class CaptionJobOperator(BeamRunPythonPipelineOperator):
                          deferrable=False, **kwargs)
         self.plan_task_id = plan_task_id
         self._run_plan: tuple[Any, RunPlan] | None = None
+        #: the Dataflow launcher's last output lines: its reason when it fails
+        self._launcher_lines: deque[str] = deque(maxlen=200)
 
     def apply_plan(self, plan: RunPlan) -> None:
         """Take the runner, job file, options and deferral the plan resolved for this run."""
@@ -74,6 +103,24 @@ class CaptionJobOperator(BeamRunPythonPipelineOperator):
             self._run_plan = (ti, RunPlan.from_xcom(xcom))
         return self._run_plan[1]
 
+    def _init_pipeline_options(self, *args: Any, **kwargs: Any) -> Any:
+        """The provider's options, its output-line callback (which finds the Dataflow job
+        id) wrapped so the launcher's last lines are kept for the error it may end with."""
+        result = super()._init_pipeline_options(*args, **kwargs)
+        callback: Callable[[str], None] | None = result[3]
+        if callback is None:
+            return result
+        self._launcher_lines.clear()
+        self.beam_hook = DataflowLauncherHook(runner=self.runner,
+                                              job_id=lambda: self.dataflow_job_id,
+                                              lines=self._launcher_lines)
+
+        def keep(line: str) -> None:
+            self._launcher_lines.append(line)
+            callback(line)
+
+        return (*result[:3], keep, *result[4:])
+
     def pre_execute(self, context: Any) -> None:
         """The execution_timeout the plan derived from the run's size and settings (read by
         the task runner after this, before execute: a stuck job cannot hold the run)."""
@@ -93,8 +140,25 @@ class CaptionJobOperator(BeamRunPythonPipelineOperator):
         with error_in_xcom(context["ti"]):
             plan = self._plan(context)
             self._take(plan)
-            with _refusal_is_final(plan), _timeout_named(self.execution_timeout):
+            with (_refusal_is_final(plan), _timeout_named(self.execution_timeout),
+                  _launcher_error_named(self._launcher_lines)):
                 return super().execute(context)
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        """The triggerer's word on the Dataflow job. A job that did not end well fails the
+        task with the job's own last error (Dataflow's JOB_MESSAGE_ERROR), not only its
+        state; a cancelled job (someone stopped it on purpose) fails without a retry."""
+        if event.get("status") != "error":
+            return super().execute_complete(context, event)
+        from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+        message = str(event.get("message") or "the Dataflow job failed")
+        job_id = context["ti"].xcom_pull(task_ids=self.task_id, key="dataflow_job_id")
+        cause = _dataflow_error(self._plan(context), job_id) if job_id else None
+        text = f"{message}: {cause}" if cause else message
+        if "JOB_STATE_CANCELLED" in message:
+            raise AirflowFailException(f"{text} (the job was cancelled: not retried)")
+        raise AirflowException(text)
 
     def run_to_completion(self, plan: RunPlan, context: Any) -> str | None:
         """Launch ``plan``'s job and wait for its end inside the calling task; return the
@@ -115,13 +179,63 @@ class CaptionJobOperator(BeamRunPythonPipelineOperator):
          self.process_line_callback, self.is_dataflow_job_id_exist_callback,
          ) = self._init_pipeline_options(format_pipeline_options=True,
                                          job_name_variable_key="job_name")
-        with _refusal_is_final(plan):
+        with _refusal_is_final(plan), _launcher_error_named(self._launcher_lines):
             if self.is_dataflow:
                 return self.execute_on_dataflow(context)["dataflow_job_id"]
             self.beam_hook.start_python_pipeline(
                 variables=self.snake_case_pipeline_options, py_file=self.py_file,
                 py_options=self.py_options, py_interpreter=self.py_interpreter)
         return None
+
+
+_LOGGED_ERROR = re.compile(r"\b(ERROR|CRITICAL|FATAL)\b")
+
+
+def launcher_error(lines: Iterable[str]) -> str | None:
+    """What the Beam launcher last said went wrong: the exception line of its last
+    traceback (``google.api_core.exceptions.TooManyRequests: 429 Quota exceeded ...``),
+    else its last ERROR/CRITICAL log line, else None."""
+    lines = [line.rstrip() for line in lines if line.strip()]
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")]
+    if starts:
+        after = [line for line in lines[starts[-1] + 1:] if not line[:1].isspace()]
+        if after:
+            return after[0][:2000]
+    logged = [line for line in lines if _LOGGED_ERROR.search(line)]
+    return logged[-1].strip()[:2000] if logged else None
+
+
+@contextlib.contextmanager
+def _launcher_error_named(lines: Iterable[str]) -> Iterator[None]:
+    """The provider says only "Apache Beam process failed with return code 1" when the
+    launcher fails before Dataflow runs anything (a refused jobs.create, a bad option): add
+    the launcher's own reason, so it is the task's error and the run's recorded one."""
+    from airflow.sdk.exceptions import AirflowException
+
+    try:
+        yield
+    except AirflowException as exc:
+        reason = launcher_error(lines) if "Beam process failed" in str(exc) else None
+        if reason is None:
+            raise
+        raise type(exc)(f"{exc}: {reason}") from exc
+
+
+def _dataflow_error(plan: RunPlan, job_id: str) -> str | None:
+    """The last error message Dataflow logged for the job (None when it logged none or the
+    messages cannot be read: the state alone is then the error)."""
+    from airflow.providers.google.cloud.hooks.dataflow import DataflowHook
+
+    settings = plan.settings
+    try:
+        messages = DataflowHook(gcp_conn_id=settings.gcp_conn_id).fetch_job_messages_by_id(
+            job_id=job_id, project_id=settings.gcp_project or "",
+            location=settings.dataflow.region)
+    except Exception:  # noqa: BLE001 - the job's state is still the error to raise
+        return None
+    errors = [m.get("messageText", "") for m in messages
+              if m.get("messageImportance") == "JOB_MESSAGE_ERROR"]
+    return errors[-1] if errors else None
 
 
 @contextlib.contextmanager

@@ -23,8 +23,16 @@ RUN_PARAMETERS: tuple[Setting, ...] = (
             pattern_help=job_spec.SOURCE_URI_HELP, max_length=4096, nullable=True),
     Setting("max_images", int, None, "Caption at most this many images (a sample run).",
             minimum=1, nullable=True),
-    Setting("incremental", bool, None, "Skip images that other runs already captioned.",
-            nullable=True),
+    Setting("incremental", bool, None, "Skip images that other runs already captioned "
+            "with this run's caption recipe (models and caption settings).", nullable=True),
+    Setting("recipe_policy", str, None,
+            "Incremental runs, images captioned with another recipe: keep their captions, "
+            "or recaption them (oldest first, at most recaption_budget per run).",
+            choices=("keep", "recaption"), nullable=True),
+    Setting("recaption_budget", int, None,
+            "Most images of another recipe one run re-captions (max_cost_usd limits them "
+            "too). Empty: the configured budget (none: no count limit).",
+            minimum=0, nullable=True),
     Setting("max_cost_usd", float, None,
             "Refuse to launch when the cost forecast from recorded runs (same runner, "
             "hardware, models and settings) is above this many US dollars.",

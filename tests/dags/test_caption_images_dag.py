@@ -31,6 +31,38 @@ def trigger_params(conf: dict) -> Any:
     serialized = DagSerialization.from_dict(DagSerialization.to_dict(dag))
     return serialized.params.deep_merge(conf)
 
+def test_the_dag_processors_pre_import_covers_the_providers() -> None:
+    """The dag-processor imports the ``airflow.*`` modules a DAG file names at its top once,
+    in its own long-lived process (``parsing_pre_import_modules``), then parses the file in
+    a fresh child. What the child still imports is the file's own cost on every parse: the
+    project's small modules, never the Google provider's client libraries again."""
+    code = textwrap.dedent(
+        """
+        import importlib, json, sys
+        from airflow.dag_processing.dagbag import DagBag
+        from airflow.utils.file import iter_airflow_imports
+        for path in sys.argv[1:]:
+            for module in iter_airflow_imports(path):
+                importlib.import_module(module)
+        before = set(sys.modules)
+        errors = {}
+        for path in sys.argv[1:]:
+            errors.update({str(k): str(v) for k, v in DagBag(path).import_errors.items()})
+        print(json.dumps({"errors": errors, "new": sorted(set(sys.modules) - before)}))
+        """
+    )
+    files = sorted(str(p) for p in DAGS_FOLDER.glob("*.py"))
+    out = subprocess.run([sys.executable, "-c", code, *files], capture_output=True, text=True,
+                         check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["errors"] == {}
+    heavy = ("google", "googleapiclient", "grpc", "oauth2client", "aiohttp", "httplib2",
+             "airflow.providers.google", "airflow.providers.apache.beam")
+    again = [m for m in result["new"] if m.split(".")[0] in heavy[:6] or m.startswith(heavy[6:])]
+    assert again == []
+    assert any(m.startswith("caption_platform") for m in result["new"])  # the probe works
+
+
 EXPECTED_TASKS = {
     "plan", "has_new_images", "caption", "publish", "validate", "record_metrics", "export",
 }

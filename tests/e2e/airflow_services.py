@@ -174,8 +174,10 @@ class AirflowServices:
     """Airflow's api-server, scheduler, dag-processor and triggerer on one test home."""
 
     def __init__(self, home: Path, database_url: str | None,
-                 extra_env: Mapping[str, str]) -> None:
+                 extra_env: Mapping[str, str], executable: str | None = None) -> None:
         self.home = home
+        #: the `airflow` command (another environment's, for Composer in a box)
+        self.executable = executable or airflow_executable()
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.username = "tester"
@@ -224,18 +226,25 @@ class AirflowServices:
     def migrate(self, timeout: float = 240) -> None:
         log = self.logs / "db-migrate.log"
         with log.open("wb") as out:
-            proc = subprocess.run([airflow_executable(), "db", "migrate"], env=self.env,
+            proc = subprocess.run([self.executable, "db", "migrate"], env=self.env,
                                   stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
         if proc.returncode:
             raise RuntimeError(f"airflow db migrate failed:\n{tail(log)}")
 
-    def start(self) -> None:
-        for name, args in COMPONENTS.items():
-            out = (self.logs / f"{name}.log").open("wb")
+    def start(self, names: tuple[str, ...] = tuple(COMPONENTS)) -> None:
+        for name in names:
+            out = (self.logs / f"{name}.log").open("ab")
             self.procs[name] = subprocess.Popen(
-                [airflow_executable(), *args], env=self.env, stdout=out,
+                [self.executable, *COMPONENTS[name]], env=self.env, stdout=out,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
             out.close()
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one component and its whole process group at once (a lost machine)."""
+        proc = self.procs[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
     def check_running(self) -> None:
         for name, proc in self.procs.items():

@@ -206,11 +206,16 @@ def test_bundle_is_exactly_the_documented_tree(tmp_path: Path) -> None:
     files = sorted(str(p.relative_to(tree)) for p in tree.rglob("*") if p.is_file())
     top = sorted({"/".join(f.split("/")[:2]) for f in files})
     assert top == ["dags/benchmark_beam_sdks.py", "dags/caption_images.py",
-                   "plugins/.airflowignore", "plugins/caption_images.py",
+                   "data/beam_jobs", "plugins/.airflowignore", "plugins/caption_images.py",
                    "plugins/caption_performance.py", "plugins/caption_platform",
                    "plugins/captioning"]
     job = sorted(p.name for p in (ROOT / "beam_jobs" / "captioning").glob("*.py"))
     assert sorted(f.split("/")[-1] for f in files if f.startswith("plugins/captioning/")) == job
+    # the job's project for the SDK-version benchmark: its pins, its pyproject, its package
+    project = sorted(f.removeprefix("data/beam_jobs/") for f in files
+                     if f.startswith("data/beam_jobs/"))
+    assert project == sorted(["requirements.txt", "pyproject.toml",
+                              *(f"captioning/{name}" for name in job)])
     # the Airflow-side library ships whole; the developer and deploy tooling never does
     library = {str(p.relative_to(ROOT / "plugins")) for p in
                (ROOT / "plugins" / "caption_platform").rglob("*.py")}
@@ -382,6 +387,13 @@ def test_deploy_runs_the_documented_gcloud_commands(tmp_path: Path, gcloud) -> N
          f"{bucket}/plugins/caption_images.py", "--project", "my-project"],
         ["storage", "cp", str(tree / "plugins/caption_performance.py"),
          f"{bucket}/plugins/caption_performance.py", "--project", "my-project"],
+        ["storage", "cp", str(tree / "data/beam_jobs/requirements.txt"),
+         f"{bucket}/data/beam_jobs/requirements.txt", "--project", "my-project"],
+        ["storage", "cp", str(tree / "data/beam_jobs/pyproject.toml"),
+         f"{bucket}/data/beam_jobs/pyproject.toml", "--project", "my-project"],
+        ["storage", "rsync", str(tree / "data/beam_jobs/captioning"),
+         f"{bucket}/data/beam_jobs/captioning",
+         "--recursive", "--delete-unmatched-destination-objects", "--project", "my-project"],
         ["storage", "cp", str(tree / "dags/caption_images.py"), f"{bucket}/dags/caption_images.py",
          "--project", "my-project"],
         ["storage", "cp", str(tree / "dags/benchmark_beam_sdks.py"),

@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from caption_platform import REPO_ROOT
+from caption_platform import JOB_PROJECT
 from caption_platform.benchmark.versions import (
     DEFAULT_REQUIREMENTS,
     check_version,
@@ -80,7 +80,7 @@ from caption_platform.benchmark.versions import (
 )
 from caption_platform.processes import file_lock, output_tail, run_command
 
-DEFAULT_JOB_PACKAGE = REPO_ROOT / "beam_jobs"
+DEFAULT_JOB_PACKAGE = JOB_PROJECT
 DEFAULT_TIMEOUT_S = 1800.0
 MARKER = "sdk_env.json"
 # Bump when the way an environment is built changes, so old ones are rebuilt.

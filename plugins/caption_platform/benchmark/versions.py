@@ -15,11 +15,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from caption_platform import REPO_ROOT
+from caption_platform import JOB_PROJECT
 from caption_platform.processes import run_command
 
 #: The job's requirements: the source of every pin, the Beam pin included.
-DEFAULT_REQUIREMENTS = REPO_ROOT / "beam_jobs" / "requirements.txt"
+DEFAULT_REQUIREMENTS = JOB_PROJECT / "requirements.txt"
 BEAM_PROJECT = "apache-beam"
 # Left out of a launcher-only environment: only the Dataflow workers run the models.
 LAUNCHER_EXCLUDED = ("torch", "transformers")
