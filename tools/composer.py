@@ -75,13 +75,8 @@ _IGNORED = shutil.ignore_patterns(
 #: package list: Airflow 3.3.1, apache-airflow-providers-google and -apache-beam, and with
 #: them google-cloud-bigquery, gcsfs, pyarrow, pydantic). Python 3.11, like the worker image.
 COMPOSER_IMAGE = "composer-3-airflow-3.3.1-build.0"
-#: What of that image the project relies on, at the image's Airflow and the provider versions
-#: this project pins: the base of the Composer-in-a-box test environment (tools/composer_box).
-IMAGE_PACKAGES: tuple[str, ...] = (
-    "apache-airflow[postgres]==3.3.1",
-    "apache-airflow-providers-google==22.8.0",
-    "apache-airflow-providers-apache-beam==6.3.1",
-)
+#: The providers of that image the project relies on (at the versions it pins).
+IMAGE_PROVIDERS = ("apache-airflow-providers-google", "apache-airflow-providers-apache-beam")
 
 #: Requirements Composer installs, and why (the version specifier comes from the files).
 INSTALL: Mapping[str, str] = {
@@ -175,6 +170,29 @@ def _requirements(path: Path) -> Iterator[str]:
         text = line.split(" #", 1)[0].strip()
         if text and not text.startswith(("#", "-")):
             yield text
+
+
+def requirement_line(name: str, root: Path = REPO_ROOT) -> str:
+    """The project's requirement line for ``name`` (from :func:`requirement_files`)."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    for path in requirement_files(root):
+        for line in _requirements(path):
+            if canonicalize_name(Requirement(line).name) == canonicalize_name(name):
+                return line
+    raise KeyError(f"no requirement {name!r} in {', '.join(map(str, requirement_files(root)))}")
+
+
+def image_packages(root: Path = REPO_ROOT) -> list[str]:
+    """What of the Composer image the project relies on: the image's Airflow (its version
+    from :data:`COMPOSER_IMAGE`) and :data:`IMAGE_PROVIDERS` at the versions pinned here; the
+    base of the Composer-in-a-box test environment (tools/composer_box.py)."""
+    airflow = re.fullmatch(r"composer-\d+-airflow-([0-9.]+)-build\.\d+", COMPOSER_IMAGE)
+    if airflow is None:
+        raise ValueError(f"COMPOSER_IMAGE {COMPOSER_IMAGE!r}: no Airflow version in it")
+    return [f"apache-airflow[postgres]=={airflow.group(1)}",
+            *(requirement_line(name, root) for name in IMAGE_PROVIDERS)]
 
 
 def pypi_packages(root: Path = REPO_ROOT) -> list[str]:

@@ -2,7 +2,7 @@
 
 A virtual environment of its own (not the project's .venv), built with uv on first use and
 kept under ``data/composer-box/`` (rebuilt when its requirement lines change): the Composer
-image's Airflow and the Google and Beam providers (:data:`tools.composer.IMAGE_PACKAGES`)
+image's Airflow and the Google and Beam providers (:func:`tools.composer.image_packages`)
 plus exactly the lines ``python -m tools.composer pypi-packages`` prints, so no torch, no
 transformers, no DuckDB-side SQL tools. Airflow runs in it with its dags and plugins folders
 taken from a folder :func:`tools.composer.bundle` wrote, and nothing of the checkout on
@@ -32,13 +32,15 @@ from caption_platform.processes import file_lock
 from tools import composer
 
 ROOT = REPO_ROOT / "data" / "composer-box"
-#: Not on Composer: what the test harness needs inside the box (see the module docstring).
-HARNESS_PACKAGES = ("pysocks==1.7.1",)
+#: Not on Composer: what the test harness needs inside the box (see the module docstring),
+#: at the version requirements.txt pins.
+HARNESS_PACKAGES = ("pysocks",)
 
 
 def requirements(root: Path = REPO_ROOT) -> list[str]:
-    """The box's requirement lines: the image's packages, then what deploy installs."""
-    return [*composer.IMAGE_PACKAGES, *composer.pypi_packages(root), *HARNESS_PACKAGES]
+    """The box's requirement lines: the image's packages, what deploy installs, the harness."""
+    return [*composer.image_packages(root), *composer.pypi_packages(root),
+            *(composer.requirement_line(name, root) for name in HARNESS_PACKAGES)]
 
 
 def _uv() -> str:
