@@ -111,7 +111,8 @@ def caption_images() -> None:
             ti.xcom_pull(task_ids="plan"), dag_id=tasks.DAG_ID,
             dataflow_job_id=ti.xcom_pull(task_ids="caption", key="dataflow_job_id"),
             errors=errors, run_id=ctx["run_id"], params=ctx["params"],
-            run_kind=ctx["dag_run"].run_type)
+            run_kind=ctx["dag_run"].run_type,
+            results={t: ti.xcom_pull(task_ids=t) for t in ("publish", "validate")})
 
     @task
     def export(run: dict) -> dict | None:

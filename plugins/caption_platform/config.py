@@ -46,6 +46,9 @@ PROFILES = ("local", "gcp")
 #: ``recipe_policy``: images captioned with another recipe are kept, or re-captioned.
 RECIPE_POLICIES = ("keep", "recaption")
 WAREHOUSES = ("duckdb", "bigquery")
+#: ``whole_table_check``: when validation checks every row of the tables besides the run's
+#: (weekly: runs whose run date is a Sunday; per-run checks are bounded by the run).
+WHOLE_TABLE_CHECKS = ("weekly", "always", "never")
 DATAFLOW = "DataflowRunner"
 RUNNERS = ("DirectRunner", "PrismRunner", DATAFLOW)
 
@@ -233,6 +236,15 @@ class DataflowOptions(_Model):
         return f"type:{self.accelerator_type};count:{self.accelerator_count}{driver}"
 
 
+class DeadLetterRetries(_Model):
+    """When an image that failed is read again: ``retry_hours`` after its first failure,
+    doubling after each further one, and never after ``max_attempts`` failures since its last
+    caption (given up, named in skipped_files). 20 h: a daily run tries it the next day."""
+
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    retry_hours: float = Field(default=20.0, ge=0, le=24 * 365)
+
+
 class Settings(_Model):
     """The whole configuration. Build it with :func:`load_settings`."""
 
@@ -270,6 +282,10 @@ class Settings(_Model):
     # Fail a run that dead-letters more than this share of the images it tried for the first
     # time (images a different run already dead-lettered are not counted), or captions none.
     max_dead_letter_share: float = Field(default=0.5, ge=0, le=1)
+    dead_letters: DeadLetterRetries = Field(default_factory=DeadLetterRetries)
+    # When validation also checks every row of the tables (a whole-history read): the run's
+    # own check is bounded by the run (docs/ARCHITECTURE.md "Scale").
+    whole_table_check: Annotated[str, _one_of(WHOLE_TABLE_CHECKS)] = "weekly"
     # The caption task's execution_timeout: base + images x per_image (spread over the
     # Dataflow workers), so a job stuck on a read that never returns cannot hold the run,
     # and every later run queued behind it, forever (caption_platform.launch).

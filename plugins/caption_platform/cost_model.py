@@ -44,6 +44,8 @@ class PriceTable:
     pd_gb_per_hour: float = 0.000054
     ssd_gb_per_hour: float = 0.000298
     shuffle_per_gb: float = 0.011
+    # BigQuery on-demand queries, per TiB billed (the warehouse's share of a run)
+    bigquery_per_tib: float = 6.25
 
     def with_overrides(self, overrides: dict[str, Any] | None) -> PriceTable:
         """A copy with some prices replaced; ``gpu_per_hour`` entries are merged."""
@@ -137,6 +139,11 @@ def estimate_cost(resources: Resources, prices: PriceTable | None = None) -> Cos
         shuffle=resources.shuffle_gb * prices.shuffle_per_gb,
         pricing_as_of=prices.as_of,
     )
+
+
+def warehouse_cost(bytes_billed: int, prices: PriceTable | None = None) -> float:
+    """What BigQuery's on-demand pricing charges for ``bytes_billed`` (USD)."""
+    return (bytes_billed or 0) / 2**40 * (prices or PriceTable()).bigquery_per_tib
 
 
 def prices_from_settings(settings: Any) -> PriceTable:

@@ -12,6 +12,10 @@ resolved: no escape by a link swapped in), must be a regular file (opened withou
 blocking), and the copy must hash to its ``image_id``: it is written under a temporary name
 and renamed only then. Any other row is skipped, with its reason counted and logged, and
 ``metadata.jsonl`` lists only the images exported.
+
+The copies run on a bounded pool of threads (``workers``; object stores answer one object in
+about 0.1 s, so one at a time is 3 hours for 10^5 images), at most ``2 x workers`` in flight,
+and ``metadata.jsonl`` keeps the rows' order.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import json
 import logging
 import os
 import re
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 from caption_platform.storage import is_local, storage_path
@@ -32,6 +37,8 @@ from captioning.uris import NotARegularFile, beam_path, open_regular
 log = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 1 << 20
+#: Copies in parallel by default (I/O bound: threads wait on the store).
+DEFAULT_WORKERS = 16
 _MD5_HEX = re.compile(r"[0-9a-f]{32}")
 
 # Why a captions row was not exported (the keys of the result's "skipped").
@@ -107,6 +114,7 @@ def export_hf_imagefolder(
     source_roots: str | Iterable[str] | None,
     copy_images: bool = True,
     conn_id: str | None = None,
+    workers: int = DEFAULT_WORKERS,
 ) -> dict[str, Any]:
     """Write the imagefolder for ``rows`` (captions rows) under ``out_uri``.
 
@@ -123,28 +131,39 @@ def export_hf_imagefolder(
         out.mkdir(parents=True, exist_ok=True)
     written = 0
     skipped: Counter[str] = Counter()
-    with (out / "metadata.jsonl").open("w", encoding="utf-8") as meta:
+
+    def export_one(row: dict[str, Any]) -> dict[str, Any]:
+        image_id, uri = str(row["image_id"]), str(row["uri"])
+        file_name = f"{image_id}{_extension(uri)}"
+        if not _MD5_HEX.fullmatch(image_id):
+            raise _Skip(BAD_IMAGE_ID, f"image_id {image_id!r} is not an MD5 hex digest")
+        if copy_images:
+            with _open_source(uri, roots, conn_id) as src:
+                _copy_verified(src, out / file_name, image_id)
+        return {"file_name": file_name, "text": row["caption"], "image_id": image_id,
+                "caption_score": row.get("caption_score")}
+
+    def settle(uri: str, done: Future) -> None:
+        nonlocal written
+        try:
+            record = done.result()
+        except _Skip as skip:
+            skipped[skip.reason] += 1
+            log.warning("not exported (%s): %s: %s", skip.reason, uri, skip)
+            return
+        meta.write(json.dumps(record) + "\n")
+        written += 1
+
+    with (out / "metadata.jsonl").open("w", encoding="utf-8") as meta, \
+            ThreadPoolExecutor(max_workers=max(1, workers),
+                               thread_name_prefix="hf-export") as pool:
+        pending: deque[tuple[str, Future]] = deque()
         for row in rows:
-            image_id, uri = str(row["image_id"]), str(row["uri"])
-            file_name = f"{image_id}{_extension(uri)}"
-            try:
-                if not _MD5_HEX.fullmatch(image_id):
-                    raise _Skip(BAD_IMAGE_ID, f"image_id {image_id!r} is not an MD5 hex digest")
-                if copy_images:
-                    with _open_source(uri, roots, conn_id) as src:
-                        _copy_verified(src, out / file_name, image_id)
-            except _Skip as skip:
-                skipped[skip.reason] += 1
-                log.warning("not exported (%s): %s: %s", skip.reason, uri, skip)
-                continue
-            record = {
-                "file_name": file_name,
-                "text": row["caption"],
-                "image_id": image_id,
-                "caption_score": row.get("caption_score"),
-            }
-            meta.write(json.dumps(record) + "\n")
-            written += 1
+            pending.append((str(row["uri"]), pool.submit(export_one, row)))
+            if len(pending) >= 2 * max(1, workers):
+                settle(*pending.popleft())
+        while pending:
+            settle(*pending.popleft())
     result = {"rows": written, "skipped": dict(sorted(skipped.items()))}
     log.info("hf export to %s: %d images exported, skipped %s", out_uri, written,
              result["skipped"] or "none")

@@ -28,14 +28,25 @@ fsspec listing itself may cache more for object stores).
 
 Size limits apply after that (``too_small``, ``too_large``), then hashing (``unreadable``).
 
-**Every file left out is named.** Each listed entry the manifest does not carry is a row
-of the run's ``skipped.jsonl`` (JSON Lines beside the manifest, ``layout.SKIPPED_FILE``):
+**Every file rejected is named; the rest is counted.** Each listed entry left out for what
+it is (:data:`NAMED_REASONS`: not an image, too small or large, links, unreadable,
+duplicates, dead letters given up or waiting for their retry) is a row of the run's
+``skipped.jsonl`` (JSON Lines beside the manifest, ``layout.SKIPPED_FILE``):
 ``{"uri", "reason", "detail", "size_bytes", "image_id", "duplicate_of"}`` where ``reason``
-is the :class:`ManifestStats` count it is in (:data:`SKIP_REASONS`), ``detail`` a short
-human reason, ``image_id`` the MD5 when it was hashed and ``duplicate_of`` the manifest URI
-of the same bytes (``duplicates``). The rows go through the same on-disk DuckDB database
-(never a Python list) and are written in URI order; the plan task loads them into the
-``skipped_files`` table. Rows per reason == the counts in ``manifest_stats``.
+is the :class:`ManifestStats` count it is in, ``detail`` a short human reason, ``image_id``
+the MD5 when it was hashed and ``duplicate_of`` the manifest URI of the same bytes
+(``duplicates``). The rows go through the same on-disk DuckDB database (never a Python list)
+and are written in URI order; the plan task loads them into the ``skipped_files`` table.
+Rows per named reason == the counts in ``manifest_stats``. Images left for what earlier runs
+did (:data:`COUNTED_REASONS`: captioned already, another recipe kept, left by the budget,
+past ``max_images``) are counts only: a bucket of 10^7 captioned images would otherwise be
+10^7 rows every day.
+
+**The selection runs in the warehouse.** The listing's unique images are written beside
+the manifest (``listing.jsonl``) and judged there against the ledger's outcomes of those
+images only (:meth:`~caption_platform.warehouse.base.Warehouse.selection`); only the chosen
+rows come back, streamed into the manifest. Without a warehouse (tests, tools), a DuckDB in
+memory holding what ``known``/``exclude_ids`` say stands in, through the same SQL.
 
 Determinism: duplicates by content keep the lexicographically smallest URI; with
 ``max_images`` the manifest holds the first N unique images in URI order. The
@@ -46,17 +57,22 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import hashlib
+import heapq
+import itertools
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from caption_platform.config import SNIFF_MODES, SettingsError
+from caption_platform.listing import list_objects
 from caption_platform.storage import is_local, normalize_uri, storage_path
 from captioning import formats
 from captioning.layout import SKIPPED_FILE
@@ -73,7 +89,14 @@ SNIFF_BYTES = formats.HEAD_BYTES
 #: The run's record of every listed file the manifest does not carry (beside the manifest).
 #: Why a listed file is not in the manifest: the :class:`ManifestStats` count it is in.
 SKIP_REASONS = ("not_image", "too_small", "too_large", "skipped_links", "unreadable",
-                "duplicates", "skipped_existing", "other_recipe", "over_budget", "capped")
+                "duplicates", "given_up", "retry_later", "skipped_existing", "other_recipe",
+                "over_budget", "capped")
+#: The reasons a file is named for in skipped.jsonl: what the file is, or its dead letters.
+NAMED_REASONS = SKIP_REASONS[:8]
+#: The reasons only counted: images left for what earlier runs did, or by the run's limits.
+COUNTED_REASONS = SKIP_REASONS[8:]
+#: The listing's unique images, beside the manifest: what the warehouse selects from.
+LISTING_FILE = "listing.jsonl"
 #: What the manifest's images are (a breakdown of ``written``, not a reason to leave out):
 #: never published, dead-lettered before (always tried again), captioned with another recipe.
 WRITTEN_KINDS = ("new", "retried", "recaptioned")
@@ -113,8 +136,9 @@ class ManifestStats:
     """Counts of one manifest build: every listed entry is accounted for exactly once.
 
     ``listed`` == ``not_image + too_small + too_large + skipped_links + unreadable +
-    duplicates + skipped_existing + capped + written`` (see :meth:`unaccounted`). Each count
-    but ``listed`` and ``written`` is a reason of ``skipped.jsonl``, one row per entry.
+    duplicates + given_up + retry_later + skipped_existing + other_recipe + over_budget +
+    capped + written`` (see :meth:`unaccounted`). Each :data:`NAMED_REASONS` count is a
+    reason of ``skipped.jsonl``, one row per entry.
     """
 
     listed: int = 0
@@ -124,6 +148,8 @@ class ManifestStats:
     skipped_links: int = 0  # symlinks to folders, outside the source, or to nothing
     unreadable: int = 0  # could not be opened to sniff or hash it (permissions, vanished)
     duplicates: int = 0
+    given_up: int = 0  # dead-lettered dead_letter_max_attempts times: not read again
+    retry_later: int = 0  # dead-lettered, its next try not due yet (the backoff)
     skipped_existing: int = 0  # captioned already (with this run's recipe, when it has one)
     other_recipe: int = 0  # captioned with another recipe, kept (recipe_policy=keep)
     over_budget: int = 0  # captioned with another recipe, left to a later run by the budget
@@ -230,6 +256,7 @@ def _listing(
     max_bytes: int,
     sniff: bool,
     stats: ManifestStats,
+    conn_id: str | None = None,
 ) -> Iterator[_Entry]:
     """Yield an :class:`_Entry` for every listed entry: kept, or left out with its reason.
 
@@ -242,12 +269,10 @@ def _listing(
     scheme = normalize_uri(str(root)).split("://", 1)[0]
     local = is_local(root)
     real_root = os.path.realpath(root.path) if local else ""
-    # Object-store filesystems (gcsfs) cache listings per process: list what is there now.
-    # invalidate_cache(path) drops only that path and its parents; a subfolder an earlier
-    # listing in this process cached would hide the files added to it since.
-    _forget_listings_under(fs, root.path)
-    for _dirpath, _dirs, files in fs.walk(root.path, detail=True, on_error="raise"):
-        for info in files.values():
+    # Streamed, never cached (caption_platform.listing); closed with this generator, so an
+    # early stop ends the listing threads at once.
+    with contextlib.closing(list_objects(root, conn_id=conn_id)) as infos:
+        for info in infos:
             stats.listed += 1
             name = str(info["name"])
             full = name if "://" in name else f"{scheme}://{name}"
@@ -299,18 +324,6 @@ def _listing(
                 yield _Entry(None, full, size, "unreadable", f"{type(exc).__name__}: {exc}"[:300])
                 continue
             yield _Entry(image_id, full, size)
-
-
-def _forget_listings_under(fs: Any, path: str) -> None:
-    """Drop every cached listing of ``path`` and of the folders under it."""
-    fs.invalidate_cache(path)
-    cache = getattr(fs, "dircache", None)
-    if cache is None:
-        return
-    prefix = path.rstrip("/") + "/"
-    for key in [k for k in list(cache) if str(k).startswith(prefix)]:
-        fs.invalidate_cache(key)
-        cache.pop(key, None)
 
 
 def _checked(batches: Iterator[Any], source_uri: str) -> Iterator[Any]:
@@ -394,45 +407,39 @@ class RecipeSelection:
         return min(limits) if limits else None
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When a dead letter is read again: ``base_hours`` after its first failure, doubling
+    after each further one, until ``max_attempts`` failures since its last caption (given up,
+    named in skipped_files). ``now``: the clock (the run's own instant, so a retried plan
+    selects what it selected the first time); None: now."""
+
+    max_attempts: int = 5
+    base_hours: float = 0.0
+    now: datetime | None = None
+
+
+def selection_rules(selection: RecipeSelection | None, retry: RetryPolicy | None, *,
+                    incremental: bool, max_images: int | None) -> Any:
+    """The warehouse's :class:`SelectionRules` for a run (None selection: any caption done)."""
+    from caption_platform.warehouse.base import SelectionRules
+
+    retry = retry or RetryPolicy()
+    sel = selection or RecipeSelection("")
+    return SelectionRules(
+        incremental=incremental, recipe=sel.recipe, policy=sel.policy,
+        budget=sel.budget if sel.policy == "recaption" else 0,
+        max_total=sel.max_images_total if sel.policy == "recaption" else None,
+        max_images=max_images, max_attempts=retry.max_attempts,
+        retry_base_s=retry.base_hours * 3600.0, now=retry.now)
+
+
 _KNOWN_SCHEMA = (("image_id", "string"), ("outcome", "string"), ("recipe", "string"),
                  ("outcome_at", "timestamp"))
 
-# Each unique image's status against the known outcomes, then the decision: take it, or the
-# reason it is left out. Images of another recipe are ranked oldest caption first.
-_CLASSIFY = (
-    """
-    CREATE TABLE classified AS
-    WITH k AS (
-      SELECT DISTINCT ON (image_id) image_id, outcome, recipe, outcome_at FROM known
-      ORDER BY image_id, outcome_at DESC NULLS LAST, outcome DESC
-    )
-    SELECT u.image_id, u.uri, u.size_bytes, k.outcome_at,
-      CASE WHEN k.image_id IS NULL THEN 'new'
-           WHEN k.outcome = 'dead_lettered' THEN 'retried'
-           WHEN $recipe IS NULL OR k.recipe = $recipe THEN 'done'
-           ELSE 'stale' END AS status
-    FROM uniq u LEFT JOIN k ON k.image_id = u.image_id
-    """,
-    """
-    CREATE TABLE chosen AS
-    SELECT image_id, uri, size_bytes, status,
-      CASE WHEN status IN ('new', 'retried') THEN 'take'
-           WHEN status = 'done' THEN 'skipped_existing'
-           WHEN $policy = 'keep' THEN 'other_recipe'
-           WHEN $limit IS NULL OR age_rank <= $limit THEN 'take'
-           ELSE 'over_budget' END AS decision
-    FROM (
-      SELECT *, ROW_NUMBER() OVER (PARTITION BY status
-                                   ORDER BY outcome_at NULLS FIRST, image_id) AS age_rank
-      FROM classified
-    )
-    """,
-)
-
-# Every listed entry the manifest does not carry, in URI order: the listing's own rejects,
-# then the duplicates (not the smallest URI of their bytes), the images captioned already and
-# those past max_images (the same URI order and limit as the manifest's query).
-_SKIPPED_ROWS = """
+# The listing's own rejects and the duplicates (not the smallest URI of their bytes), in
+# URI order: the named rows the scratch database decides.
+_REJECTED_ROWS = """
 SELECT uri, reason, detail, size_bytes, image_id, duplicate_of FROM (
   SELECT uri, reason, detail, size_bytes, image_id, CAST(NULL AS VARCHAR) AS duplicate_of
   FROM entries WHERE reason IS NOT NULL
@@ -440,49 +447,70 @@ SELECT uri, reason, detail, size_bytes, image_id, duplicate_of FROM (
   SELECT e.uri, 'duplicates', 'same bytes as ' || u.uri, e.size_bytes, e.image_id, u.uri
   FROM entries e JOIN uniq u ON e.image_id = u.image_id
   WHERE e.reason IS NULL AND e.uri <> u.uri
-  UNION ALL
-  SELECT uri, decision,
-         CASE decision
-           WHEN 'skipped_existing' THEN $done_detail
-           WHEN 'other_recipe' THEN 'captioned with another recipe; recipe_policy=keep'
-           ELSE 'awaits this recipe; left to a later run by the recaption budget'
-         END, size_bytes, image_id, NULL
-  FROM chosen WHERE decision <> 'take'
-  UNION ALL
-  SELECT uri, 'capped', 'past max_images=' || CAST($limit AS VARCHAR), size_bytes, image_id,
-         NULL
-  FROM (
-    SELECT uri, size_bytes, image_id, ROW_NUMBER() OVER (ORDER BY uri) AS n FROM chosen
-    WHERE decision = 'take'
-  ) WHERE n > $limit
 )
 ORDER BY uri, reason
 """
 
 
-def _classify(con: Any, selection: RecipeSelection | None) -> None:
-    """Create the ``chosen`` table: each unique image's status and decision (``_CLASSIFY``),
-    the budget applied after counting the new and retried images it must leave room for."""
-    con.execute(_CLASSIFY[0], {"recipe": None if selection is None else selection.recipe})
-    (first_tries,) = con.execute(
-        "SELECT count(*) FROM classified WHERE status IN ('new', 'retried')").fetchone()
-    limit = 0 if selection is None else selection.recaption_limit(first_tries)
-    policy = "keep" if selection is None else selection.policy
-    con.execute(_CLASSIFY[1], {"policy": policy, "limit": limit})
+def _rows(cursor: Any, fields: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+    """A DuckDB cursor's rows as dicts, fetched in chunks."""
+    while chunk := cursor.fetchmany(10_000):
+        for values in chunk:
+            yield dict(zip(fields, values, strict=True))
 
 
-def _write_jsonl(cursor: Any, uri: str, conn_id: str | None, fields: tuple[str, ...]) -> int:
-    """Stream a query's rows as JSON Lines to ``uri`` (overwritten); return the row count."""
+def _write_jsonl(rows: Iterable[Mapping[str, Any]], uri: str, conn_id: str | None,
+                 fields: tuple[str, ...]) -> int:
+    """Stream rows as JSON Lines of ``fields`` to ``uri`` (overwritten); return the count."""
     out = storage_path(uri, conn_id)
     if is_local(out):
         out.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     with out.open("w", encoding="utf-8") as handle:
-        while chunk := cursor.fetchmany(10_000):
-            for values in chunk:
-                handle.write(json.dumps(dict(zip(fields, values, strict=True))) + "\n")
-                n += 1
+        for row in rows:
+            handle.write(json.dumps({f: row[f] for f in fields}, default=str) + "\n")
+            n += 1
     return n
+
+
+def _held_rows(held: Iterable[Mapping[str, Any]], retry: RetryPolicy) -> Iterator[dict[str, Any]]:
+    """The selection's held dead letters as skipped rows, saying why and until when."""
+    for r in held:
+        if r["reason"] == "given_up":
+            detail = (f"dead-lettered {r['failures']} time(s) since its last caption "
+                      f"(dead_letter_max_attempts={retry.max_attempts}); not read again")
+        else:
+            wait_h = retry.base_hours * 2 ** (min(int(r["failures"]), 30) - 1)
+            detail = (f"dead-lettered {r['failures']} time(s), last at {r['outcome_at']}; "
+                      f"tried again {wait_h:g} h after that")
+        yield {"uri": r["uri"], "reason": r["reason"], "detail": detail,
+               "size_bytes": r["size_bytes"], "image_id": r["image_id"], "duplicate_of": None}
+
+
+def _stand_in_warehouse(exclude_ids: Iterable[str] | None,
+                        known: Iterable[tuple[str, str, str | None, Any]] | None) -> Any:
+    """A DuckDB warehouse in memory whose ledger holds what ``exclude_ids`` (captioned) and
+    ``known`` (``(image_id, outcome, recipe, outcome_at)``) say, for callers without one."""
+    import pyarrow as pa
+
+    from caption_platform.warehouse import DuckDBWarehouse
+
+    warehouse = DuckDBWarehouse(":memory:")
+    warehouse.ensure_tables()
+    names = [n for n, _ in _KNOWN_SCHEMA]
+    schema = pa.schema([(n, pa.timestamp("us", tz="UTC") if t == "timestamp" else pa.string())
+                        for n, t in _KNOWN_SCHEMA]
+                       + [("run_id", pa.string()), ("run_date", pa.date32())])
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    given = itertools.chain(((i, "captioned", None, None) for i in exclude_ids or ()),
+                            known or ())
+    for batch in _batches(given):
+        rows = [{**dict(zip(names, r, strict=True)), "run_id": "known",
+                 "run_date": epoch.date()} for r in batch]
+        for row in rows:
+            row["outcome_at"] = row["outcome_at"] or epoch
+        warehouse.append("published_images", pa.Table.from_pylist(rows, schema=schema))
+    return warehouse
 
 
 def build_manifest(
@@ -499,18 +527,24 @@ def build_manifest(
     conn_id: str | None = None,
     sniff: str = "auto",
     skipped: str | None = None,
+    warehouse: Any = None,
+    run_id: str = "",
+    incremental: bool = True,
+    retry: RetryPolicy | None = None,
+    expiration_hours: int = 72,
 ) -> ManifestStats:
     """List ``source_uri`` recursively and write the manifest to ``manifest_uri``.
 
     The manifest (contract) is JSON Lines ``{"image_id", "uri", "size_bytes"}``, one
-    line per unique image, overwriting any previous file. ``exclude_ids`` (e.g. ids
-    already captioned) is streamed into DuckDB, never held as a Python set. ``known``:
-    what earlier runs published, ``(image_id, outcome, recipe, outcome_at)`` per image
-    (``Warehouse.known_outcomes``), streamed the same way and judged by ``selection``
-    (:class:`RecipeSelection`; without one, every known caption is done and every dead
-    letter is tried again). Every listed entry left out is written to ``skipped`` (default:
-    ``layout.SKIPPED_FILE`` beside the manifest), one JSON line each (:data:`SKIPPED_FIELDS`).
-    ``sniff``: ``images.sniff`` (see the module docstring).
+    line per unique image, overwriting any previous file. What to take is decided in
+    ``warehouse`` for ``run_id`` (its ledger, the images listed only; ``incremental`` False:
+    every image is new), judged by ``selection`` (:class:`RecipeSelection`; without one,
+    every known caption is done) and ``retry`` (:class:`RetryPolicy`, dead letters). Without
+    a warehouse, ``exclude_ids`` (captioned already) and ``known``
+    (``(image_id, outcome, recipe, outcome_at)``) stand in for its ledger. Every listed
+    entry rejected is written to ``skipped`` (default: ``layout.SKIPPED_FILE`` beside the
+    manifest), one JSON line each (:data:`SKIPPED_FIELDS`); the listing's unique images go to
+    :data:`LISTING_FILE` beside it. ``sniff``: ``images.sniff`` (see the module docstring).
     """
     import duckdb
     import pyarrow as pa
@@ -521,12 +555,17 @@ def build_manifest(
         raise ValueError(f"images.sniff: {sniff!r} is not allowed; choose one of "
                          f"{', '.join(SNIFF_MODES)}")
     exts = {e.lower().lstrip(".") for e in extensions}
+    retry = retry or RetryPolicy()
     stats = ManifestStats()
     root = _open_source(source_uri, conn_id)
     reads_heads = sniffs(sniff, root)
     schema = pa.schema([("image_id", pa.string()), ("uri", pa.string()),
                         ("size_bytes", pa.int64()), ("reason", pa.string()),
                         ("detail", pa.string())])
+    beside = manifest_uri.rsplit("/", 1)[0]
+    listing_uri = f"{beside}/{LISTING_FILE}"
+    if warehouse is None:
+        warehouse = _stand_in_warehouse(exclude_ids, known)
 
     with tempfile.TemporaryDirectory(prefix="manifest_") as tmp:
         con = duckdb.connect(os.path.join(tmp, "manifest.duckdb"),
@@ -535,10 +574,8 @@ def build_manifest(
         try:
             con.execute("CREATE TABLE entries (image_id VARCHAR, uri VARCHAR, "
                         "size_bytes BIGINT, reason VARCHAR, detail VARCHAR)")
-            con.execute("CREATE TABLE known (image_id VARCHAR, outcome VARCHAR, "
-                        "recipe VARCHAR, outcome_at TIMESTAMPTZ)")
             rows = _listing(root, extensions=exts, min_bytes=min_bytes, max_bytes=max_bytes,
-                            sniff=reads_heads, stats=stats)
+                            sniff=reads_heads, stats=stats, conn_id=conn_id)
             for batch in _checked(_batches(rows), source_uri):
                 table = pa.Table.from_pylist([r._asdict() for r in batch], schema=schema)
                 con.register("batch_rows", table)
@@ -547,19 +584,6 @@ def build_manifest(
             if stats.listed == 0:
                 raise SourceError(f"source_uri {source_uri}: the folder is empty (no files "
                                   "at any depth); check the folder or prefix")
-            for batch in _batches(exclude_ids or ()):
-                con.register("batch_ids", pa.table({"image_id": pa.array(batch, pa.string())}))
-                con.execute("INSERT INTO known SELECT image_id, 'captioned', NULL, NULL "
-                            "FROM batch_ids")
-                con.unregister("batch_ids")
-            known_schema = pa.schema([(n, pa.timestamp("us", tz="UTC") if t == "timestamp"
-                                       else pa.string()) for n, t in _KNOWN_SCHEMA])
-            for batch in _batches(known or ()):
-                rows = [dict(zip((n for n, _ in _KNOWN_SCHEMA), r, strict=True)) for r in batch]
-                con.register("batch_known", pa.Table.from_pylist(rows, schema=known_schema))
-                con.execute("INSERT INTO known SELECT * FROM batch_known")
-                con.unregister("batch_known")
-
             con.execute(
                 """
                 CREATE TABLE uniq AS
@@ -571,30 +595,25 @@ def build_manifest(
                 "SELECT count(*) FROM entries WHERE reason IS NULL").fetchone()
             (n_uniq,) = con.execute("SELECT count(*) FROM uniq").fetchone()
             stats.duplicates = n_listing - n_uniq
-            _classify(con, selection)
-            decisions = dict(con.execute(
-                "SELECT decision, count(*) FROM chosen GROUP BY decision").fetchall())
-            stats.skipped_existing = decisions.get("skipped_existing", 0)
-            stats.other_recipe = decisions.get("other_recipe", 0)
-            stats.over_budget = decisions.get("over_budget", 0)
-            remaining = decisions.get("take", 0)
-            limit = remaining if max_images is None else min(max_images, remaining)
-            stats.capped = remaining - limit
-
-            taken = "SELECT * FROM chosen WHERE decision = 'take' ORDER BY uri LIMIT ?"
-            kinds = dict(con.execute(f"SELECT status, count(*) FROM ({taken}) GROUP BY status",
-                                     [limit]).fetchall())
-            stats.new, stats.retried = kinds.get("new", 0), kinds.get("retried", 0)
-            stats.recaptioned = kinds.get("stale", 0)
-            result = con.execute(f"SELECT image_id, uri, size_bytes FROM ({taken})", [limit])
-            stats.written = _write_jsonl(result, manifest_uri, conn_id,
-                                         ("image_id", "uri", "size_bytes"))
-            done_detail = ("captioned by another run already" if selection is None
-                           else "captioned with this recipe already")
-            left_out = con.execute(_SKIPPED_ROWS, {"limit": limit, "done_detail": done_detail})
-            beside = f"{manifest_uri.rsplit('/', 1)[0]}/{SKIPPED_FILE}"
-            _write_jsonl(left_out, skipped or beside, conn_id,
-                         SKIPPED_FIELDS)
+            fields = ("image_id", "uri", "size_bytes")
+            _write_jsonl(_rows(con.execute(
+                "SELECT image_id, uri, size_bytes FROM uniq ORDER BY uri"), fields),
+                listing_uri, conn_id, fields)
+            rules = selection_rules(selection, retry, incremental=incremental,
+                                    max_images=max_images)
+            with warehouse.selection(run_id, listing_uri, rules,
+                                     expiration_hours=expiration_hours) as chosen:
+                for reason in ("skipped_existing", "other_recipe", "over_budget", "capped",
+                               "given_up", "retry_later"):
+                    setattr(stats, reason, chosen.count(reason))
+                stats.new = chosen.count("take", "new")
+                stats.retried = chosen.count("take", "retried")
+                stats.recaptioned = chosen.count("take", "stale")
+                stats.written = _write_jsonl(chosen.taken(), manifest_uri, conn_id, fields)
+                rejected = _rows(con.execute(_REJECTED_ROWS), SKIPPED_FIELDS)
+                held = _held_rows(chosen.held(), retry)
+                _write_jsonl(heapq.merge(rejected, held, key=lambda r: (r["uri"], r["reason"])),
+                             skipped or f"{beside}/{SKIPPED_FILE}", conn_id, SKIPPED_FIELDS)
         finally:
             con.close()
     return stats

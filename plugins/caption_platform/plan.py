@@ -72,6 +72,8 @@ class RunPlan(_Frozen):
     #: --recipe and stamped on every row it writes; None only in plans of older releases
     recipe: dict[str, Any] | None = None
     recipe_fingerprint: str | None = None
+    #: what the plan task's warehouse jobs billed (BigQuery bytes; 0 on DuckDB)
+    bytes_billed: int = 0
     settings: Settings
     #: the trigger parameters as given (for the record)
     params: dict[str, Any] = Field(default_factory=dict)

@@ -35,6 +35,8 @@ DAG_ID = "caption_images"
 RUN_TASKS = ("plan", "caption", "publish", "validate")
 #: XCom key under which a failing task leaves its error for record_metrics.
 ERROR_KEY = "error"
+#: The key of a task's result that says what its warehouse jobs billed (bytes).
+BYTES_BILLED = "bytes_billed"
 
 #: What the plan task's XCom holds, as later tasks receive it.
 PlanXCom = RunPlan | Mapping[str, Any]
@@ -103,9 +105,10 @@ def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
     """
     from caption_platform.forecast import comparison_key, forecast
     from caption_platform.launch import job_options, launch_spec
-    from caption_platform.manifest import build_manifest
+    from caption_platform.manifest import RetryPolicy, build_manifest
     from caption_platform.recipes import run_recipe
     from caption_platform.warehouse import get_warehouse
+    from caption_platform.warehouse.tables import run_instant
     from captioning.recipe import describe, fingerprint
 
     settings = settings_for_run(params, overrides)
@@ -117,7 +120,9 @@ def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
     history = warehouse.fetch_runs(limit=500)
     key = comparison_key(settings)
     selection = recipe_selection(settings, recipe_id, forecast(history, key, 1))
-    known = warehouse.known_outcomes(exclude_run_id=run_id) if settings.incremental else None
+    # the retry clock is the run's own instant: a retried plan selects what it did before
+    retry = RetryPolicy(settings.dead_letters.max_attempts, settings.dead_letters.retry_hours,
+                        run_instant(run_id))
     target = manifest_uri(settings, run_id)
     skipped = skipped_uri(settings, run_id)
     stats = build_manifest(
@@ -126,12 +131,16 @@ def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
         extensions=settings.images.extensions,
         min_bytes=settings.images.min_bytes,
         max_bytes=settings.job.max_image_bytes,
-        known=known,
+        warehouse=warehouse,
+        run_id=run_id,
+        incremental=settings.incremental,
         selection=selection,
+        retry=retry,
         max_images=settings.max_images,
         conn_id=settings.storage_conn_id,
         sniff=settings.images.sniff,
         skipped=skipped,
+        expiration_hours=settings.staging_expiration_hours,
     )
     loaded = warehouse.load_manifest(run_id, target)
     left_out = warehouse.load_skipped(run_id, skipped)
@@ -159,6 +168,7 @@ def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
         forecast_cost_usd=expected.cost_usd,
         recipe=recipe,
         recipe_fingerprint=recipe_id,
+        bytes_billed=warehouse.bytes_billed,
         settings=settings,
         params=dict(params),
     )
@@ -188,12 +198,12 @@ def log_selection(stats: Any, selection: Any) -> None:
     cost = ("" if selection.max_images_total is None
             else f", max_cost_usd pays for {selection.max_images_total} image(s)")
     log.info("incremental, recipe %s, recipe_policy=%s (recaption_budget: %s%s): %d new "
-             "image(s), %d dead letter(s) retried, %d done with this recipe; %d await this "
-             "recipe: %d re-captioned now, %d left to later runs by the budget, %d kept "
-             "(policy keep); %d capped by max_images",
+             "image(s), %d dead letter(s) retried (%d waiting for their retry, %d given up), "
+             "%d done with this recipe; %d await this recipe: %d re-captioned now, %d left to "
+             "later runs by the budget, %d kept (policy keep); %d capped by max_images",
              selection.recipe, selection.policy, budget, cost, stats.new, stats.retried,
-             stats.skipped_existing, stats.awaiting_recipe, stats.recaptioned,
-             stats.over_budget, stats.other_recipe, stats.capped)
+             stats.retry_later, stats.given_up, stats.skipped_existing, stats.awaiting_recipe,
+             stats.recaptioned, stats.over_budget, stats.other_recipe, stats.capped)
 
 
 #: How many files of each reason the plan task's log names (all are in skipped_files).
@@ -226,7 +236,8 @@ def publish_run(xcom: PlanXCom) -> dict[str, Any]:
     warehouse = get_warehouse(plan.settings)
     result = warehouse.publish(plan.run_id, plan.output)
     log.info("published %s", result.to_dict())
-    return {**result.to_dict(), "table": warehouse.table_uri("captions"), "run_id": plan.run_id}
+    return {**result.to_dict(), "table": warehouse.table_uri("captions"), "run_id": plan.run_id,
+            BYTES_BILLED: warehouse.bytes_billed}
 
 
 def validate_run(xcom: PlanXCom) -> dict[str, Any]:
@@ -238,8 +249,10 @@ def validate_run(xcom: PlanXCom) -> dict[str, Any]:
 
     plan = RunPlan.from_xcom(xcom)
     warehouse = get_warehouse(plan.settings)
-    result = warehouse.validate(plan.run_id, recipe=plan.recipe_fingerprint)
-    log.info(result.message)
+    whole = checks_whole_tables(plan.settings.whole_table_check, plan.run_id)
+    result = warehouse.validate(plan.run_id, recipe=plan.recipe_fingerprint, whole_tables=whole)
+    log.info("%s (%s)", result.message, "the run and every row of the tables" if whole else
+             f"the run's images; every row on whole_table_check={plan.settings.whole_table_check}")
     try:
         result.raise_if_failed()
         reasons = warehouse.dead_letter_reasons(plan.run_id)
@@ -247,20 +260,32 @@ def validate_run(xcom: PlanXCom) -> dict[str, Any]:
         check_outcome_share(result, reasons, plan.settings.max_dead_letter_share)
     except (ExactlyOnceError, RunOutcomeError) as exc:
         raise deterministic(exc, type(exc).__name__) from exc
-    return result.to_dict()
+    return {**result.to_dict(), "whole_tables": whole, BYTES_BILLED: warehouse.bytes_billed}
+
+
+def checks_whole_tables(when: str, run_id: str) -> bool:
+    """Whether this run's validation checks every row of the tables (``whole_table_check``:
+    always, never, or weekly: runs whose run date is a Sunday)."""
+    from caption_platform.warehouse.tables import run_date
+
+    return when == "always" or (when == "weekly" and run_date(run_id).isoweekday() == 7)
 
 
 def record_metrics(
     xcom: PlanXCom | None, *, dag_id: str, dataflow_job_id: str | None = None,
     errors: Mapping[str, str] | None = None, run_id: str | None = None,
     params: Mapping[str, Any] | None = None, run_kind: Any = None,
+    results: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Write the run's pipeline_runs row: resources, throughput and estimated cost, and the
     first failed task's real error (``errors``: task id -> error, in run order).
+    ``results``: the later tasks' return values (task id -> XCom), for what their warehouse
+    jobs billed; the plan's own bytes are in the plan.
 
     Without a plan (the plan task failed) the row says so, written where this run's
     parameters, or failing those the deployment's settings, put the warehouse.
     """
+    from caption_platform.cost_model import prices_from_settings, warehouse_cost
     from caption_platform.metrics import DONE, run_row
     from caption_platform.warehouse import get_warehouse
 
@@ -277,6 +302,11 @@ def record_metrics(
         row["error"] = error
     if row["final_state"] == DONE:
         row["caption_similarity_median"] = warehouse.caption_similarity_median(plan.run_id)
+    billed = plan.bytes_billed + warehouse.bytes_billed + sum(
+        int((r or {}).get(BYTES_BILLED) or 0) for r in (results or {}).values()
+        if isinstance(r, Mapping))
+    row["warehouse_bytes_billed"] = billed
+    row["warehouse_cost_usd"] = warehouse_cost(billed, prices_from_settings(plan.settings))
     warehouse.record_run(row)
     log.info("pipeline_runs row: %s", row)
     return _jsonable(row)
@@ -319,7 +349,7 @@ def export_run(xcom: PlanXCom) -> dict[str, Any]:
     from caption_platform.warehouse import get_warehouse
 
     plan = RunPlan.from_xcom(xcom)
-    rows = get_warehouse(plan.settings).captions_for_run(plan.run_id, limit=None)
+    rows = get_warehouse(plan.settings).export_rows(plan.run_id)
     out = f"{plan.run_folder}/hf_dataset"
     result = export_hf_imagefolder(rows, out, source_roots=plan.settings.job.source_roots,
                                    conn_id=plan.settings.storage_conn_id)  # logs the counts

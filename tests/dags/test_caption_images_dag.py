@@ -387,6 +387,8 @@ def test_gcp_failed_launch_is_recorded_as_a_failed_run(
     recorded: list[dict] = []
 
     class Recorder:
+        bytes_billed = 0
+
         def record_run(self, row: dict) -> None:
             recorded.append(row)
 

@@ -163,7 +163,8 @@ def run_once(spec: Mapping[str, Any], context: Any) -> dict[str, Any]:
     job_id = CaptionJobOperator(task_id="caption").run_to_completion(plan, context)
     published = tasks.publish_run(plan)
     checked = tasks.validate_run(plan)
-    row = tasks.record_metrics(plan, dag_id=DAG_ID, dataflow_job_id=job_id) or {}
+    row = tasks.record_metrics(plan, dag_id=DAG_ID, dataflow_job_id=job_id,
+                               results={"publish": published, "validate": checked}) or {}
     _save_captions(plan)
     return {"run_id": plan.run_id, "version": version,
             "reported": row.get("beam_sdk_version"), "published": published,

@@ -7,16 +7,18 @@ plumbing: how it quotes table names, binds parameters and reaches the job's stag
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, NamedTuple
 
 from caption_platform.config import TableNames, validate_identifier
 from caption_platform.validation import ValidationResult, result_from_rows
 from caption_platform.warehouse import sql, tables
+from captioning.layout import run_key
 
 DEFAULT_SAMPLE_SIZE = 10
 
@@ -44,8 +46,62 @@ class KnownOutcome(NamedTuple):
     outcome_at: datetime | None
 
 
+@dataclass(frozen=True)
+class SelectionRules:
+    """How :meth:`Warehouse.selection` judges the listed images against what earlier runs
+    published (``sql.SELECT_IMAGES``). ``incremental`` False: every image is new."""
+
+    incremental: bool = True
+    recipe: str = ""  # '' : any caption counts as done
+    policy: str = "keep"  # keep | recaption (images captioned with another recipe)
+    budget: int | None = None  # at most this many re-captioned (None: no count limit)
+    max_total: int | None = None  # at most this many images with the first tries
+    max_images: int | None = None  # the run's cap, in URI order
+    max_attempts: int = 5  # dead-lettered this often since the last caption: given up
+    retry_base_s: float = 0.0  # first retry after this long, then doubling
+    now: datetime | None = None  # the retry clock (None: now)
+
+    def params(self) -> tuple[Params, Types]:
+        values = {
+            "incremental": self.incremental, "recipe": self.recipe or "",
+            "policy": self.policy, "budget": self.budget, "max_total": self.max_total,
+            "max_images": self.max_images, "max_attempts": int(self.max_attempts),
+            "retry_base_s": float(self.retry_base_s), "now": self.now or datetime.now(UTC),
+        }
+        types = {"incremental": "BOOL", "recipe": "STRING", "policy": "STRING",
+                 "budget": "INT64", "max_total": "INT64", "max_images": "INT64",
+                 "max_attempts": "INT64", "retry_base_s": "FLOAT64", "now": "TIMESTAMP"}
+        return values, types
+
+
+@dataclass
+class SelectedImages:
+    """The run's selection, held in the warehouse: its counts here, its rows streamed."""
+
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)
+    _warehouse: Any = None
+    _refs: dict[str, str] = field(default_factory=dict)
+
+    def count(self, decision: str, status: str | None = None) -> int:
+        return sum(n for (d, s), n in self.counts.items()
+                   if d == decision and (status is None or s == status))
+
+    def taken(self) -> Iterator[dict[str, Any]]:
+        """The manifest's rows (image_id, uri, size_bytes), in URI order."""
+        yield from self._warehouse._iter_query(sql.SELECTION_TAKEN.format(**self._refs))
+
+    def held(self) -> Iterator[dict[str, Any]]:
+        """Dead letters left out (given up, or waiting for their retry), in URI order."""
+        yield from self._warehouse._iter_query(sql.SELECTION_HELD.format(**self._refs))
+
+
 Params = dict[str, Any]
 Types = dict[str, str]
+
+
+def run_params(run_id: str) -> Params:
+    """The parameters naming one run's rows: its id and its partition."""
+    return {"run_id": run_id, "run_date": tables.run_date(run_id)}
 
 
 class Warehouse(ABC):
@@ -55,6 +111,8 @@ class Warehouse(ABC):
         if isinstance(table_names, dict):
             table_names = TableNames(**table_names)
         self.tables = table_names or TableNames()
+        #: bytes the warehouse billed for this object's jobs so far (BigQuery; 0 elsewhere)
+        self.bytes_billed = 0
 
     # -- engine plumbing ---------------------------------------------------------------
     @abstractmethod
@@ -76,8 +134,9 @@ class Warehouse(ABC):
         """Run statements atomically; rows affected by the last one where known."""
 
     @abstractmethod
-    def _stage_manifest(self, run_id: str, manifest_uri: str) -> str:
-        """Make the manifest file queryable; return its table reference."""
+    def _stage_manifest(self, run_id: str, manifest_uri: str, what: str = "manifest") -> str:
+        """Make a file of manifest rows queryable (``what``: its part of the staging
+        name); return its table reference."""
 
     @abstractmethod
     def _stage_skipped(self, run_id: str, skipped_uri: str) -> str:
@@ -89,6 +148,17 @@ class Warehouse(ABC):
 
     def _unstage(self, refs: Sequence[str]) -> None:  # noqa: B027 - optional hook
         """Drop temporary staging objects (engines that create them)."""
+
+    def _layout(self, kind: str) -> str:
+        """The CREATE TABLE clauses laying a table out (BigQuery: partitions, clusters)."""
+        return ""
+
+    def _expiry(self, hours: int) -> str:
+        """The CREATE TABLE clause making a staging table expire (engines that can)."""
+        return ""
+
+    def _repartition(self, kind: str) -> None:  # noqa: B027 - optional hook
+        """Lay out an existing table of an older release as ``tables.LAYOUT`` says."""
 
     def clear_staging(self, staging: str, *, expiration_hours: int = 72) -> None:  # noqa: B027
         """Remove what an earlier attempt of the run left in ``staging`` (engines that need it).
@@ -123,7 +193,7 @@ class Warehouse(ABC):
         """
         before = self._columns()
         for kind in tables.TABLE_KINDS:
-            self._execute([create_table_sql(self._table(kind), kind)])
+            self._execute([create_table_sql(self._table(kind), kind, self._layout(kind))])
         for kind in tables.TABLE_KINDS:
             have = before.get(self._name(kind))
             if have is None:  # created just now, with every column
@@ -132,8 +202,17 @@ class Warehouse(ABC):
                 if name not in have:
                     self._execute([sql.ADD_COLUMN.format(
                         table=self._table(kind), column=validate_identifier(name), type=sql_type)])
-        if self.tables.published_images not in before and self.tables.captions in before:
+        backfilled = (self.tables.published_images not in before
+                      and self.tables.captions in before)
+        if backfilled:
             self._execute([sql.BACKFILL_PUBLISHED.format(**self._refs())])
+        for kind in tables.RUN_PARTITIONED:  # rows of older releases: their run's partition
+            older = "run_date" not in before.get(self._name(kind), {"run_date"})
+            if older or (backfilled and kind == tables.PUBLISHED_IMAGES):
+                self._execute([sql.FILL_RUN_DATE.format(table=self._table(kind))])
+        for kind in tables.TABLE_KINDS:
+            if self._name(kind) in before:
+                self._repartition(kind)
 
     @abstractmethod
     def _columns(self) -> dict[str, set[str]]:
@@ -155,11 +234,10 @@ class Warehouse(ABC):
         """Replace the run's rows of table ``kind`` with a staged file's; count them."""
         try:
             self._execute([s.format(**self._refs(**{staging_key: staged})) for s in statements],
-                          {"run_id": run_id})
+                          run_params(run_id))
         finally:
             self._unstage([staged])
-        rows = self._query(f"SELECT COUNT(*) AS n FROM {self._table(kind)} WHERE run_id = @run_id",
-                           {"run_id": run_id})
+        rows = self._query(sql.RUN_ROWS.format(table=self._table(kind)), run_params(run_id))
         return int(rows[0]["n"])
 
     def skipped_sample(self, run_id: str, per_reason: int = 20) -> dict[str, dict[str, Any]]:
@@ -167,7 +245,7 @@ class Warehouse(ABC):
         "detail", "duplicate_of"}, ...]}}``, at most ``per_reason`` files each, by URI."""
         out: dict[str, dict[str, Any]] = {}
         rows = self._iter_query(sql.SKIPPED_SAMPLE.format(**self._refs()),
-                                {"run_id": run_id, "per_reason": int(per_reason)})
+                                {**run_params(run_id), "per_reason": int(per_reason)})
         for r in rows:
             entry = out.setdefault(str(r["reason"]), {"total": int(r["total"]), "files": []})
             entry["files"].append({"uri": r["uri"], "detail": r["detail"],
@@ -177,7 +255,7 @@ class Warehouse(ABC):
     def skipped_for_run(self, run_id: str) -> Iterator[dict[str, Any]]:
         """The run's skipped_files rows by URI, streamed."""
         yield from self._iter_query(sql.SKIPPED_FOR_RUN.format(**self._refs()),
-                                    {"run_id": run_id})
+                                    run_params(run_id))
 
     def existing_image_ids(self, exclude_run_id: str = "") -> Iterator[str]:
         """Every image_id captioned by a run other than ``exclude_run_id``, streamed.
@@ -191,13 +269,40 @@ class Warehouse(ABC):
 
     def known_outcomes(self, exclude_run_id: str = "") -> Iterator[KnownOutcome]:
         """Each image's newest outcome published by a run other than ``exclude_run_id``,
-        with its recipe, streamed (``sql.KNOWN_OUTCOMES``): what incremental runs select by.
+        with its recipe, streamed (``sql.KNOWN_OUTCOMES``): what incremental runs select by,
+        for every image the ledger knows (a whole-history read, for tools and tests: a run
+        selects in the warehouse, :meth:`selection`).
         """
         params = {"run_id": exclude_run_id}
         for row in self._iter_query(sql.KNOWN_OUTCOMES.format(**self._refs()), params):
             yield KnownOutcome(str(row["image_id"]), str(row["outcome"]),
                                None if row["recipe"] is None else str(row["recipe"]),
                                coerce(row["outcome_at"], "TIMESTAMP"))
+
+    @contextlib.contextmanager
+    def selection(self, run_id: str, listing_uri: str, rules: SelectionRules, *,
+                  expiration_hours: int = 72) -> Iterator[SelectedImages]:
+        """Judge the run's listed unique images (``listing_uri``: JSON Lines of ``image_id``,
+        ``uri``, ``size_bytes``) against the ledger's outcomes of those images, in the
+        warehouse (``sql.SELECT_IMAGES``); yield the counts, with the chosen rows to stream.
+        The staged listing and the selection table are dropped on exit."""
+        listing = self._stage_listing(run_id, listing_uri)
+        selected = self._ref(validate_identifier(f"stg_{run_key(run_id)}_selection"))
+        refs = self._refs(staging_listing=listing, selection=selected,
+                          expiry=self._expiry(expiration_hours))
+        values, types = rules.params()
+        try:
+            self._execute([s.format(**refs) for s in sql.SELECT_IMAGES],
+                          {**values, "run_id": run_id}, {**types, "run_id": "STRING"})
+            counts = {(str(r["decision"]), str(r["status"])): int(r["n"])
+                      for r in self._query(sql.SELECTION_COUNTS.format(**refs))}
+            yield SelectedImages(counts, self, refs)
+        finally:
+            self._unstage([listing, selected])
+
+    def _stage_listing(self, run_id: str, listing_uri: str) -> str:
+        """Make the run's listing (the manifest's columns) queryable; return its reference."""
+        return self._stage_manifest(run_id, listing_uri, what="listing")
 
     def publish(self, run_id: str, staging: str) -> PublishResult:
         """MERGE the run's staged captions and dead letters on image_id (idempotent), the
@@ -209,14 +314,18 @@ class Warehouse(ABC):
         staged_captions, staged_dead = self._stage_output(run_id, staging)
         refs = self._refs(staging_captions=staged_captions, staging_dead_letters=staged_dead)
         counts = self._query(sql.STAGED_COUNTS.format(**refs))[0]
+        known = int(self._query(sql.STAGED_KNOWN.format(**refs))[0]["known"] or 0)
+        captions_sql, dead_sql = ((sql.MERGE_CAPTIONS, sql.MERGE_DEAD_LETTERS) if known
+                                  else (sql.INSERT_NEW_CAPTIONS, sql.INSERT_NEW_DEAD_LETTERS))
         captions_merged = self._execute(
-            [sql.MERGE_CAPTIONS.format(**refs, **merge_lists(tables.CAPTIONS))]
+            [captions_sql.format(**refs, **merge_lists(tables.CAPTIONS))]
         )
         dead_merged = self._execute(
-            [sql.MERGE_DEAD_LETTERS.format(**refs, **merge_lists(tables.DEAD_LETTERS))]
+            [dead_sql.format(**refs, **merge_lists(tables.DEAD_LETTERS))]
         )
-        self._execute([stmt.format(**refs) for stmt in sql.RESOLVE_OUTCOMES])
-        self._execute([stmt.format(**refs) for stmt in sql.RECORD_PUBLISHED], {"run_id": run_id})
+        if known:
+            self._execute([stmt.format(**refs) for stmt in sql.RESOLVE_OUTCOMES])
+        self._execute([stmt.format(**refs) for stmt in sql.RECORD_PUBLISHED], run_params(run_id))
         # Only once everything committed: a retried publish still finds the staged rows.
         self._unstage([staged_captions, staged_dead])
         return PublishResult(
@@ -227,25 +336,28 @@ class Warehouse(ABC):
         )
 
     def validate(self, run_id: str, *, sample_size: int = DEFAULT_SAMPLE_SIZE,
-                 recipe: str | None = None) -> ValidationResult:
+                 recipe: str | None = None, whole_tables: bool = False) -> ValidationResult:
         """Check the run against what it published (its ledger rows, which later runs never
-        relabel) and the whole tables: call ``.raise_if_failed()`` on the result.
+        relabel) and the tables for the images it published: call ``.raise_if_failed()`` on
+        the result. ``whole_tables``: check every row of the tables as well (a whole-history
+        read, on its own schedule: ``whole_table_check``).
 
         ``recipe``: the fingerprint the run was planned with; every outcome it published
         must carry it (None: not checked, e.g. a past run validated again later).
         """
         refs = self._refs()
-        counts = self._query(sql.VALIDATION_COUNTS.format(**refs), {"run_id": run_id})[0]
+        counts = self._query(sql.VALIDATION_COUNTS.format(**refs), run_params(run_id))[0]
+        problems_sql = sql.VALIDATION_PROBLEMS_WHOLE if whole_tables else sql.VALIDATION_PROBLEMS
         problems = self._query(
-            sql.VALIDATION_PROBLEMS.format(**refs),
-            {"run_id": run_id, "sample_size": sample_size, "recipe": recipe or ""},
+            problems_sql.format(**refs),
+            {**run_params(run_id), "sample_size": sample_size, "recipe": recipe or ""},
         )
         return result_from_rows(run_id, counts, problems)
 
     def dead_letter_reasons(self, run_id: str) -> list[dict[str, Any]]:
         """The run's dead letters counted by stage, exception class and whether another run
         had already dead-lettered the image (``repeat``), most first."""
-        rows = self._query(sql.DEAD_LETTER_REASONS.format(**self._refs()), {"run_id": run_id})
+        rows = self._query(sql.DEAD_LETTER_REASONS.format(**self._refs()), run_params(run_id))
         return [{"stage": r["stage"], "kind": r["kind"] or "other", "repeat": bool(r["seen_before"]),
                  "n": int(r["n"])} for r in rows]
 
@@ -279,6 +391,12 @@ class Warehouse(ABC):
             statement += " LIMIT @limit"
             params["limit"] = int(limit)
         yield from self._iter_query(statement, params)
+
+    def export_rows(self, run_id: str) -> Iterator[dict[str, Any]]:
+        """The run's captions as the export needs them (``image_id``, ``uri``, ``caption``,
+        ``caption_score``), by image_id, streamed."""
+        yield from self._iter_query(sql.EXPORT_ROWS_FOR_RUN.format(**self._refs()),
+                                    {"run_id": run_id})
 
     def dead_letters_for_run(self, run_id: str) -> Iterator[dict[str, Any]]:
         """The run's dead-letter rows by image_id, streamed."""
@@ -316,9 +434,10 @@ class Warehouse(ABC):
 
 
 # -- SQL building blocks ---------------------------------------------------------------------
-def create_table_sql(ref: str, kind: str) -> str:
+def create_table_sql(ref: str, kind: str, layout: str = "") -> str:
     defs = ", ".join(f"{validate_identifier(c)} {t}" for c, t in tables.columns(kind).items())
-    return sql.CREATE_TABLE.format(table=ref, column_defs=defs)
+    return sql.CREATE_TABLE.format(table=ref, column_defs=defs,
+                                   layout=f" {layout}" if layout else "")
 
 
 def merge_lists(kind: str) -> dict[str, str]:

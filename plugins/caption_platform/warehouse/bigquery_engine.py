@@ -47,6 +47,8 @@ class BigQueryWarehouse(Warehouse):
         self.location = location
         self.gcp_conn_id = gcp_conn_id
         self._hook = hook
+        #: (table, column) -> (is the partitioning column, clustering position), read once
+        self._partitioning: dict[tuple[str, str], tuple[bool, Any]] | None = None
 
     @property
     def hook(self) -> Any:
@@ -62,9 +64,14 @@ class BigQueryWarehouse(Warehouse):
         return f"bigquery://{self.project}/{self.dataset}/{self._name(kind)}"
 
     def _columns(self) -> dict[str, set[str]]:
+        """Every table's columns, and how each table is laid out (one lookup for both)."""
         dataset = validate_identifier(self.dataset)
         columns = f"`{_project_id(self.project)}.{dataset}.INFORMATION_SCHEMA.COLUMNS`"
-        rows = self._query(sql.TABLE_COLUMNS.format(columns=columns))
+        rows = self._query(sql.TABLE_LAYOUT.format(columns=columns))
+        self._partitioning = {
+            (str(r["table_name"]), str(r["column_name"])): (
+                str(r.get("is_partitioning_column") or "").upper() == "YES",
+                r.get("clustering_ordinal_position")) for r in rows}
         return columns_by_table((r["table_name"], r["column_name"]) for r in rows)
 
     def _ref(self, name: str, *, project: str | None = None, dataset: str | None = None) -> str:
@@ -73,9 +80,32 @@ class BigQueryWarehouse(Warehouse):
         return f"`{project}.{dataset}.{validate_identifier(name)}`"
 
     def _insert_job(self, configuration: dict[str, Any]) -> Any:
-        return self.hook.insert_job(
+        job = self.hook.insert_job(
             configuration=configuration, project_id=self.project, location=self.location
         )
+        self.bytes_billed += job_bytes_billed(job)
+        return job
+
+    def _layout(self, kind: str) -> str:
+        return tables.LAYOUT[kind].ddl()
+
+    def _expiry(self, hours: int) -> str:
+        return sql.EXPIRES_IN_HOURS.format(hours=int(hours))
+
+    def _repartition(self, kind: str) -> None:
+        """Re-create a table an older release made unpartitioned (or unclustered) with its
+        layout, every row kept (``sql.REPARTITION``); a table already laid out is left."""
+        layout = tables.LAYOUT[kind]
+        if self._partitioning is None:
+            self._columns()
+        name = self._name(kind)
+        has = {col: v for (table, col), v in (self._partitioning or {}).items() if table == name}
+        partitioned = not layout.partition_by or has.get(layout.partition_by, (False,))[0]
+        clustered = [c for c, (_, pos) in sorted(
+            ((c, v) for c, v in has.items() if v[1] is not None), key=lambda cv: cv[1][1])]
+        if partitioned and tuple(clustered) == layout.cluster_by:
+            return
+        self._execute([sql.REPARTITION.format(table=self._table(kind), layout=layout.ddl())])
 
     def _query_config(
         self, statement: str, params: Params | None, types: Types | None = None
@@ -112,7 +142,8 @@ class BigQueryWarehouse(Warehouse):
         """Load a JSON Lines file into a per-run staging table (a table kind's columns but
         run_id); return its reference."""
         table = validate_identifier(f"stg_{run_key(run_id)}_{what}")
-        fields = [f for f in tables.bigquery_schema_fields(kind) if f["name"] != "run_id"]
+        fields = [f for f in tables.bigquery_schema_fields(kind)
+                  if f["name"] not in ("run_id", "run_date")]
         load = {
             "load": {
                 "sourceUris": [uri],
@@ -130,8 +161,8 @@ class BigQueryWarehouse(Warehouse):
         self._insert_job(load)
         return self._ref(table)
 
-    def _stage_manifest(self, run_id: str, manifest_uri: str) -> str:
-        return self._stage_jsonl(run_id, manifest_uri, tables.MANIFESTS, "manifest")
+    def _stage_manifest(self, run_id: str, manifest_uri: str, what: str = "manifest") -> str:
+        return self._stage_jsonl(run_id, manifest_uri, tables.MANIFESTS, what)
 
     def _stage_skipped(self, run_id: str, skipped_uri: str) -> str:
         return self._stage_jsonl(run_id, skipped_uri, tables.SKIPPED_FILES, "skipped")
@@ -172,6 +203,16 @@ class BigQueryWarehouse(Warehouse):
             self._execute([create_table_sql(ref, kind)])
         return refs
 
+
+
+def job_bytes_billed(job: Any) -> int:
+    """What one BigQuery job billed (``statistics.totalBytesBilled``; 0 where the answer has
+    none: a load job, a cached query, an emulator)."""
+    value = getattr(job, "total_bytes_billed", None)
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _project_id(project: str) -> str:

@@ -27,6 +27,8 @@ from captioning.layout import run_key
 
 #: read_json column types of the flat tables staged from JSON Lines.
 _DUCK_TYPES = {"STRING": "VARCHAR", "INT64": "BIGINT"}
+#: Columns a run's rows get from the statement that loads them, not from its files.
+_RUN_COLUMNS = ("run_id", "run_date")
 _DUCK_PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -128,6 +130,18 @@ class DuckDBWarehouse(Warehouse):
             con.close()
         return affected
 
+    def append(self, kind: str, rows: Any) -> None:
+        """Append an Arrow table's rows (named columns of table ``kind``) to that table."""
+        con = self._connect()
+        try:
+            con.register("appended_rows", rows)
+            names = ", ".join(validate_identifier(n) for n in rows.column_names)
+            con.execute(f"INSERT INTO {self._table(kind)} ({names}) "
+                        f"SELECT {names} FROM appended_rows")
+            con.unregister("appended_rows")
+        finally:
+            con.close()
+
     def _view(self, name: str, select: str) -> str:
         """A DuckDB view over files (DuckDB-only SQL: read_parquet/read_json)."""
         con = self._connect()
@@ -142,7 +156,8 @@ class DuckDBWarehouse(Warehouse):
         path = _local_path(uri)
         if not path.is_file():
             raise FileNotFoundError(f"{what} {uri} does not exist")
-        cols = {c: t for c, t in tables.columns(kind).items() if c != "run_id"}
+        cols = {c: t for c, t in tables.columns(kind).items()
+                if c not in _RUN_COLUMNS}
         types = ", ".join(f"{c}: '{_DUCK_TYPES[t]}'" for c, t in cols.items())
         select = (
             f"SELECT {', '.join(cols)} FROM read_json("
@@ -151,8 +166,8 @@ class DuckDBWarehouse(Warehouse):
         )
         return self._view(f"stg_{run_key(run_id)}_{what}", select)
 
-    def _stage_manifest(self, run_id: str, manifest_uri: str) -> str:
-        return self._stage_jsonl(run_id, manifest_uri, tables.MANIFESTS, "manifest")
+    def _stage_manifest(self, run_id: str, manifest_uri: str, what: str = "manifest") -> str:
+        return self._stage_jsonl(run_id, manifest_uri, tables.MANIFESTS, what)
 
     def _stage_skipped(self, run_id: str, skipped_uri: str) -> str:
         return self._stage_jsonl(run_id, skipped_uri, tables.SKIPPED_FILES, "skipped")
@@ -176,7 +191,11 @@ class DuckDBWarehouse(Warehouse):
         try:
             for ref in refs:
                 name = validate_identifier(ref.strip("`"))
-                con.execute(f'DROP VIEW IF EXISTS "{name}"')
+                (kind,) = con.execute(
+                    "SELECT coalesce(max(table_type), 'VIEW') FROM information_schema.tables "
+                    "WHERE table_name = ?", [name]).fetchone()
+                what = "TABLE" if kind == "BASE TABLE" else "VIEW"
+                con.execute(f'DROP {what} IF EXISTS "{name}"')
         finally:
             con.close()
 

@@ -9,6 +9,9 @@ and are declared here.
 from __future__ import annotations
 
 import functools
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from typing import Any
 
 from captioning import schema as job_schema
@@ -71,10 +74,15 @@ PIPELINE_RUNS_COLUMNS: dict[str, str] = {
     "recipe": "STRING",
     "recipe_json": "STRING",
     "recipe_selection": "STRING",
+    # what the run paid the warehouse: BigQuery's totalBytesBilled summed over every job the
+    # run's tasks ran, and its on-demand price (cost_model); 0 bytes on DuckDB
+    "warehouse_bytes_billed": "INT64",
+    "warehouse_cost_usd": "FLOAT64",
 }
 
 MANIFESTS_COLUMNS: dict[str, str] = {
     "run_id": "STRING",
+    "run_date": "DATE",  # run_date(run_id): the partition
     "image_id": "STRING",
     "uri": "STRING",
     "size_bytes": "INT64",
@@ -84,9 +92,10 @@ MANIFESTS_COLUMNS: dict[str, str] = {
 #: replaced per run): reason is a manifest_stats count (manifest.SKIP_REASONS).
 SKIPPED_FILES_COLUMNS: dict[str, str] = {
     "run_id": "STRING",
+    "run_date": "DATE",  # run_date(run_id): the partition
     "uri": "STRING",
     # not_image | too_small | too_large | skipped_links | unreadable | duplicates |
-    # skipped_existing | other_recipe | over_budget | capped
+    # given_up | retry_later (manifest.NAMED_REASONS; the other reasons are counts only)
     "reason": "STRING",
     "detail": "STRING",  # e.g. "QuickTime movie", ".mov: not an image", "same bytes as URI"
     "size_bytes": "INT64",
@@ -98,6 +107,7 @@ SKIPPED_FILES_COLUMNS: dict[str, str] = {
 #: relabelled by later runs (captions/dead_letters hold only each image's newest outcome).
 PUBLISHED_IMAGES_COLUMNS: dict[str, str] = {
     "run_id": "STRING",
+    "run_date": "DATE",  # run_date(run_id): the partition
     "image_id": "STRING",
     "outcome": "STRING",  # captioned | dead_lettered
     "outcome_at": "TIMESTAMP",  # the row's captioned_at / failed_at
@@ -107,6 +117,72 @@ PUBLISHED_IMAGES_COLUMNS: dict[str, str] = {
     "recipe": "STRING",
     "caption": "STRING",
 }
+
+#: Tables whose rows belong to one run: partitioned by run_date on BigQuery, and every
+#: statement over one run's rows names the partition (``run_date = @run_date``).
+RUN_PARTITIONED = (MANIFESTS, SKIPPED_FILES, PUBLISHED_IMAGES)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a table is laid out on BigQuery for what reads it (DuckDB ignores it)."""
+
+    partition_by: str | None = None
+    cluster_by: tuple[str, ...] = ()
+
+    def ddl(self) -> str:
+        """The ``PARTITION BY ... CLUSTER BY ...`` clauses of a CREATE TABLE."""
+        parts = [f"PARTITION BY {self.partition_by}"] if self.partition_by else []
+        if self.cluster_by:
+            parts.append(f"CLUSTER BY {', '.join(self.cluster_by)}")
+        return " ".join(parts)
+
+
+#: Per table: the run's partition, and clustering by run first (per-run reads prune),
+#: then by what joins on it.
+LAYOUT: dict[str, Layout] = {
+    CAPTIONS: Layout(None, ("run_id", "image_id")),
+    DEAD_LETTERS: Layout(None, ("run_id", "image_id")),
+    PUBLISHED_IMAGES: Layout("run_date", ("run_id", "image_id")),
+    MANIFESTS: Layout("run_date", ("run_id", "image_id")),
+    SKIPPED_FILES: Layout("run_date", ("run_id", "reason")),
+    PIPELINE_RUNS: Layout(None, ("dag_id",)),
+}
+
+#: The date an Airflow run id carries (``manual__2026-12-07T10:00:00+00:00``,
+#: ``scheduled__...``, ``backfill__...``, and ids built from them).
+_RUN_ID_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})T\d{2}")
+#: The partition of runs whose id carries no date (ids chosen by hand).
+UNDATED = date(1970, 1, 1)
+
+
+_RUN_ID_INSTANT = re.compile(
+    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:[+-]\d{2}:\d{2}|Z)?")
+
+
+def run_instant(run_id: str) -> datetime | None:
+    """The instant an Airflow run id carries (UTC where it names no zone), else None."""
+    match = _RUN_ID_INSTANT.search(run_id or "")
+    if not match:
+        return None
+    try:
+        value = datetime.fromisoformat(match.group(0).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def run_date(run_id: str) -> date:
+    """The partition of a run's rows: a function of the run id alone, so a rerun of the run
+    months later (or a validation of it) finds its rows without looking anything up."""
+    match = _RUN_ID_DATE.search(run_id or "")
+    if match:
+        try:
+            return date(*(int(g) for g in match.groups()))
+        except ValueError:
+            pass
+    return UNDATED
+
 
 #: outcome values in published_images
 CAPTIONED = "captioned"

@@ -66,16 +66,18 @@ NEW_RUN_COLUMNS = ("run_kind", "benchmark_id", "blip_model", "clip_model", "deco
 
 
 def test_ensure_tables_sends_standard_sql_ddl_and_adds_missing_columns() -> None:
-    """Tables an older release created get the columns added since, nothing else."""
+    """Tables an older release created get the columns added since, and the layout
+    (partitions, clusters) they lack, re-created with every row; nothing else."""
     from caption_platform.warehouse import tables
 
-    older = [{"table_name": kind, "column_name": c} for kind in tables.TABLE_KINDS
+    older = [{"table_name": kind, "column_name": c, "is_partitioning_column": "NO",
+              "clustering_ordinal_position": None} for kind in tables.TABLE_KINDS
              for c in tables.columns(kind)
              if not (kind == tables.PIPELINE_RUNS and c in NEW_RUN_COLUMNS)]
     hook = FakeHook({"INFORMATION_SCHEMA.COLUMNS": FakeJob(_rows(*older))})
     _wh(hook).ensure_tables()
     queries = hook.queries()
-    creates = [q["query"] for q in queries if q["query"].startswith("CREATE")]
+    creates = [q["query"] for q in queries if q["query"].startswith("CREATE TABLE IF NOT")]
     assert len(creates) == len(tables.TABLE_KINDS)
     assert all(q["useLegacySql"] is False for q in queries)
     assert all(c["project_id"] == "my-proj" and c["location"] == "US" for c in hook.calls)
@@ -83,20 +85,55 @@ def test_ensure_tables_sends_standard_sql_ddl_and_adds_missing_columns() -> None
     assert ddl.startswith("CREATE TABLE IF NOT EXISTS `my-proj.caps_ds.captions` (image_id STRING")
     assert "candidates ARRAY<STRUCT<text STRING, score FLOAT64>>" in ddl
     assert "captioned_at TIMESTAMP" in ddl
+    assert ddl.endswith(") CLUSTER BY run_id, image_id")
     assert "`my-proj.caps_ds.pipeline_runs`" in creates[2]
     assert "final_state STRING, error STRING" in creates[2]
     assert creates[-1] == (
         "CREATE TABLE IF NOT EXISTS `my-proj.caps_ds.skipped_files` (run_id STRING, "
-        "uri STRING, reason STRING, detail STRING, size_bytes INT64, image_id STRING, "
-        "duplicate_of STRING)")
+        "run_date DATE, uri STRING, reason STRING, detail STRING, size_bytes INT64, "
+        "image_id STRING, duplicate_of STRING) PARTITION BY run_date CLUSTER BY run_id, reason")
     looked_up = [q["query"] for q in queries if "INFORMATION_SCHEMA" in q["query"]]
     assert looked_up == [  # one lookup for all the tables
-        "SELECT table_name, column_name FROM `my-proj.caps_ds.INFORMATION_SCHEMA.COLUMNS`"]
+        "SELECT table_name, column_name, is_partitioning_column, clustering_ordinal_position "
+        "FROM `my-proj.caps_ds.INFORMATION_SCHEMA.COLUMNS`"]
     alters = [q["query"] for q in queries if q["query"].startswith("ALTER")]
     assert alters == [
         f"ALTER TABLE `my-proj.caps_ds.pipeline_runs` ADD COLUMN IF NOT EXISTS {c} "
         f"{tables.columns('pipeline_runs')[c]}" for c in NEW_RUN_COLUMNS
     ]
+    # laid out anew, every row kept: the older release's tables had no partitions or clusters
+    relaid = [q["query"] for q in queries if q["query"].startswith("CREATE OR REPLACE")]
+    assert relaid == [
+        f"CREATE OR REPLACE TABLE `my-proj.caps_ds.{kind}` {tables.LAYOUT[kind].ddl()} "
+        f"AS SELECT * FROM `my-proj.caps_ds.{kind}`" for kind in tables.TABLE_KINDS]
+
+
+def test_ensure_tables_leaves_tables_laid_out_alone_and_fills_run_dates() -> None:
+    """A table already partitioned and clustered is not re-created; a run-partitioned table
+    without run_date gets it, filled from its run ids."""
+    from caption_platform.warehouse import tables
+
+    laid_out = []
+    for kind in tables.TABLE_KINDS:
+        layout = tables.LAYOUT[kind]
+        for c in tables.columns(kind):
+            if kind == tables.MANIFESTS and c == "run_date":
+                continue  # an older release's manifests: no run_date yet
+            position = (layout.cluster_by.index(c) + 1) if c in layout.cluster_by else None
+            laid_out.append({"table_name": kind, "column_name": c,
+                             "is_partitioning_column": "YES" if c == layout.partition_by
+                             else "NO", "clustering_ordinal_position": position})
+    hook = FakeHook({"INFORMATION_SCHEMA.COLUMNS": FakeJob(_rows(*laid_out))})
+    _wh(hook).ensure_tables()
+    queries = [q["query"] for q in hook.queries()]
+    assert [q for q in queries if q.startswith("ALTER")] == [
+        "ALTER TABLE `my-proj.caps_ds.manifests` ADD COLUMN IF NOT EXISTS run_date DATE"]
+    fills = [q for q in queries if q.lstrip().startswith("UPDATE")]
+    assert len(fills) == 1 and "`my-proj.caps_ds.manifests` SET run_date" in fills[0]
+    # the manifests lacked their partitioning column: only they are laid out anew
+    assert [q for q in queries if q.startswith("CREATE OR REPLACE")] == [
+        "CREATE OR REPLACE TABLE `my-proj.caps_ds.manifests` PARTITION BY run_date "
+        "CLUSTER BY run_id, image_id AS SELECT * FROM `my-proj.caps_ds.manifests`"]
 
 
 def test_load_manifest_load_job_then_transaction() -> None:
@@ -119,12 +156,15 @@ def test_load_manifest_load_job_then_transaction() -> None:
     }
     script = hook.queries()[0]
     assert script["query"].startswith("BEGIN TRANSACTION;")
-    assert "DELETE FROM `my-proj.caps_ds.manifests` WHERE run_id = @run_id" in script["query"]
+    assert ("DELETE FROM `my-proj.caps_ds.manifests` WHERE run_date = @run_date AND "
+            "run_id = @run_id") in script["query"]
     assert f"FROM `my-proj.caps_ds.{stg}`" in script["query"]
     assert script["query"].rstrip().endswith("COMMIT TRANSACTION;")
     assert script["parameterMode"] == "NAMED"
     assert script["queryParameters"] == [
-        {"name": "run_id", "parameterType": {"type": "STRING"}, "parameterValue": {"value": RUN}}
+        {"name": "run_id", "parameterType": {"type": "STRING"}, "parameterValue": {"value": RUN}},
+        {"name": "run_date", "parameterType": {"type": "DATE"},
+         "parameterValue": {"value": "2026-01-02"}},
     ]
 
 
@@ -153,23 +193,27 @@ def test_load_skipped_load_job_then_replaces_the_runs_rows() -> None:
     }
     script, drop, count = (q["query"] for q in hook.queries())
     assert script.startswith("BEGIN TRANSACTION;")
-    assert "DELETE FROM `my-proj.caps_ds.skipped_files` WHERE run_id = @run_id" in script
+    assert ("DELETE FROM `my-proj.caps_ds.skipped_files` WHERE run_date = @run_date AND "
+            "run_id = @run_id") in script
     assert "INSERT INTO `my-proj.caps_ds.skipped_files`" in script
     assert f"FROM `my-proj.caps_ds.{stg}`" in script
     assert script.rstrip().endswith("COMMIT TRANSACTION;")
-    assert "FROM `my-proj.caps_ds.skipped_files` WHERE run_id = @run_id" in count
+    assert ("FROM `my-proj.caps_ds.skipped_files` WHERE run_date = @run_date AND "
+            "run_id = @run_id") in count
     assert drop == f"DROP TABLE IF EXISTS `my-proj.caps_ds.{stg}`"
 
 
 def test_publish_merges_from_staging_prefix() -> None:
     hook = FakeHook({
         "AS captions_staged": FakeJob(_rows({"captions_staged": 7, "dead_letters_staged": 2})),
+        "AS known": FakeJob(_rows({"known": 4})),  # some staged images have rows: MERGE
         "MERGE `my-proj.caps_ds.captions`": FakeJob(num_dml_affected_rows=7),
         "MERGE `my-proj.caps_ds.dead_letters`": FakeJob(num_dml_affected_rows=3),
     })
     result = _wh(hook).publish(RUN, "bq://other-proj.stage_ds.stg_abc")
     assert result.to_dict() == {"captions_staged": 7, "dead_letters_staged": 2,
                                 "captions_merged": 7, "dead_letters_merged": 3}
+    assert not [q for q in hook.queries() if q["query"].lstrip().startswith("INSERT INTO")]
     texts = [q["query"] for q in hook.queries()]
     # staging tables are created if FILE_LOADS wrote no rows of a kind
     assert texts[0].startswith("CREATE TABLE IF NOT EXISTS `other-proj.stage_ds.stg_abc_captions`")
@@ -192,9 +236,32 @@ def test_publish_merges_from_staging_prefix() -> None:
                           "DROP TABLE IF EXISTS `other-proj.stage_ds.stg_abc_dead_letters`"]
 
 
+def test_publish_of_new_images_only_inserts() -> None:
+    """No staged image has a row yet (the daily run of new images): two INSERTs whose only
+    read of the tables is image_id (a MERGE reads every column it may update), and no
+    clean-up of older outcomes (there are none)."""
+    hook = FakeHook({
+        "AS captions_staged": FakeJob(_rows({"captions_staged": 7, "dead_letters_staged": 2})),
+        "AS known": FakeJob(_rows({"known": 0})),
+        "INSERT INTO `my-proj.caps_ds.captions`": FakeJob(num_dml_affected_rows=7),
+        "INSERT INTO `my-proj.caps_ds.dead_letters`": FakeJob(num_dml_affected_rows=2),
+    })
+    result = _wh(hook).publish(RUN, "bq://my-proj.caps_ds.stg_abc")
+    assert (result.captions_merged, result.dead_letters_merged) == (7, 2)
+    texts = [q["query"] for q in hook.queries()]
+    assert not [t for t in texts if "MERGE " in t]
+    inserts = [t for t in texts if t.lstrip().startswith("INSERT INTO `my-proj.caps_ds.")
+               and "published_images" not in t]
+    assert len(inserts) == 2
+    assert not [t for t in texts if t.count("DELETE FROM") == 2]  # no RESOLVE_OUTCOMES
+    assert any("DELETE FROM `my-proj.caps_ds.published_images` WHERE run_date = @run_date"
+               in t for t in texts)
+
+
 def test_failed_merge_keeps_the_staged_rows_for_a_retry() -> None:
     hook = FakeHook({
         "AS captions_staged": FakeJob(_rows({"captions_staged": 7, "dead_letters_staged": 2})),
+        "AS known": FakeJob(_rows({"known": 1})),
         "MERGE `my-proj.caps_ds.captions`": RuntimeError("quota exceeded"),
     })
     with pytest.raises(RuntimeError, match="quota"):

@@ -172,8 +172,11 @@ def test_validation_failures_name_ids(wh: DuckDBWarehouse, tmp_path: Path, helpe
     # a row written around the MERGE (a manual INSERT) is caught table-wide
     wh._execute(["INSERT INTO `dead_letters` SELECT image_id, uri, 'manual', stage, error, "
                  "failed_at, recipe FROM `dead_letters`"])
-    again = wh.validate(RUN)
-    assert again.duplicate_dead_letter_ids == ["id3"] and again.unproven_ids == ["id3"]
+    again = wh.validate(RUN)  # the run's images: the duplicate is one of them
+    assert again.duplicate_dead_letter_ids == ["id3"] and again.unproven_ids == []
+    # a row another "run" wrote is that run's to prove: the whole-table check proves it
+    whole = wh.validate(RUN, whole_tables=True)
+    assert whole.duplicate_dead_letter_ids == ["id3"] and whole.unproven_ids == ["id3"]
 
 
 def test_validation_catches_duplicate_caption_rows(wh: DuckDBWarehouse, tmp_path: Path, helpers) -> None:
