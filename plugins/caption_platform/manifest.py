@@ -564,10 +564,13 @@ def build_manifest(
                         ("detail", pa.string())])
     beside = manifest_uri.rsplit("/", 1)[0]
     listing_uri = f"{beside}/{LISTING_FILE}"
-    if warehouse is None:
+    stand_in = warehouse is None
+    if stand_in:
         warehouse = _stand_in_warehouse(exclude_ids, known)
 
     with tempfile.TemporaryDirectory(prefix="manifest_") as tmp:
+        if stand_in:  # the DuckDB in memory reads local files: the listing stays here
+            listing_uri = f"file://{tmp}/{LISTING_FILE}"
         con = duckdb.connect(os.path.join(tmp, "manifest.duckdb"),
                              config={"memory_limit": _DUCKDB_MEMORY, "threads": 1,
                                      "temp_directory": tmp})
