@@ -1,12 +1,12 @@
 """Build a run's manifest: list, filter, hash, de-duplicate, skip known, cap, write.
 
 One code path for ``file://`` and ``gs://`` through Airflow's ``ObjectStoragePath``
-(fsspec). A source that is missing, unreadable, a file, or empty is an error
+(fsspec), listed by :mod:`caption_platform.listing` (pages streamed, in parallel, no listing
+cache). A source that is missing, unreadable, a file, or empty is an error
 (:class:`SourceError`), never an empty run; every listed entry lands in exactly one count
-of :class:`ManifestStats` (symlinks included). Listing rows go straight into an on-disk DuckDB database in batches, so
-de-duplication and the incremental anti-join never need a Python dict or set of
-millions of ids. Only one directory's listing is held in memory at a time (the
-fsspec listing itself may cache more for object stores).
+of :class:`ManifestStats` (symlinks included). Listing rows go straight into an on-disk
+DuckDB database in batches (128 MB of memory, spilling), so de-duplication never needs a
+Python dict or set of millions of ids, and memory stays bounded whatever the source holds.
 
 **What is an image.** The formats and their names come from one table shared with the job,
 ``captioning.formats``. For each listed regular file, by its name first:
@@ -411,8 +411,8 @@ class RecipeSelection:
 class RetryPolicy:
     """When a dead letter is read again: ``base_hours`` after its first failure, doubling
     after each further one, until ``max_attempts`` failures since its last caption (given up,
-    named in skipped_files). ``now``: the clock (the run's own instant, so a retried plan
-    selects what it selected the first time); None: now."""
+    named in skipped_files). ``now``: the clock (None: now; failures are stamped with the
+    time they happened)."""
 
     max_attempts: int = 5
     base_hours: float = 0.0

@@ -108,7 +108,6 @@ def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
     from caption_platform.manifest import RetryPolicy, build_manifest
     from caption_platform.recipes import run_recipe
     from caption_platform.warehouse import get_warehouse
-    from caption_platform.warehouse.tables import run_instant
     from captioning.recipe import describe, fingerprint
 
     settings = settings_for_run(params, overrides)
@@ -120,13 +119,13 @@ def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
     history = warehouse.fetch_runs(limit=500)
     key = comparison_key(settings)
     selection = recipe_selection(settings, recipe_id, forecast(history, key, 1))
-    # the retry clock is the run's own instant: a retried plan selects what it did before
-    retry = RetryPolicy(settings.dead_letters.max_attempts, settings.dead_letters.retry_hours,
-                        run_instant(run_id))
+    # the retry clock is now (failures are stamped with the time they happened, not with a
+    # run's logical date); a retried plan may only find more dead letters due, never fewer
+    retry = RetryPolicy(settings.dead_letters.max_attempts, settings.dead_letters.retry_hours)
     target = manifest_uri(settings, run_id)
     skipped = skipped_uri(settings, run_id)
     stats = build_manifest(
-        settings.source_uri,
+        source_for_run(settings, run_id),
         target,
         extensions=settings.images.extensions,
         min_bytes=settings.images.min_bytes,
@@ -172,6 +171,33 @@ def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
         settings=settings,
         params=dict(params),
     )
+
+
+def source_for_run(settings: Settings, run_id: str) -> str:
+    """The folder this run lists: ``source_uri``, with ``{run_date}`` (or a strftime format,
+    ``{run_date:%Y/%m/%d}``) replaced by the run's date (``tables.run_date``), so a bucket
+    laid out by day is listed one day at a time: a source of only what is new. Checked against
+    the source roots again once filled in."""
+    import string
+
+    from caption_platform.warehouse.tables import run_date
+    from captioning.trust import source_problem, split_list
+
+    template = settings.source_uri
+    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    if not fields:
+        return template
+    if set(fields) != {"run_date"}:
+        raise SettingsError(f"source_uri: {template!r} may name {{run_date}} only "
+                            f"(found {', '.join(sorted(set(fields)))})")
+    try:
+        uri = template.format(run_date=run_date(run_id))
+    except (ValueError, IndexError) as exc:
+        raise SettingsError(f"source_uri: {template!r}: {exc}") from exc
+    if problem := source_problem(uri, split_list(settings.job.source_roots)):
+        raise SettingsError(f"source_uri: {problem} (setting job.source_roots)")
+    log.info("source_uri %s for run date %s: %s", template, run_date(run_id), uri)
+    return uri
 
 
 def recipe_selection(settings: Settings, recipe_id: str, unit: Any) -> Any:

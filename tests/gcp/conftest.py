@@ -94,6 +94,8 @@ def gcp_settings(gcp: Gcp, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> G
         "CAPTION_JOB_FILE": str(Path(__file__).with_name("beam_job_on_emulators.py")),
         "CAPTION_DATAFLOW__TEMP_LOCATION": f"gs://{gcp.bucket}/beam-temp",
         "GCP_STACK_BEAM_TEMP_LOCATION": f"gs://{gcp.bucket}/beam-temp",
+        # runs minutes apart stand for runs days apart: dead letters are due at once
+        "CAPTION_DEAD_LETTERS__RETRY_HOURS": "0",
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)

@@ -224,3 +224,30 @@ def test_merge_refuses_a_target_row_matched_twice(gcp: Gcp, wh: BigQueryWarehous
         gcp.rows("MERGE {ds}.manifests T USING (SELECT 'a' AS image_id UNION ALL "
                  "SELECT 'a') S ON T.image_id = S.image_id "
                  "WHEN MATCHED THEN UPDATE SET run_id = 'x'")
+
+
+def test_an_older_ledger_is_laid_out_anew_with_every_row_and_its_run_date(gcp: Gcp) -> None:
+    """Issue 27: an unpartitioned ledger of an older release (no run_date) is re-created
+    partitioned by run_date and clustered, every row kept, each in its run's partition; the
+    per-run statements then find them."""
+    from google.cloud import bigquery
+
+    older = [bigquery.SchemaField(n, t) for n, t in tables.columns(tables.PUBLISHED_IMAGES).items()
+             if n != "run_date"]
+    gcp.bigquery.create_table(bigquery.Table(
+        f"{gcp.project}.{gcp.dataset}.published_images", older))
+    gcp.rows("INSERT INTO {ds}.published_images (run_id, image_id, outcome, outcome_at) "
+             "VALUES (@run, 'id1', 'captioned', TIMESTAMP '2026-01-02 00:00:00'), "
+             "('run-by-hand', 'id2', 'dead_lettered', TIMESTAMP '2026-01-03 00:00:00')", run=RUN)
+    wh = BigQueryWarehouse(gcp.project, gcp.dataset, "US")
+    wh.ensure_tables()
+    rows = {r["run_id"]: r["run_date"] for r in gcp.rows(
+        "SELECT run_id, run_date FROM {ds}.published_images")}
+    assert rows == {RUN: tables.run_date(RUN), "run-by-hand": tables.UNDATED}
+    layout = {r["column_name"]: r for r in gcp.rows(
+        "SELECT column_name, is_partitioning_column, clustering_ordinal_position "
+        "FROM {ds}.INFORMATION_SCHEMA.COLUMNS WHERE table_name = 'published_images'")}
+    assert layout["run_date"]["is_partitioning_column"] == "YES"
+    wh.ensure_tables()  # laid out already: nothing re-created, nothing lost
+    assert count(gcp, "published_images") == 2
+    assert wh.validate(RUN).captioned == 1  # the run's partition holds its row

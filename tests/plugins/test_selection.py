@@ -94,3 +94,19 @@ def test_the_plan_reads_its_retry_settings(tmp_path: Path) -> None:
         load_settings(duckdb_path=str(tmp_path / "w.duckdb"), dead_letters={"max_attempts": 0})
     with pytest.raises(SettingsError, match="whole_table_check"):
         load_settings(duckdb_path=str(tmp_path / "w.duckdb"), whole_table_check="daily")
+
+
+def test_a_source_laid_out_by_day_is_listed_one_day_at_a_time(tmp_path: Path) -> None:
+    from caption_platform.config import SettingsError, load_settings
+    from caption_platform.tasks import source_for_run
+
+    settings = load_settings(duckdb_path=str(tmp_path / "w.duckdb"),
+                             source_uri=f"{tmp_path}/photos/{{run_date:%Y/%m/%d}}",
+                             job={"source_roots": str(tmp_path)})
+    run = "scheduled__2026-12-07T00:00:00+00:00"
+    assert source_for_run(settings, run) == f"{tmp_path}/photos/2026/12/07"
+    plain = settings.model_copy(update={"source_uri": f"{tmp_path}/photos"})
+    assert source_for_run(plain, run) == f"{tmp_path}/photos"
+    other = settings.model_copy(update={"source_uri": f"{tmp_path}/{{bucket}}"})
+    with pytest.raises(SettingsError, match="may name {run_date} only"):
+        source_for_run(other, run)

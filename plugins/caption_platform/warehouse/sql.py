@@ -31,7 +31,7 @@ EXPIRES_IN_HOURS = (
 FILL_RUN_DATE = """
 UPDATE {table} SET run_date = CASE
   WHEN REGEXP_CONTAINS(run_id, r'\\d{{4}}-\\d{{2}}-\\d{{2}}T\\d{{2}}')
-  THEN PARSE_DATE('%Y-%m-%d', REGEXP_EXTRACT(run_id, r'(\\d{{4}}-\\d{{2}}-\\d{{2}})T\\d{{2}}'))
+  THEN PARSE_DATE('%Y-%m-%d', LEFT(REGEXP_EXTRACT(run_id, r'\\d{{4}}-\\d{{2}}-\\d{{2}}T\\d{{2}}'), 10))
   ELSE DATE '1970-01-01' END
 WHERE run_date IS NULL
 """
@@ -88,9 +88,9 @@ EXISTING_IMAGE_IDS = "SELECT image_id FROM {captions} WHERE run_id != @run_id"
 # even after it replaced them. {only}: the images to look at (a WHERE on image_id).
 _OUTCOMES = """
 SELECT image_id, outcome, recipe, outcome_at,
-  COUNTIF(outcome = 'dead_lettered' AND (last_caption_at IS NULL
-                                         OR outcome_at > last_caption_at))
-    OVER (PARTITION BY image_id) AS failures
+  SUM(CASE WHEN outcome = 'dead_lettered' AND (last_caption_at IS NULL
+                                              OR outcome_at > last_caption_at)
+           THEN 1 ELSE 0 END) OVER (PARTITION BY image_id) AS failures
 FROM (
   SELECT image_id, outcome, recipe, outcome_at, run_id,
     MAX(CASE WHEN outcome = 'captioned' THEN outcome_at END)
@@ -137,7 +137,8 @@ SELECT_IMAGES = (
       ranked AS (
         SELECT *, ROW_NUMBER() OVER (PARTITION BY status
                                      ORDER BY outcome_at NULLS FIRST, image_id) AS age_rank,
-          COUNTIF(status IN ('new', 'retried')) OVER () AS first_tries
+          SUM(CASE WHEN status IN ('new', 'retried') THEN 1 ELSE 0 END) OVER ()
+            AS first_tries
         FROM judged
       ),
       decided AS (

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date
 from typing import Any
 
 from captioning import schema as job_schema
@@ -154,22 +154,6 @@ LAYOUT: dict[str, Layout] = {
 _RUN_ID_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})T\d{2}")
 #: The partition of runs whose id carries no date (ids chosen by hand).
 UNDATED = date(1970, 1, 1)
-
-
-_RUN_ID_INSTANT = re.compile(
-    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:[+-]\d{2}:\d{2}|Z)?")
-
-
-def run_instant(run_id: str) -> datetime | None:
-    """The instant an Airflow run id carries (UTC where it names no zone), else None."""
-    match = _RUN_ID_INSTANT.search(run_id or "")
-    if not match:
-        return None
-    try:
-        value = datetime.fromisoformat(match.group(0).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def run_date(run_id: str) -> date:
