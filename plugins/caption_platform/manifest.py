@@ -487,15 +487,17 @@ def _held_rows(held: Iterable[Mapping[str, Any]], retry: RetryPolicy) -> Iterato
                "size_bytes": r["size_bytes"], "image_id": r["image_id"], "duplicate_of": None}
 
 
-def _stand_in_warehouse(exclude_ids: Iterable[str] | None,
+def _stand_in_warehouse(folder: str, exclude_ids: Iterable[str] | None,
                         known: Iterable[tuple[str, str, str | None, Any]] | None) -> Any:
-    """A DuckDB warehouse in memory whose ledger holds what ``exclude_ids`` (captioned) and
-    ``known`` (``(image_id, outcome, recipe, outcome_at)``) say, for callers without one."""
+    """A DuckDB warehouse in ``folder`` (memory capped like the scratch database's) whose
+    ledger holds what ``exclude_ids`` (captioned) and ``known`` (``(image_id, outcome,
+    recipe, outcome_at)``) say, for callers without one."""
     import pyarrow as pa
 
     from caption_platform.warehouse import DuckDBWarehouse
 
-    warehouse = DuckDBWarehouse(":memory:")
+    warehouse = DuckDBWarehouse(os.path.join(folder, "stand_in.duckdb"),
+                                memory_limit=_DUCKDB_MEMORY)
     warehouse.ensure_tables()
     names = [n for n, _ in _KNOWN_SCHEMA]
     schema = pa.schema([(n, pa.timestamp("us", tz="UTC") if t == "timestamp" else pa.string())
@@ -564,12 +566,9 @@ def build_manifest(
                         ("detail", pa.string())])
     beside = manifest_uri.rsplit("/", 1)[0]
     listing_uri = f"{beside}/{LISTING_FILE}"
-    stand_in = warehouse is None
-    if stand_in:
-        warehouse = _stand_in_warehouse(exclude_ids, known)
-
     with tempfile.TemporaryDirectory(prefix="manifest_") as tmp:
-        if stand_in:  # the DuckDB in memory reads local files: the listing stays here
+        if warehouse is None:  # a local stand-in reads local files: the listing stays here
+            warehouse = _stand_in_warehouse(tmp, exclude_ids, known)
             listing_uri = f"file://{tmp}/{LISTING_FILE}"
         con = duckdb.connect(os.path.join(tmp, "manifest.duckdb"),
                              config={"memory_limit": _DUCKDB_MEMORY, "threads": 1,

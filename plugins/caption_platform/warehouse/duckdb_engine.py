@@ -58,10 +58,14 @@ def to_duckdb(statement: str) -> tuple[str, ...]:
 class DuckDBWarehouse(Warehouse):
     """A DuckDB file (local profile); runs the BigQuery SQL transpiled by sqlglot."""
 
-    def __init__(self, path: str | Path, table_names: TableNames | dict[str, str] | None = None) -> None:
+    def __init__(self, path: str | Path, table_names: TableNames | dict[str, str] | None = None,
+                 *, memory_limit: str | None = None) -> None:
         super().__init__(table_names)
         self.path = _local_path(str(path)) if str(path) != ":memory:" else Path(":memory:")
         self._memory = None
+        #: DuckDB's memory cap for this warehouse's connections (None: DuckDB's default);
+        #: past it, queries spill to disk
+        self.memory_limit = memory_limit
 
     def _connect(self) -> Any:
         import duckdb
@@ -74,6 +78,8 @@ class DuckDBWarehouse(Warehouse):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             con = _connect_with_retry(duckdb, str(self.path))
         con.execute("SET TimeZone = 'UTC'")
+        if self.memory_limit:
+            con.execute("SET memory_limit = ?", [self.memory_limit])
         return con
 
     def _ref(self, name: str, *, project: str | None = None, dataset: str | None = None) -> str:
