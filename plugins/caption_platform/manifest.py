@@ -82,6 +82,9 @@ log = logging.getLogger(__name__)
 _BATCH_ROWS = 10_000
 #: DuckDB's own cap: past it, the listing spills to the temporary database file.
 _DUCKDB_MEMORY = "128MB"
+#: The stand-in warehouse's cap: the selection's window functions (ranks by age, the cap by
+#: URI) over a million listed images want more than the scratch database's (they spill less).
+_STAND_IN_MEMORY = "512MB"
 _CHUNK_BYTES = 1 << 20
 #: How much of a file whose name says nothing is read to tell what it is (one small read:
 #: the shared table's own need, enough for every signature it knows).
@@ -497,7 +500,7 @@ def _stand_in_warehouse(folder: str, exclude_ids: Iterable[str] | None,
     from caption_platform.warehouse import DuckDBWarehouse
 
     warehouse = DuckDBWarehouse(os.path.join(folder, "stand_in.duckdb"),
-                                memory_limit=_DUCKDB_MEMORY)
+                                memory_limit=_STAND_IN_MEMORY)
     warehouse.ensure_tables()
     names = [n for n, _ in _KNOWN_SCHEMA]
     schema = pa.schema([(n, pa.timestamp("us", tz="UTC") if t == "timestamp" else pa.string())

@@ -184,16 +184,18 @@ SELECT
 # captioned and dead-lettered, whichever order runs (or reruns of old runs) publish in.
 # Each source is de-duplicated on image_id (MERGE must match at most one source row).
 
-# What the run staged that the tables already hold an outcome for (image_id only: cheap):
-# with none, publishing is two INSERTs of new ids; else the MERGEs below.
+# How many staged rows the tables already hold an outcome for (image_id only: cheap; joins
+# from the staged side, so an engine hashes the run's rows, not the table's): with none,
+# publishing is two INSERTs of new ids; else the MERGEs below.
 STAGED_KNOWN = """
 SELECT
-  (SELECT COUNT(*) FROM {staging_captions} AS s
-   WHERE EXISTS (SELECT 1 FROM {captions} AS c WHERE c.image_id = s.image_id)
-      OR EXISTS (SELECT 1 FROM {dead_letters} AS d WHERE d.image_id = s.image_id))
+  (SELECT COUNT(*) FROM {staging_captions} AS s JOIN {captions} AS c ON c.image_id = s.image_id)
+  + (SELECT COUNT(*) FROM {staging_captions} AS s
+     JOIN {dead_letters} AS d ON d.image_id = s.image_id)
   + (SELECT COUNT(*) FROM {staging_dead_letters} AS s
-     WHERE EXISTS (SELECT 1 FROM {captions} AS c WHERE c.image_id = s.image_id)
-        OR EXISTS (SELECT 1 FROM {dead_letters} AS d WHERE d.image_id = s.image_id)) AS known
+     JOIN {captions} AS c ON c.image_id = s.image_id)
+  + (SELECT COUNT(*) FROM {staging_dead_letters} AS s
+     JOIN {dead_letters} AS d ON d.image_id = s.image_id) AS known
 """
 
 # The staged captions that may win: not dead-lettered in this run, not older than a dead
