@@ -208,13 +208,14 @@ _CAPTIONS_SOURCE = """
       WHERE d.image_id = s.image_id AND d.failed_at >= s.captioned_at)
   QUALIFY ROW_NUMBER() OVER (PARTITION BY image_id ORDER BY captioned_at DESC, uri) = 1
 """
-# The staged dead letters that may win: not older than a caption the table has, one per image.
+# The staged dead letters that may win: not older than a caption the table has, one per image
+# (a join from the staged side: an engine hashes the run's few dead letters, not captions).
 _DEAD_LETTERS_SOURCE = """
-  SELECT * FROM {staging_dead_letters} AS s
-  WHERE NOT EXISTS (
-    SELECT 1 FROM {captions} AS c
-    WHERE c.image_id = s.image_id AND c.captioned_at > s.failed_at)
-  QUALIFY ROW_NUMBER() OVER (PARTITION BY image_id ORDER BY failed_at DESC, stage, error) = 1
+  SELECT s.* FROM {staging_dead_letters} AS s
+  LEFT JOIN {captions} AS c ON c.image_id = s.image_id AND c.captioned_at > s.failed_at
+  WHERE c.image_id IS NULL
+  QUALIFY ROW_NUMBER() OVER (
+    PARTITION BY s.image_id ORDER BY s.failed_at DESC, s.stage, s.error) = 1
 """
 
 # Insert new images, update ones whose current caption is older; a rerun changes nothing.
