@@ -157,6 +157,11 @@ class Warehouse(ABC):
         """The CREATE TABLE clause making a staging table expire (engines that can)."""
         return ""
 
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """One connection for the statements of one operation (engines where it matters)."""
+        yield
+
     def _repartition(self, kind: str) -> None:  # noqa: B027 - optional hook
         """Lay out an existing table of an older release as ``tables.LAYOUT`` says."""
 
@@ -311,6 +316,10 @@ class Warehouse(ABC):
         ``staging`` is the job's output folder (DuckDB) or staging table prefix
         (BigQuery: ``PREFIX`` or ``bq://PROJECT.DATASET.PREFIX``).
         """
+        with self.session():
+            return self._publish(run_id, staging)
+
+    def _publish(self, run_id: str, staging: str) -> PublishResult:
         staged_captions, staged_dead = self._stage_output(run_id, staging)
         refs = self._refs(staging_captions=staged_captions, staging_dead_letters=staged_dead)
         counts = self._query(sql.STAGED_COUNTS.format(**refs))[0]
@@ -346,12 +355,13 @@ class Warehouse(ABC):
         must carry it (None: not checked, e.g. a past run validated again later).
         """
         refs = self._refs()
-        counts = self._query(sql.VALIDATION_COUNTS.format(**refs), run_params(run_id))[0]
         problems_sql = sql.VALIDATION_PROBLEMS_WHOLE if whole_tables else sql.VALIDATION_PROBLEMS
-        problems = self._query(
-            problems_sql.format(**refs),
-            {**run_params(run_id), "sample_size": sample_size, "recipe": recipe or ""},
-        )
+        with self.session():
+            counts = self._query(sql.VALIDATION_COUNTS.format(**refs), run_params(run_id))[0]
+            problems = self._query(
+                problems_sql.format(**refs),
+                {**run_params(run_id), "sample_size": sample_size, "recipe": recipe or ""},
+            )
         return result_from_rows(run_id, counts, problems)
 
     def dead_letter_reasons(self, run_id: str) -> list[dict[str, Any]]:

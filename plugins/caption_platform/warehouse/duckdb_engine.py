@@ -6,6 +6,7 @@ over the files; one writing process per file, so a busy file is waited for.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import time
@@ -63,6 +64,7 @@ class DuckDBWarehouse(Warehouse):
         super().__init__(table_names)
         self.path = _local_path(str(path)) if str(path) != ":memory:" else Path(":memory:")
         self._memory = None
+        self._session: Any = None
         #: DuckDB's memory cap for this warehouse's connections (None: DuckDB's default);
         #: past it, queries spill to disk
         self.memory_limit = memory_limit
@@ -74,6 +76,8 @@ class DuckDBWarehouse(Warehouse):
             if self._memory is None:
                 self._memory = duckdb.connect(":memory:")
             con = self._memory.cursor()
+        elif self._session is not None:
+            con = self._session.cursor()
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             con = _connect_with_retry(duckdb, str(self.path))
@@ -81,6 +85,24 @@ class DuckDBWarehouse(Warehouse):
         if self.memory_limit:
             con.execute("SET memory_limit = ?", [self.memory_limit])
         return con
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Hold one connection to the file for the statements inside (one operation's): each
+        statement opening the file again would re-read its catalog and columns cold. The
+        file's lock is held meanwhile, so keep it to one operation."""
+        import duckdb
+
+        if self._session is not None or str(self.path) == ":memory:":
+            yield
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._session = _connect_with_retry(duckdb, str(self.path))
+        try:
+            yield
+        finally:
+            session, self._session = self._session, None
+            session.close()
 
     def _ref(self, name: str, *, project: str | None = None, dataset: str | None = None) -> str:
         return f"`{validate_identifier(name)}`"
