@@ -45,8 +45,8 @@ past ``max_images``) are counts only: a bucket of 10^7 captioned images would ot
 **The selection runs in the warehouse.** The listing's unique images are written beside
 the manifest (``listing.jsonl``) and judged there against the ledger's outcomes of those
 images only (:meth:`~caption_platform.warehouse.base.Warehouse.selection`); only the chosen
-rows come back, streamed into the manifest. Without a warehouse (tests, tools), a DuckDB in
-memory holding what ``known``/``exclude_ids`` say stands in, through the same SQL.
+rows come back, streamed into the manifest. Without a warehouse (tests, tools), a DuckDB
+file in the plan's temporary folder holding what ``known``/``exclude_ids`` say stands in, through the same SQL.
 
 Determinism: duplicates by content keep the lexicographically smallest URI; with
 ``max_images`` the manifest holds the first N unique images in URI order. The
@@ -68,12 +68,13 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time
 from typing import Any, NamedTuple
 
 from caption_platform.config import SNIFF_MODES, SettingsError
 from caption_platform.listing import list_objects
 from caption_platform.storage import is_local, normalize_uri, storage_path
+from caption_platform.warehouse.tables import UNDATED, run_date
 from captioning import formats
 from captioning.layout import SKIPPED_FILE
 
@@ -151,7 +152,7 @@ class ManifestStats:
     skipped_links: int = 0  # symlinks to folders, outside the source, or to nothing
     unreadable: int = 0  # could not be opened to sniff or hash it (permissions, vanished)
     duplicates: int = 0
-    given_up: int = 0  # dead-lettered dead_letter_max_attempts times: not read again
+    given_up: int = 0  # dead-lettered dead_letters.max_attempts times: not read again
     retry_later: int = 0  # dead-lettered, its next try not due yet (the backoff)
     skipped_existing: int = 0  # captioned already (with this run's recipe, when it has one)
     other_recipe: int = 0  # captioned with another recipe, kept (recipe_policy=keep)
@@ -380,7 +381,7 @@ class RecipeSelection:
     """How an incremental run treats what earlier runs published (``known`` outcomes).
 
     An image is done when its newest outcome is a caption with ``recipe``; a dead letter is
-    always tried again; a caption with another recipe (or none: an older release's) is kept
+    tried again as :class:`RetryPolicy` says; a caption with another recipe (or none: an older release's) is kept
     (``policy`` keep) or re-captioned (recaption), oldest caption first, at most ``budget``
     of them and at most ``max_images_total`` images in the whole run (what ``max_cost_usd``
     pays for at the forecast unit cost); None: no such limit.
@@ -399,15 +400,6 @@ class RecipeSelection:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name}: {value} must be at least 0")
-
-    def recaption_limit(self, first_tries: int) -> int | None:
-        """How many images of another recipe may join ``first_tries`` new and retried ones."""
-        if self.policy != "recaption":
-            return 0
-        limits = [n for n in (self.budget,) if n is not None]
-        if self.max_images_total is not None:
-            limits.append(max(0, self.max_images_total - first_tries))
-        return min(limits) if limits else None
 
 
 @dataclass(frozen=True)
@@ -481,7 +473,7 @@ def _held_rows(held: Iterable[Mapping[str, Any]], retry: RetryPolicy) -> Iterato
     for r in held:
         if r["reason"] == "given_up":
             detail = (f"dead-lettered {r['failures']} time(s) since its last caption "
-                      f"(dead_letter_max_attempts={retry.max_attempts}); not read again")
+                      f"(dead_letters.max_attempts={retry.max_attempts}); not read again")
         else:
             wait_h = retry.base_hours * 2 ** (min(int(r["failures"]), 30) - 1)
             detail = (f"dead-lettered {r['failures']} time(s), last at {r['outcome_at']}; "
@@ -506,12 +498,12 @@ def _stand_in_warehouse(folder: str, exclude_ids: Iterable[str] | None,
     schema = pa.schema([(n, pa.timestamp("us", tz="UTC") if t == "timestamp" else pa.string())
                         for n, t in _KNOWN_SCHEMA]
                        + [("run_id", pa.string()), ("run_date", pa.date32())])
-    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    epoch = datetime.combine(UNDATED, time(), UTC)  # outcomes given without an instant
     given = itertools.chain(((i, "captioned", None, None) for i in exclude_ids or ()),
                             known or ())
     for batch in _batches(given):
         rows = [{**dict(zip(names, r, strict=True)), "run_id": "known",
-                 "run_date": epoch.date()} for r in batch]
+                 "run_date": run_date("known")} for r in batch]
         for row in rows:
             row["outcome_at"] = row["outcome_at"] or epoch
         warehouse.append("published_images", pa.Table.from_pylist(rows, schema=schema))

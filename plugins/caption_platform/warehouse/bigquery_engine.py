@@ -101,9 +101,9 @@ class BigQueryWarehouse(Warehouse):
         name = self._name(kind)
         has = {col: v for (table, col), v in (self._partitioning or {}).items() if table == name}
         partitioned = not layout.partition_by or has.get(layout.partition_by, (False,))[0]
-        clustered = [c for c, (_, pos) in sorted(
-            ((c, v) for c, v in has.items() if v[1] is not None), key=lambda cv: cv[1][1])]
-        if partitioned and tuple(clustered) == layout.cluster_by:
+        clustered = tuple(c for c, _ in sorted(
+            ((c, pos) for c, (_, pos) in has.items() if pos is not None), key=lambda cp: cp[1]))
+        if partitioned and clustered == layout.cluster_by:
             return
         self._execute([sql.REPARTITION.format(table=self._table(kind), layout=layout.ddl())])
 
