@@ -102,7 +102,7 @@ COUNTED_REASONS = SKIP_REASONS[8:]
 #: The listing's unique images, beside the manifest: what the warehouse selects from.
 LISTING_FILE = "listing.jsonl"
 #: What the manifest's images are (a breakdown of ``written``, not a reason to leave out):
-#: never published, dead-lettered before (always tried again), captioned with another recipe.
+#: never published, dead-lettered before (tried again once due), captioned with another recipe.
 WRITTEN_KINDS = ("new", "retried", "recaptioned")
 #: Fields of a ``skipped.jsonl`` line, in order (the ``skipped_files`` table adds run_id).
 SKIPPED_FIELDS = ("uri", "reason", "detail", "size_bytes", "image_id", "duplicate_of")
