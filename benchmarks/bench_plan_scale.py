@@ -603,6 +603,15 @@ def fill_history(duckdb_path: Path, relations: list[str]) -> dict[str, int]:
     return counts
 
 
+def flush_to_disk(path: Path) -> None:
+    """Write a file just filled or copied out to the disk. Otherwise the first fsync of the
+    measured step (DuckDB's first commit) writes the whole file's dirty pages: 0.4 s at
+    3x10^6 stored images, 0.02 s at 10^5, a cost of the harness that a warehouse written
+    by yesterday's run never pays."""
+    with path.open("rb+") as handle:
+        os.fsync(handle.fileno())
+
+
 def prepare_warehouse(duckdb_path: Path, relations: list[str]) -> dict[str, Any]:
     from caption_platform.warehouse import get_warehouse
 
@@ -611,6 +620,7 @@ def prepare_warehouse(duckdb_path: Path, relations: list[str]) -> dict[str, Any]
     t0 = time.perf_counter()
     get_warehouse(_settings()).ensure_tables()
     counts = fill_history(duckdb_path, relations)
+    flush_to_disk(duckdb_path)
     return {"seconds": round(time.perf_counter() - t0, 2), "rows": counts,
             "duckdb_mb": round(duckdb_path.stat().st_size / 2**20, 1)}
 
@@ -914,6 +924,7 @@ def _publish_job(args: argparse.Namespace, point: dict[str, Any], env: dict[str,
                     f.unlink(missing_ok=True)
                     if (pristine / f.name).exists():
                         shutil.copy2(pristine / f.name, f)
+                        flush_to_disk(f)
 
             cenv = child_env(env, args.workdir)
             point["publish"] = pub = measured(

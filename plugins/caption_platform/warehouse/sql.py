@@ -185,17 +185,17 @@ SELECT
 # Each source is de-duplicated on image_id (MERGE must match at most one source row).
 
 # How many staged rows the tables already hold an outcome for (image_id only: cheap; joins
-# from the staged side, so an engine hashes the run's rows, not the table's): with none,
-# publishing is two INSERTs of new ids; else the MERGEs below.
+# from the staged side, so an engine hashes the run's rows, not the table's; each table read
+# once): with none, publishing is two INSERTs of new ids; else the MERGEs below.
 STAGED_KNOWN = """
+WITH staged AS (
+  SELECT image_id FROM {staging_captions}
+  UNION ALL SELECT image_id FROM {staging_dead_letters}
+)
 SELECT
-  (SELECT COUNT(*) FROM {staging_captions} AS s JOIN {captions} AS c ON c.image_id = s.image_id)
-  + (SELECT COUNT(*) FROM {staging_captions} AS s
-     JOIN {dead_letters} AS d ON d.image_id = s.image_id)
-  + (SELECT COUNT(*) FROM {staging_dead_letters} AS s
-     JOIN {captions} AS c ON c.image_id = s.image_id)
-  + (SELECT COUNT(*) FROM {staging_dead_letters} AS s
-     JOIN {dead_letters} AS d ON d.image_id = s.image_id) AS known
+  (SELECT COUNT(*) FROM staged AS s JOIN {captions} AS c ON c.image_id = s.image_id)
+  + (SELECT COUNT(*) FROM staged AS s JOIN {dead_letters} AS d ON d.image_id = s.image_id)
+  AS known
 """
 
 # The staged captions that may win: not dead-lettered in this run, not older than a dead
