@@ -21,7 +21,8 @@ and the job moves PENDING -> RUNNING -> DONE or FAILED by its exit status, with 
 last lines as the job's error messages and ``Total*`` resource metrics of the run (vCPU,
 memory, disk and GPU seconds from the worker pool's shape and the run's wall time) plus
 the run's user counters. :attr:`FakeDataflow.fault` (or :attr:`FakeDataflow.faults`, by
-run) makes a job end otherwise, or its creation be refused.
+run) makes a job end otherwise, its creation be refused, or its jobs.get be unavailable
+(503) for a while after it starts running.
 
 Not emulated: autoscaling and more than one worker, streaming, drain, job updates and
 snapshots, templates and Flex Templates, the job graph's execution on workers (the local
@@ -52,7 +53,10 @@ HOST = "dataflow.googleapis.com"
 TERMINAL = frozenset({"JOB_STATE_DONE", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED",
                       "JOB_STATE_UPDATED", "JOB_STATE_DRAINED"})
 _GRPC_STATUS = {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-                409: "ALREADY_EXISTS", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL"}
+                409: "ALREADY_EXISTS", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL",
+                503: "UNAVAILABLE"}
+#: jobs.list's ``filter`` (REST query, gRPC ListJobsRequest.Filter): UNKNOWN (unset) lists all
+_LIST_FILTERS = frozenset({"UNKNOWN", "ALL", "ACTIVE", "TERMINATED"})
 #: vCPUs and memory (GB) of the machine types a caption job asks for (others: 4 / 15).
 MACHINES = {"n1-standard-4": (4, 15.0), "n1-standard-8": (8, 30.0), "n1-highmem-8": (8, 52.0),
             "g2-standard-4": (4, 16.0), "g2-standard-8": (8, 32.0),
@@ -74,6 +78,10 @@ class Fault:
     end_state: str | None = None
     #: the message the job's end logs (as Dataflow's JOB_MESSAGE_ERROR)
     error: str = "Workflow failed. Causes: S01:Caption failed."
+    #: for this many seconds after the job starts RUNNING, every jobs.get for it (REST and
+    #: gRPC) answers 503 UNAVAILABLE, as during a brief Dataflow outage: a poller must retry
+    #: through it rather than fail the task (counted in :attr:`FakeDataflow.refused_gets`)
+    get_unavailable_s: float = 0.0
 
 
 class ApiError(Exception):
@@ -96,6 +104,14 @@ class FakeDataflow:
         #: faults for the jobs of one run, by the job's ``run_id`` pipeline option (for
         #: several runs at once); other jobs get :attr:`fault`
         self.faults: dict[str, Fault] = {}
+        #: jobs.create calls that made a job (refused ones are in :attr:`requests` only)
+        self.created = 0
+        #: jobs.get calls answered 503 by a fault's ``get_unavailable_s``
+        self.refused_gets = 0
+        #: when each job's cancel was asked for (``time.time()``), by job id: the first
+        #: request that found it not yet ended
+        self.cancelled: dict[str, float] = {}
+        self._unavailable_until: dict[str, float] = {}  # job id -> time.monotonic()
         self._messages: dict[str, list[dict[str, Any]]] = {}
         self._metrics: dict[str, list[dict[str, Any]]] = {}
         self._procs: dict[str, subprocess.Popen] = {}
@@ -125,28 +141,47 @@ class FakeDataflow:
                 "sdkSupportStatus": "SUPPORTED"}}
             self.jobs[job_id] = stored
             self._messages[job_id] = []
+            self.created += 1
         threading.Thread(target=self._run, args=(job_id, fault), daemon=True,
                          name=f"fake-dataflow-{job_id}").start()
         return stored
 
     def get_job(self, project: str, location: str, job_id: str) -> dict[str, Any]:
+        """jobs.get: the job, or 503 while a fault's ``get_unavailable_s`` lasts."""
+        job = self._find(project, job_id)
+        with self._lock:
+            if time.monotonic() < self._unavailable_until.get(job_id, 0.0):
+                self.refused_gets += 1
+                raise ApiError(503, "(fake) the service is unavailable")
+        return job
+
+    def _find(self, project: str, job_id: str) -> dict[str, Any]:
+        """The job for the calls other than jobs.get (an outage fault refuses only that)."""
         with self._lock:
             job = self.jobs.get(job_id)
             if job is None or job["projectId"] != project:
                 raise ApiError(404, f"(fake) Job {job_id!r} not found in project {project!r}")
             return dict(job)
 
-    def list_jobs(self, project: str, location: str | None) -> list[dict[str, Any]]:
+    def list_jobs(self, project: str, location: str | None,
+                  state_filter: str | None = None) -> list[dict[str, Any]]:
+        """jobs.list; ``state_filter`` is Dataflow's ``filter``: ACTIVE (not ended),
+        TERMINATED (ended), ALL or UNKNOWN / None (every job)."""
+        state_filter = state_filter or "UNKNOWN"
+        if state_filter not in _LIST_FILTERS:
+            raise ApiError(400, f"(fake) Invalid value for filter: {state_filter!r}")
         with self._lock:
             return [dict(j) for j in self.jobs.values() if j["projectId"] == project
-                    and (location in (None, "-") or j["location"] == location)]
+                    and (location in (None, "-") or j["location"] == location)
+                    and (state_filter != "ACTIVE" or j["currentState"] not in TERMINAL)
+                    and (state_filter != "TERMINATED" or j["currentState"] in TERMINAL)]
 
     def update_job(self, project: str, location: str, job_id: str,
                    body: dict[str, Any]) -> dict[str, Any]:
-        self.get_job(project, location, job_id)
+        self._find(project, job_id)
         if body.get("requestedState") == "JOB_STATE_CANCELLED":
             self.cancel(job_id)
-        return self.get_job(project, location, job_id)
+        return self._find(project, job_id)
 
     def messages(self, job_id: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -161,6 +196,7 @@ class FakeDataflow:
         with self._lock:
             proc = self._procs.get(job_id)
             if self.jobs[job_id]["currentState"] not in TERMINAL:
+                self.cancelled.setdefault(job_id, time.time())
                 self._set_state(job_id, "JOB_STATE_CANCELLING")
         if proc is not None and proc.poll() is None:
             proc.kill()
@@ -179,6 +215,9 @@ class FakeDataflow:
             self.requests.clear()
             self.jobs.clear()
             self._procs.clear()
+            self.created = self.refused_gets = 0
+            self.cancelled.clear()
+            self._unavailable_until.clear()
 
     # --- the run ---------------------------------------------------------------------------
 
@@ -204,6 +243,8 @@ class FakeDataflow:
             if job is None or job["currentState"] in TERMINAL:
                 return
             self._set_state(job_id, "JOB_STATE_RUNNING")
+            if fault.get_unavailable_s > 0:
+                self._unavailable_until[job_id] = time.monotonic() + fault.get_unavailable_s
         started = time.monotonic()
         state, tail = "JOB_STATE_DONE", ""
         if fault.end_state:
@@ -254,10 +295,12 @@ class FakeDataflow:
 
     def start(self) -> FakeDataflow:
         """Start the REST and gRPC servers and the TLS-terminating proxy on free ports."""
-        rest_port = self._start_rest()
-        grpc_port = self._start_grpc()
+        #: the plain (no TLS, no proxy) REST and gRPC ports, for tests that call them directly
+        self.rest_port = self._start_rest()
+        self.grpc_port = self._start_grpc()
         self.ca_file, context = _tls_context(self.workdir)
-        self.proxy_port = self._start_proxy(context, {"h2": grpc_port, "http/1.1": rest_port})
+        self.proxy_port = self._start_proxy(context, {"h2": self.grpc_port,
+                                                      "http/1.1": self.rest_port})
         return self
 
     def stop(self) -> None:
@@ -448,12 +491,13 @@ def _rest_handler(fake: FakeDataflow) -> type[BaseHTTPRequestHandler]:
                 if method == "POST" and not job_id:
                     return self._answer(200, fake.create_job(project, location, body))
                 if method == "GET" and not job_id:
-                    return self._answer(200, {"jobs": fake.list_jobs(project, match.group(2))})
+                    return self._answer(200, {"jobs": fake.list_jobs(
+                        project, match.group(2), state_filter=query.get("filter"))})
                 if method == "GET" and sub == "messages":
-                    fake.get_job(project, location, job_id)
+                    fake._find(project, job_id)
                     return self._answer(200, {"jobMessages": fake.messages(job_id)})
                 if method == "GET" and sub == "metrics":
-                    fake.get_job(project, location, job_id)
+                    fake._find(project, job_id)
                     return self._answer(200, fake.metrics(job_id))
                 if method == "GET":
                     return self._answer(200, fake.get_job(project, location, job_id))
@@ -506,19 +550,20 @@ def _grpc_handlers(fake: FakeDataflow) -> list[Any]:
         return as_message(df.Job, fake.get_job(req.project_id, req.location, req.job_id))
 
     def list_jobs(req: Any) -> Any:
-        return as_message(df.ListJobsResponse,
-                          {"jobs": fake.list_jobs(req.project_id, req.location or None)})
+        return as_message(df.ListJobsResponse, {"jobs": fake.list_jobs(
+            req.project_id, req.location or None,
+            state_filter=df.ListJobsRequest.Filter(req.filter).name)})
 
     def update(req: Any) -> Any:
         return as_message(df.Job, fake.update_job(req.project_id, req.location, req.job_id,
                                                   as_json(req.job)))
 
     def messages(req: Any) -> Any:
-        fake.get_job(req.project_id, req.location, req.job_id)
+        fake._find(req.project_id, req.job_id)
         return as_message(df.ListJobMessagesResponse, {"jobMessages": fake.messages(req.job_id)})
 
     def metrics(req: Any) -> Any:
-        fake.get_job(req.project_id, req.location, req.job_id)
+        fake._find(req.project_id, req.job_id)
         return as_message(df.JobMetrics, fake.metrics(req.job_id))
 
     return [

@@ -35,7 +35,7 @@ _SYSTEM_ORIGIN = "dataflow/v1b3"
 _STEP_KEYS = ("step", "execution_step", "output_user_name")
 
 
-def _parse_time(value: Any) -> datetime | None:
+def parse_time(value: Any) -> datetime | None:
     """RFC 3339 / ISO-8601 (Dataflow uses nanoseconds and 'Z') to an aware datetime."""
     if value is None or value == "":
         return None
@@ -92,8 +92,8 @@ def run_row_from_summary(
         "beam_sdk_version": summary.get("beam_sdk_version"),
         "runner": summary.get("runner", "DirectRunner"),
         "job_id": job_id,
-        "started_at": _parse_time(summary.get("started_at")),
-        "finished_at": _parse_time(summary.get("finished_at")),
+        "started_at": parse_time(summary.get("started_at")),
+        "finished_at": parse_time(summary.get("finished_at")),
         "runtime_s": wall_s,
         "images_in": int(images_in),
         "images_captioned": captioned,
@@ -191,8 +191,8 @@ def run_row_from_dataflow(
     """
     prices = prices or PriceTable()
     state = str(job.get("currentState") or "JOB_STATE_UNKNOWN")
-    started = _parse_time(job.get("startTime") or job.get("createTime"))
-    finished = _parse_time(job.get("currentStateTime"))
+    started = parse_time(job.get("startTime") or job.get("createTime"))
+    finished = parse_time(job.get("currentStateTime"))
     runtime_s = (finished - started).total_seconds() if started and finished else None
     if images_captioned is None:
         counted = job_metric(metrics, "captioned", origin="user")

@@ -300,15 +300,11 @@ def test_gcp_profile_renders_the_full_dataflow_gpu_job(gcp_plan) -> None:
 
     plan = gcp_plan()
     op = load_dagbag().dags["caption_images"].task_dict["caption"]
-    op.apply_plan(plan)
-    assert op.runner == "DataflowRunner" and op.py_interpreter == "python3"
-    assert op.deferrable is True  # the worker slot is freed while the GPU job runs
-    assert op.py_file.endswith("caption_images.py")
-    op._cast_dataflow_config()
-    is_dataflow, job_name, options, _, _ = op._init_pipeline_options(
-        format_pipeline_options=True, job_name_variable_key="job_name"
-    )
-    assert is_dataflow is True and job_name.startswith("caption-images")
+    assert plan.launch.runner == "DataflowRunner" and plan.launch.py_interpreter == "python3"
+    assert plan.launch.deferrable is True  # the worker slot is freed while the GPU job runs
+    assert plan.launch.py_file.endswith("caption_images.py")
+    options = op.launch_variables(plan, "caption_images", 2)
+    assert options["job_name"].startswith("caption-images-")  # unique per launch
     args = beam_options_to_args(options)
     expected = {
         "--project=my-proj",
@@ -334,6 +330,11 @@ def test_gcp_profile_renders_the_full_dataflow_gpu_job(gcp_plan) -> None:
     assert expected <= set(args), expected - set(args)
     labels = options["labels"]
     assert labels["team"] == "ml-platform" and labels["cost-center"] == "vision"
+    # the run's jobs are found by these, not by a log line or a name
+    from caption_platform.dataflow_jobs import run_labels
+
+    assert run_labels(plan.settings, "caption_images", plan.run_id, 2).items() <= labels.items()
+    assert labels["caption-try"] == "2" and len(labels["caption-run"]) == 16
     assert options["output"].startswith("bq://my-proj.captioning.stg_manual__2026_11_01")
     assert options["manifest"].startswith("gs://my-bucket/captioning/runs/")
     # the job's own parser accepts every option the DAG passes

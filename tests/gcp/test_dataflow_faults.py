@@ -85,7 +85,7 @@ def test_a_failed_job_is_retried_once_then_fails_with_dataflows_error(
     assert result["tasks"]["publish"] == "upstream_failed"
     jobs = fake.list_jobs(gcp.project, None)
     assert [j["currentState"] for j in jobs] == ["JOB_STATE_FAILED"] * 2  # one retry
-    assert f"is in failed terminal state: JOB_STATE_FAILED: {fake.fault.error}" in result["log"]
+    assert f"ended in JOB_STATE_FAILED: {fake.fault.error}" in result["log"]
     (run,) = gcp.rows("SELECT * FROM {ds}.pipeline_runs")
     assert run["final_state"] == "JOB_STATE_FAILED" and run["job_id"] == jobs[-1]["id"]
     assert gcp.rows("SELECT COUNT(*) AS n FROM {ds}.captions")[0]["n"] == 0
