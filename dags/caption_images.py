@@ -112,7 +112,8 @@ def caption_images() -> None:
             dataflow_job_id=ti.xcom_pull(task_ids="caption", key="dataflow_job_id"),
             errors=errors, run_id=ctx["run_id"], params=ctx["params"],
             run_kind=ctx["dag_run"].run_type,
-            results={t: ti.xcom_pull(task_ids=t) for t in ("publish", "validate")})
+            results={t: ti.xcom_pull(task_ids=t) for t in ("publish", "validate")},
+            reattached=bool(ti.xcom_pull(task_ids="caption", key="dataflow_reattached")))
 
     @task
     def export(run: dict) -> dict | None:

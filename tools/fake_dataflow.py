@@ -82,6 +82,8 @@ class Fault:
     #: gRPC) answers 503 UNAVAILABLE, as during a brief Dataflow outage: a poller must retry
     #: through it rather than fail the task (counted in :attr:`FakeDataflow.refused_gets`)
     get_unavailable_s: float = 0.0
+    #: the status those gets answer: 503 (an outage), or e.g. 403 (a verdict, not transient)
+    get_status: int = 503
 
 
 class ApiError(Exception):
@@ -112,6 +114,7 @@ class FakeDataflow:
         #: request that found it not yet ended
         self.cancelled: dict[str, float] = {}
         self._unavailable_until: dict[str, float] = {}  # job id -> time.monotonic()
+        self._get_status: dict[str, int] = {}  # job id -> the status its refused gets answer
         self._messages: dict[str, list[dict[str, Any]]] = {}
         self._metrics: dict[str, list[dict[str, Any]]] = {}
         self._procs: dict[str, subprocess.Popen] = {}
@@ -152,7 +155,9 @@ class FakeDataflow:
         with self._lock:
             if time.monotonic() < self._unavailable_until.get(job_id, 0.0):
                 self.refused_gets += 1
-                raise ApiError(503, "(fake) the service is unavailable")
+                status = self._get_status.get(job_id, 503)
+                raise ApiError(status, "(fake) the service is unavailable" if status == 503
+                               else f"(fake) jobs.get refused with {status}")
         return job
 
     def _find(self, project: str, job_id: str) -> dict[str, Any]:
@@ -245,6 +250,7 @@ class FakeDataflow:
             self._set_state(job_id, "JOB_STATE_RUNNING")
             if fault.get_unavailable_s > 0:
                 self._unavailable_until[job_id] = time.monotonic() + fault.get_unavailable_s
+                self._get_status[job_id] = fault.get_status
         started = time.monotonic()
         state, tail = "JOB_STATE_DONE", ""
         if fault.end_state:

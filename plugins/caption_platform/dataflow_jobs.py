@@ -175,3 +175,17 @@ class JobTimedOut(Exception):
             f"the Dataflow job {job_id} did not finish within the caption task's limit{limit} "
             "(caption_timeout_base_s + images x caption_timeout_per_image_s / workers); it "
             "was cancelled")
+
+
+def sweep_run(settings: Settings, dag_id: str, run_id: str) -> tuple[list[dict], list[str]]:
+    """Every Dataflow job of the run (oldest first) and the ids of those this cancelled:
+    whatever ended the caption task (a kill, a user marking it, a deleted run), no job of a
+    run that is being recorded keeps running."""
+    jobs = RunJobs.for_settings(settings)
+    found = jobs.find(run_labels(settings, dag_id, run_id))
+    cancelled = []
+    for job in found:
+        if job.get("currentState") not in TERMINAL and jobs.cancel(
+                str(job["id"]), f"run {run_id} is over and its job still ran"):
+            cancelled.append(str(job["id"]))
+    return found, cancelled

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from caption_platform.config import Settings
     from caption_platform.plan import RunPlan
 
-__all__ = ["DONE", "MODEL_SETTINGS", "PLAN_FAILED", "fetch_dataflow_job_resources",
+__all__ = ["DONE", "MODEL_SETTINGS", "PLAN_FAILED", "dataflow_job_cost",
+           "fetch_dataflow_job_resources", "parse_time",
            "job_metric", "model_settings", "plan_failure_row", "resources_from_dataflow",
            "recipe_columns", "run_row", "run_row_from_dataflow", "run_row_from_summary",
            "skipped_columns"]
@@ -261,6 +262,17 @@ def fetch_dataflow_job_resources(
             return job, metrics
         previous = vcpu
         time.sleep(poll_s)
+
+
+def dataflow_job_cost(settings: Settings, job_id: str) -> float:
+    """The estimated cost of one Dataflow job of the deployment (its resource totals as
+    Dataflow reports them now, priced like the run's own job)."""
+    df = settings.dataflow
+    job, metrics = fetch_dataflow_job_resources(job_id, settings.gcp_project or "", df.region,
+                                                settings.gcp_conn_id)
+    gpu = df.accelerator_type if df.accelerator_count else None
+    return estimate_cost(resources_from_dataflow(metrics, gpu),
+                         prices_from_settings(settings)).total
 
 
 def run_row(plan: RunPlan, *, dag_id: str, dataflow_job_id: str | None,

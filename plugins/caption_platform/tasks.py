@@ -301,12 +301,16 @@ def record_metrics(
     xcom: PlanXCom | None, *, dag_id: str, dataflow_job_id: str | None = None,
     errors: Mapping[str, str] | None = None, run_id: str | None = None,
     params: Mapping[str, Any] | None = None, run_kind: Any = None,
-    results: Mapping[str, Any] | None = None,
+    results: Mapping[str, Any] | None = None, reattached: bool = False,
 ) -> dict[str, Any] | None:
     """Write the run's pipeline_runs row: resources, throughput and estimated cost, and the
     first failed task's real error (``errors``: task id -> error, in run order).
     ``results``: the later tasks' return values (task id -> XCom), for what their warehouse
-    jobs billed; the plan's own bytes are in the plan.
+    jobs billed; the plan's own bytes are in the plan. ``reattached``: the caption task
+    followed a job an earlier try had launched.
+
+    On Dataflow every job labelled with the run is found, any still running cancelled (and
+    named in the log and the row), and the row's cost is the sum over all of them.
 
     Without a plan (the plan task failed) the row says so, written where this run's
     parameters, or failing those the deployment's settings, put the warehouse.
@@ -321,8 +325,18 @@ def record_metrics(
         return _record_plan_failure(dag_id=dag_id, run_id=str(run_id), params=params or {},
                                     run_kind=run_kind, error=error)
     plan = RunPlan.from_xcom(xcom)
+    jobs: list[dict[str, Any]] = []
+    cancelled: list[str] = []
+    if plan.settings.on_dataflow:
+        from caption_platform.dataflow_jobs import sweep_run
+
+        jobs, cancelled = sweep_run(plan.settings, dag_id, plan.run_id)
+        dataflow_job_id = dataflow_job_id or (str(jobs[-1]["id"]) if jobs else None)
     row = run_row(plan, dag_id=dag_id, dataflow_job_id=dataflow_job_id,
                   caption_error=errors.get("caption"))
+    if plan.settings.on_dataflow:
+        _add_other_jobs(row, plan, [str(j["id"]) for j in jobs], dataflow_job_id, cancelled)
+        row["dataflow_reattached"] = bool(reattached)
     warehouse = get_warehouse(plan.settings)
     if error:
         row["error"] = error
@@ -336,6 +350,29 @@ def record_metrics(
     warehouse.record_run(row)
     log.info("pipeline_runs row: %s", row)
     return _jsonable(row)
+
+
+def _add_other_jobs(row: dict[str, Any], plan: RunPlan, job_ids: list[str],
+                    recorded: str | None, cancelled: list[str]) -> None:
+    """The run's row accounts for every job it paid for: their ids and count, their summed
+    cost, and which record_metrics had to cancel."""
+    import json
+
+    from caption_platform.metrics import dataflow_job_cost
+
+    ids = job_ids + ([recorded] if recorded and recorded not in job_ids else [])
+    others = [job_id for job_id in ids if job_id != recorded]
+    row["dataflow_job_ids"] = json.dumps(ids)
+    row["dataflow_jobs"] = len(ids)
+    row["dataflow_cancelled"] = json.dumps(cancelled)
+    if others:
+        extra = sum(dataflow_job_cost(plan.settings, job_id) for job_id in others)
+        row["estimated_cost_usd"] = float(row.get("estimated_cost_usd") or 0.0) + extra
+        log.warning("run %s paid for %d Dataflow jobs (%s): cost summed over all of them",
+                    plan.run_id, len(ids), ", ".join(ids))
+    if cancelled:
+        note = f"cancelled Dataflow job(s) {', '.join(cancelled)} left running by the run"
+        row["error"] = f"{row['error']}; {note}" if row.get("error") else note
 
 
 def _record_plan_failure(*, dag_id: str, run_id: str, params: Mapping[str, Any],

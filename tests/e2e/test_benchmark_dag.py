@@ -157,11 +157,18 @@ def test_on_dataflow_each_version_gets_its_worker_image_and_launcher(
     plan = plan.model_copy(update={"launch": for_sdk_version(plan.launch, "2.76.0",
                                                              interpreter)})
     waited: list[dict] = []
-    monkeypatch.setattr(DataflowHook, "wait_for_done", lambda self, **kw: waited.append(kw))
+    def get_job(self: DataflowHook, **kw: object) -> dict:  # Dataflow's answer: done
+        waited.append(kw)
+        return {"id": kw["job_id"], "currentState": "JOB_STATE_DONE",
+                "createTime": "2026-12-04T01:02:03.000000Z"}
+
+    monkeypatch.setattr(DataflowHook, "get_job", get_job)
     monkeypatch.setattr(job_summary, "clear_run_summary", lambda plan: False)
     pushed: dict[str, object] = {}
 
     class TaskInstance:
+        dag_id, try_number = "benchmark_beam_sdks", 1
+
         def xcom_push(self, key: str, value: object) -> None:
             pushed[key] = value
 
@@ -178,4 +185,5 @@ def test_on_dataflow_each_version_gets_its_worker_image_and_launcher(
         assert expected in argv, expected
     assert any(a.startswith("--job_name=caption-bench-2-76-0") for a in argv)
     assert any(a.startswith("--labels=airflow-version=") for a in argv)
+    assert any(a.startswith("--labels=caption-run=") for a in argv)  # found by its labels
     assert any(a.startswith("--output=bq://my-proj.captioning.stg_bench") for a in argv)

@@ -103,3 +103,56 @@ def test_a_refused_job_creation_fails_the_task_with_the_launchers_reason(
     assert run["final_state"] == "JOB_STATE_FAILED" and run["job_id"] is None
     assert message in run["error"]  # the launcher's own reason, not only its exit status
     assert gcp.rows("SELECT COUNT(*) AS n FROM {ds}.captions")[0]["n"] == 0
+
+
+def _run_row(gcp: Gcp) -> dict[str, Any]:
+    (run,) = gcp.rows("SELECT * FROM {ds}.pipeline_runs")
+    return run
+
+
+def test_a_brief_api_outage_is_waited_out_on_the_same_job(
+        on_dataflow: Gcp, fake_dataflow: FakeDataflow) -> None:
+    """jobs.get answers 503 for a few seconds while the job runs: the caption task keeps
+    following the job it launched; no second job is created."""
+    gcp, fake = on_dataflow, fake_dataflow
+    fake.fault.get_unavailable_s = 5
+    result = run_dag(fake, {"num_captions": 2})
+    assert result["state"] == "success", result["log"][-3000:]
+    assert fake.created == 1 and fake.refused_gets > 0
+    assert "transient Dataflow API error, asking again" in result["log"]
+    run = _run_row(gcp)
+    (job,) = fake.list_jobs(gcp.project, None)
+    assert run["job_id"] == job["id"] and run["dataflow_jobs"] == 1
+    assert json.loads(run["dataflow_job_ids"]) == [job["id"]]
+    assert gcp.rows("SELECT COUNT(*) AS n FROM {ds}.captions")[0]["n"] == 2
+
+
+def test_a_retry_follows_the_job_the_first_try_launched(
+        on_dataflow: Gcp, fake_dataflow: FakeDataflow) -> None:
+    """The first try loses its job (Dataflow refuses jobs.get with 403 for a moment: the
+    task fails and is retried); the retry finds the job id it stored, the job still runs
+    or has ended well, and it is followed or taken: one job created, captions published
+    once, and the run's row says the retry re-attached."""
+    gcp, fake = on_dataflow, fake_dataflow
+    fake.fault.get_unavailable_s, fake.fault.get_status = 2.5, 403
+    result = run_dag(fake, {"num_captions": 2})
+    assert result["state"] == "success", result["log"][-3000:]
+    assert fake.refused_gets > 0 and fake.created == 1
+    assert "launched by try 1 of this task" in result["log"]
+    run = _run_row(gcp)
+    assert run["dataflow_jobs"] == 1 and run["dataflow_reattached"] is True
+    assert gcp.rows("SELECT COUNT(*) AS n FROM {ds}.captions")[0]["n"] == 2
+
+
+def test_a_launcher_that_prints_no_job_id_is_found_by_its_labels(
+        on_dataflow: Gcp, fake_dataflow: FakeDataflow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gcp, fake = on_dataflow, fake_dataflow
+    monkeypatch.setenv("QUIET_LAUNCHER_JOB_FILE", os.environ["CAPTION_JOB_FILE"])
+    monkeypatch.setenv("CAPTION_JOB_FILE", str(HERE / "quiet_launcher.py"))
+    result = run_dag(fake, {"num_captions": 2})
+    assert result["state"] == "success", result["log"][-3000:]
+    assert "Created job with id" not in result["log"]
+    (job,) = fake.list_jobs(gcp.project, None)
+    assert job["labels"]["caption-try"] == "1" and len(job["labels"]["caption-run"]) == 16
+    assert _run_row(gcp)["job_id"] == job["id"]

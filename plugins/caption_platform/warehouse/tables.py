@@ -78,6 +78,13 @@ PIPELINE_RUNS_COLUMNS: dict[str, str] = {
     # run's tasks ran, and its on-demand price (cost_model); 0 bytes on DuckDB
     "warehouse_bytes_billed": "INT64",
     "warehouse_cost_usd": "FLOAT64",
+    # every Dataflow job the run paid for (found by the run's labels; JSON list of ids,
+    # oldest first), how many, which of them record_metrics had to cancel (JSON list), and
+    # whether the caption task followed a job an earlier try launched (issue: launch once)
+    "dataflow_job_ids": "STRING",
+    "dataflow_jobs": "INT64",
+    "dataflow_cancelled": "STRING",
+    "dataflow_reattached": "BOOL",
 }
 
 MANIFESTS_COLUMNS: dict[str, str] = {
