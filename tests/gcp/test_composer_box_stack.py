@@ -270,3 +270,34 @@ def test_benchmark_beam_sdks_from_the_bundle_with_its_default_versions(
     assert envs["2.77.0"]["status"] == "ok" and envs["2.77.0"]["launcher_only"]
     for version in versions[:2]:
         assert envs[version]["status"] == "failed" and "pip install" in envs[version]["error"]
+
+
+def test_a_caption_task_marked_failed_while_deferred_cancels_its_job(
+        box: dict[str, Any]) -> None:
+    """A user marks the deferred caption task failed through the REST API (as the UI's
+    "mark failed" does): the trigger's on_kill cancels the Dataflow job within a poll
+    interval and a few seconds, nothing is published, and the run's row says cancelled."""
+    services, fake, rows, project = box["services"], box["fake"], box["rows"], box["project"]
+    run_id = "box_marked_failed"
+    trigger(services, "caption_images", run_id, {"num_captions": 2})
+    wait_until(lambda: task_states(services, "caption_images", run_id).get(
+        "caption", {}).get("state") == "deferred", RUN_TIMEOUT_S, "the caption task deferred",
+        interval=1, on_timeout=services.report)
+    (job,) = runs_jobs(fake, project, run_id)
+    marked = time.time()
+    status, body = services.request(
+        "PATCH", f"/api/v2/dags/caption_images/dagRuns/{run_id}/taskInstances/caption",
+        {"new_state": "failed"})
+    assert status == 200, body
+    wait_until(lambda: job["id"] in fake.cancelled, 60, "the job cancelled", interval=0.5,
+               on_timeout=services.report)
+    assert fake.cancelled[job["id"]] - marked < 1 + 10  # poll_sleep_s 1, and a few seconds
+    assert finished(services, "caption_images", run_id) == "failed"
+    assert len(runs_jobs(fake, project, run_id)) == 1
+    said = (services.logs / "triggerer.log").read_text() + task_log(
+        services, "caption_images", run_id, "caption", 1)
+    assert "cancelling Dataflow job" in said
+    (row,) = rows(f"SELECT * FROM {{ds}}.pipeline_runs WHERE run_id = '{run_id}'")
+    assert row["final_state"] == "JOB_STATE_CANCELLED" and row["dataflow_jobs"] == 1
+    assert rows("SELECT COUNT(*) AS n FROM {ds}.published_images "
+                f"WHERE run_id = '{run_id}'")[0]["n"] == 0
