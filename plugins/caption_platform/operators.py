@@ -270,7 +270,8 @@ class CaptionJobOperator(ResumableJobMixin, BaseOperator):
             self.defer(trigger=CaptionJobTrigger(
                 job_id=job_id, project_id=jobs.project, location=jobs.location,
                 gcp_conn_id=jobs.gcp_conn_id, poll_sleep=jobs.poll_sleep_s,
-                deadline=deadline), method_name="execute_complete")
+                deadline=deadline, task_key=_task_key(context["ti"])),
+                method_name="execute_complete")
         try:
             state = jobs.wait(job_id, deadline)
         except JobTimedOut as exc:
@@ -362,6 +363,13 @@ class CaptionJobOperator(ResumableJobMixin, BaseOperator):
             job_id = self.submit_job(context)
             self.poll_until_complete(job_id, context)
             return job_id
+
+
+def _task_key(ti: Any) -> dict[str, Any]:
+    """What names a task instance to the trigger (it asks for the state after a user acts)."""
+    map_index = getattr(ti, "map_index", -1)
+    return {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id,
+            "map_index": -1 if map_index is None else int(map_index)}
 
 
 _LOGGED_ERROR = re.compile(r"\b(ERROR|CRITICAL|FATAL)\b")

@@ -301,3 +301,31 @@ def test_a_caption_task_marked_failed_while_deferred_cancels_its_job(
     assert row["final_state"] == "JOB_STATE_CANCELLED" and row["dataflow_jobs"] == 1
     assert rows("SELECT COUNT(*) AS n FROM {ds}.published_images "
                 f"WHERE run_id = '{run_id}'")[0]["n"] == 0
+
+
+def test_a_caption_task_cleared_while_its_job_runs_follows_the_same_job(
+        box: dict[str, Any]) -> None:
+    """A user clears the deferred caption task through the REST API while its job runs: the
+    job is left running (the trigger sees the task will run again), the next try finds the
+    stored job id and follows that job; one job created, captions published once, and the
+    run's row says the task re-attached."""
+    services, fake, rows, project = box["services"], box["fake"], box["rows"], box["project"]
+    run_id = "box_cleared"
+    trigger(services, "caption_images", run_id, {"num_captions": 2})
+    wait_until(lambda: task_states(services, "caption_images", run_id).get(
+        "caption", {}).get("state") == "deferred", RUN_TIMEOUT_S, "the caption task deferred",
+        interval=1, on_timeout=services.report)
+    status, body = services.request("POST", "/api/v2/dags/caption_images/clearTaskInstances", {
+        "dry_run": False, "dag_run_id": run_id, "task_ids": ["caption"],
+        "only_failed": False, "include_downstream": True})
+    assert status == 200, body
+    assert finished(services, "caption_images", run_id) == "success"
+    (job,) = runs_jobs(fake, project, run_id)
+    assert job["currentState"] == "JOB_STATE_DONE" and job["id"] not in fake.cancelled
+    states = task_states(services, "caption_images", run_id)
+    assert states["caption"]["try_number"] >= 2 and states["validate"]["state"] == "success"
+    (row,) = rows(f"SELECT * FROM {{ds}}.pipeline_runs WHERE run_id = '{run_id}'")
+    assert row["dataflow_jobs"] == 1 and row["dataflow_reattached"] is True
+    assert row["job_id"] == job["id"] and row["final_state"] == "JOB_STATE_DONE"
+    assert rows("SELECT COUNT(*) AS n FROM {ds}.published_images "
+                f"WHERE run_id = '{run_id}'")[0]["n"] == 3
