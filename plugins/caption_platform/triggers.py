@@ -115,6 +115,7 @@ class CaptionJobTrigger(BaseTrigger):
         return None if state is None else str(state)
 
 
-#: task states after a user's action in which the task will run again (a clear)
+#: task states after a user's action in which the task will run again, or already does (a
+#: clear: the next try may be running or deferred before this trigger is told to stop)
 WILL_RUN_AGAIN = frozenset({None, "none", "scheduled", "queued", "restarting", "up_for_retry",
-                            "up_for_reschedule"})
+                            "up_for_reschedule", "running", "deferred"})
