@@ -272,17 +272,23 @@ def test_benchmark_beam_sdks_from_the_bundle_with_its_default_versions(
         assert envs[version]["status"] == "failed" and "pip install" in envs[version]["error"]
 
 
-def test_a_caption_task_marked_failed_while_deferred_cancels_its_job(
-        box: dict[str, Any]) -> None:
-    """A user marks the deferred caption task failed through the REST API (as the UI's
-    "mark failed" does): the trigger's on_kill cancels the Dataflow job within a poll
-    interval and a few seconds, nothing is published, and the run's row says cancelled."""
-    services, fake, rows, project = box["services"], box["fake"], box["rows"], box["project"]
-    run_id = "box_marked_failed"
+def deferred_run(services: AirflowServices, run_id: str) -> None:
+    """Trigger a caption run and wait until its caption task is deferred (its job runs)."""
     trigger(services, "caption_images", run_id, {"num_captions": 2})
     wait_until(lambda: task_states(services, "caption_images", run_id).get(
         "caption", {}).get("state") == "deferred", RUN_TIMEOUT_S, "the caption task deferred",
         interval=1, on_timeout=services.report)
+
+
+def test_a_caption_task_marked_failed_while_deferred_cancels_its_job(
+        box: dict[str, Any]) -> None:
+    """A user marks the deferred caption task failed through the REST API (as the UI's
+    "mark failed" does): the Dataflow job is cancelled within a poll interval and a few
+    seconds (by the trigger's on_kill, or record_metrics' sweep), nothing is published, and
+    the run's row says cancelled."""
+    services, fake, rows, project = box["services"], box["fake"], box["rows"], box["project"]
+    run_id = "box_marked_failed"
+    deferred_run(services, run_id)
     (job,) = runs_jobs(fake, project, run_id)
     marked = time.time()
     status, body = services.request(
@@ -314,10 +320,7 @@ def test_a_caption_task_cleared_while_its_job_runs_follows_the_same_job(
     run's row says the task re-attached."""
     services, fake, rows, project = box["services"], box["fake"], box["rows"], box["project"]
     run_id = "box_cleared"
-    trigger(services, "caption_images", run_id, {"num_captions": 2})
-    wait_until(lambda: task_states(services, "caption_images", run_id).get(
-        "caption", {}).get("state") == "deferred", RUN_TIMEOUT_S, "the caption task deferred",
-        interval=1, on_timeout=services.report)
+    deferred_run(services, run_id)
     status, body = services.request("POST", "/api/v2/dags/caption_images/clearTaskInstances", {
         "dry_run": False, "dag_run_id": run_id, "task_ids": ["caption"],
         "only_failed": False, "include_downstream": True})
