@@ -330,7 +330,11 @@ def record_metrics(
     if plan.settings.on_dataflow:
         from caption_platform.dataflow_jobs import sweep_run
 
-        jobs, cancelled = sweep_run(plan.settings, dag_id, plan.run_id)
+        try:
+            jobs, cancelled = sweep_run(plan.settings, dag_id, plan.run_id)
+        except Exception as exc:  # noqa: BLE001 - the row is written whatever Dataflow says
+            log.warning("could not list run %s's Dataflow jobs (none swept, the row counts "
+                        "only the job the caption task named): %s", plan.run_id, exc)
         dataflow_job_id = dataflow_job_id or (str(jobs[-1]["id"]) if jobs else None)
     row = run_row(plan, dag_id=dag_id, dataflow_job_id=dataflow_job_id,
                   caption_error=errors.get("caption"))

@@ -42,23 +42,6 @@ def test_a_brief_api_outage_is_waited_out_on_the_same_job(
     assert gcp.rows("SELECT COUNT(*) AS n FROM {ds}.captions")[0]["n"] == 2
 
 
-def test_a_retry_follows_the_job_the_first_try_launched(
-        on_dataflow: Gcp, fake_dataflow: FakeDataflow) -> None:
-    """The first try loses its job (Dataflow refuses jobs.get with 403 for a moment: the
-    task fails and is retried); the retry finds the job id it stored, the job still runs
-    or has ended well, and it is followed or taken: one job created, captions published
-    once, and the run's row says the retry re-attached."""
-    gcp, fake = on_dataflow, fake_dataflow
-    fake.fault.get_unavailable_s, fake.fault.get_status = 2.5, 403
-    result = run_dag(fake, {"num_captions": 2})
-    assert result["state"] == "success", result["log"][-3000:]
-    assert fake.refused_gets > 0 and fake.created == 1
-    assert "launched by try 1 of this task" in result["log"]
-    run = _run_row(gcp)
-    assert run["dataflow_jobs"] == 1 and run["dataflow_reattached"] is True
-    assert gcp.rows("SELECT COUNT(*) AS n FROM {ds}.captions")[0]["n"] == 2
-
-
 def test_a_launcher_that_prints_no_job_id_is_found_by_its_labels(
         on_dataflow: Gcp, fake_dataflow: FakeDataflow, monkeypatch: pytest.MonkeyPatch
 ) -> None:
