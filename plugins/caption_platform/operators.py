@@ -163,7 +163,8 @@ class CaptionJobOperator(ResumableJobMixin, BaseOperator):
         printed none): the newest job labelled with this run, if Dataflow has one, is the
         one to reconnect to or take as the result."""
         store = context.get("task_state_store")
-        if store is None or store.get(JOB_ID_KEY):
+        # a first try has no earlier job to find: no region-wide listing for it
+        if store is None or int(context["ti"].try_number) <= 1 or store.get(JOB_ID_KEY):
             return
         jobs = self._jobs(plan).find(self._labels(plan, context))
         if jobs:
