@@ -84,6 +84,9 @@ class Fault:
     get_unavailable_s: float = 0.0
     #: the status those gets answer: 503 (an outage), or e.g. 403 (a verdict, not transient)
     get_status: int = 503
+    #: the job stays RUNNING at least this many seconds (a long GPU job), whatever its
+    #: worker's pace, so a retry that starts minutes later still finds it running
+    min_running_s: float = 0.0
 
 
 class ApiError(Exception):
@@ -108,6 +111,8 @@ class FakeDataflow:
         self.faults: dict[str, Fault] = {}
         #: jobs.create calls that made a job (refused ones are in :attr:`requests` only)
         self.created = 0
+        #: jobs.list pages served, and the most jobs on one
+        self.list_pages, self.max_page_size = 0, 25
         #: jobs.get calls answered 503 by a fault's ``get_unavailable_s``
         self.refused_gets = 0
         #: when each job's cancel was asked for (``time.time()``), by job id: the first
@@ -171,15 +176,39 @@ class FakeDataflow:
     def list_jobs(self, project: str, location: str | None,
                   state_filter: str | None = None) -> list[dict[str, Any]]:
         """jobs.list; ``state_filter`` is Dataflow's ``filter``: ACTIVE (not ended),
-        TERMINATED (ended), ALL or UNKNOWN / None (every job)."""
+        TERMINATED (ended), ALL or UNKNOWN / None (every job). In Dataflow's documented
+        order: running jobs first by creation, then ended ones by when they ended, newest
+        first (UNKNOWN: by descending id)."""
         state_filter = state_filter or "UNKNOWN"
         if state_filter not in _LIST_FILTERS:
             raise ApiError(400, f"(fake) Invalid value for filter: {state_filter!r}")
         with self._lock:
-            return [dict(j) for j in self.jobs.values() if j["projectId"] == project
+            jobs = [dict(j) for j in self.jobs.values() if j["projectId"] == project
                     and (location in (None, "-") or j["location"] == location)
                     and (state_filter != "ACTIVE" or j["currentState"] not in TERMINAL)
                     and (state_filter != "TERMINATED" or j["currentState"] in TERMINAL)]
+        if state_filter == "UNKNOWN":
+            return sorted(jobs, key=lambda j: j["id"], reverse=True)
+        running = sorted((j for j in jobs if j["currentState"] not in TERMINAL),
+                         key=lambda j: j["createTime"])
+        ended = sorted((j for j in jobs if j["currentState"] in TERMINAL),
+                       key=lambda j: j["currentStateTime"], reverse=True)
+        return running + ended
+
+    def list_page(self, project: str, location: str | None, state_filter: str | None,
+                  page_size: int | None = None, page_token: str | None = None
+                  ) -> dict[str, Any]:
+        """One page of :meth:`list_jobs` (``pageSize`` at most :attr:`max_page_size`, as
+        Dataflow's "unspecified server-defined limit"), counted in :attr:`list_pages`."""
+        jobs = self.list_jobs(project, location, state_filter)
+        start = int(page_token or 0)
+        size = min(int(page_size or self.max_page_size), self.max_page_size)
+        with self._lock:
+            self.list_pages += 1
+        page: dict[str, Any] = {"jobs": jobs[start:start + size]}
+        if start + size < len(jobs):
+            page["nextPageToken"] = str(start + size)
+        return page
 
     def update_job(self, project: str, location: str, job_id: str,
                    body: dict[str, Any]) -> dict[str, Any]:
@@ -220,7 +249,7 @@ class FakeDataflow:
             self.requests.clear()
             self.jobs.clear()
             self._procs.clear()
-            self.created = self.refused_gets = 0
+            self.created = self.refused_gets = self.list_pages = 0
             self.cancelled.clear()
             self._unavailable_until.clear()
 
@@ -234,6 +263,12 @@ class FakeDataflow:
         if state == "JOB_STATE_RUNNING":
             job["startTime"] = job["currentStateTime"]
         self._log(job_id, "JOB_MESSAGE_BASIC", f"(fake) job state: {state}")
+
+    def _ended(self, job_id: str) -> bool:
+        """Cancelled (or forgotten) meanwhile."""
+        with self._lock:
+            job = self.jobs.get(job_id)
+            return job is None or job["currentState"] in TERMINAL
 
     def _log(self, job_id: str, importance: str, text: str) -> None:
         log = self._messages.setdefault(job_id, [])
@@ -267,6 +302,8 @@ class FakeDataflow:
             lines = log.read_text(errors="replace").strip().splitlines()
             if rc != 0:
                 state, tail = "JOB_STATE_FAILED", "\n".join(lines[-15:])
+        while time.monotonic() - started < fault.min_running_s and not self._ended(job_id):
+            time.sleep(0.2)
         wall_s = time.monotonic() - started
         with self._lock:
             if job_id not in self.jobs:  # forgotten by reset()
@@ -497,8 +534,9 @@ def _rest_handler(fake: FakeDataflow) -> type[BaseHTTPRequestHandler]:
                 if method == "POST" and not job_id:
                     return self._answer(200, fake.create_job(project, location, body))
                 if method == "GET" and not job_id:
-                    return self._answer(200, {"jobs": fake.list_jobs(
-                        project, match.group(2), state_filter=query.get("filter"))})
+                    return self._answer(200, fake.list_page(
+                        project, match.group(2), query.get("filter"),
+                        query.get("pageSize"), query.get("pageToken")))
                 if method == "GET" and sub == "messages":
                     fake._find(project, job_id)
                     return self._answer(200, {"jobMessages": fake.messages(job_id)})
@@ -556,9 +594,9 @@ def _grpc_handlers(fake: FakeDataflow) -> list[Any]:
         return as_message(df.Job, fake.get_job(req.project_id, req.location, req.job_id))
 
     def list_jobs(req: Any) -> Any:
-        return as_message(df.ListJobsResponse, {"jobs": fake.list_jobs(
-            req.project_id, req.location or None,
-            state_filter=df.ListJobsRequest.Filter(req.filter).name)})
+        return as_message(df.ListJobsResponse, fake.list_page(
+            req.project_id, req.location or None, df.ListJobsRequest.Filter(req.filter).name,
+            req.page_size or None, req.page_token or None))
 
     def update(req: Any) -> Any:
         return as_message(df.Job, fake.update_job(req.project_id, req.location, req.job_id,

@@ -15,6 +15,7 @@ API edge.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import time
@@ -335,3 +336,86 @@ def test_a_caption_task_cleared_while_its_job_runs_follows_the_same_job(
     assert row["job_id"] == job["id"] and row["final_state"] == "JOB_STATE_DONE"
     assert rows("SELECT COUNT(*) AS n FROM {ds}.published_images "
                 f"WHERE run_id = '{run_id}'")[0]["n"] == 3
+
+
+@contextlib.contextmanager
+def followed_in_the_worker(services: AirflowServices) -> Iterator[None]:
+    """Runs whose caption task follows its job in the worker (``dataflow.deferrable``
+    false in the ``caption_settings`` Variable, as an admin sets it in the UI), so the
+    task's process is alive while its job runs."""
+    status, body = services.request("POST", "/api/v2/variables", {
+        "key": "caption_settings", "value": json.dumps({"dataflow": {"deferrable": False}})})
+    assert status in (200, 201), body
+    try:
+        yield
+    finally:
+        services.request("DELETE", "/api/v2/variables/caption_settings")
+
+
+def kill_caption_worker(box: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """Trigger a run, wait until its caption task follows a running job, SIGKILL the task's
+    process (as the kernel's OOM killer or a pod eviction does: no handler runs) and wait
+    for the run to end. The run's one job."""
+    import signal
+
+    services, fake, project = box["services"], box["fake"], box["project"]
+    trigger(services, "caption_images", run_id, {"num_captions": 2})
+    logs = services.logs.parent / "logs"
+
+    def following() -> int | None:
+        services.check_running()
+        jobs = runs_jobs(fake, project, run_id)
+        ti = task_states(services, "caption_images", run_id).get("caption", {})
+        said = "".join(p.read_text() for p in logs.rglob(
+            f"run_id={run_id}/task_id=caption/attempt=1.log*"))
+        if (jobs and jobs[0]["currentState"] == "JOB_STATE_RUNNING"
+                and ti.get("state") == "running" and ti.get("pid")
+                and f"Dataflow job {jobs[0]['id']} launched" in said):
+            return int(ti["pid"])
+        return None
+
+    pid = wait_until(following, RUN_TIMEOUT_S, "the caption task following its job",
+                     interval=0.5, on_timeout=services.report)
+    os.kill(pid, signal.SIGKILL)
+    assert finished(services, "caption_images", run_id) == "success"
+    (job,) = runs_jobs(fake, project, run_id)
+    assert job["currentState"] == "JOB_STATE_DONE" and job["id"] not in fake.cancelled
+    states = task_states(services, "caption_images", run_id)
+    assert states["caption"]["try_number"] == 2 and states["validate"]["state"] == "success"
+    (row,) = box["rows"](f"SELECT * FROM {{ds}}.pipeline_runs WHERE run_id = '{run_id}'")
+    assert row["dataflow_jobs"] == 1 and row["dataflow_reattached"] is True
+    assert row["job_id"] == job["id"] and row["final_state"] == "JOB_STATE_DONE"
+    assert box["rows"]("SELECT COUNT(*) AS n FROM {ds}.published_images "
+                       f"WHERE run_id = '{run_id}'")[0]["n"] == 3
+    return job
+
+
+def test_a_caption_worker_killed_while_its_job_runs_is_retried_onto_the_same_job(
+        box: dict[str, Any]) -> None:
+    """The caption task's process is SIGKILLed while its (long) job runs; the retry, two
+    minutes later, finds the stored job id, the job still running, and follows it to the
+    end: one job created, captions published once, the row says re-attached."""
+    run_id = "box_worker_killed"
+    box["fake"].faults[run_id] = Fault(min_running_s=200)  # outlasts the 2 min retry_delay
+    with followed_in_the_worker(box["services"]):
+        job = kill_caption_worker(box, run_id)
+    log = task_log(box["services"], "caption_images", run_id, "caption", 2)
+    assert f"following Dataflow job {job['id']}, launched by try 1" in log
+    assert "launched for run" not in log
+
+
+def test_a_job_that_finished_before_the_retry_is_taken_as_its_result(
+        box: dict[str, Any]) -> None:
+    """The caption task's process is SIGKILLed while its job runs, and the job ends
+    JOB_STATE_DONE before the retry starts: the retry takes it as the result, without
+    following or launching anything."""
+    run_id = "box_done_before_retry"
+    with followed_in_the_worker(box["services"]):
+        job = kill_caption_worker(box, run_id)
+    ended = box["fake"].jobs[job["id"]]["currentStateTime"]
+    log = task_log(box["services"], "caption_images", run_id, "caption", 2)
+    assert f"following Dataflow job {job['id']}, launched by try 1" in log
+    assert "launched for run" not in log
+    started = task_states(box["services"], "caption_images", run_id)["caption"]["start_date"]
+    # the job had ended when try 2 began
+    assert datetime.datetime.fromisoformat(ended) < datetime.datetime.fromisoformat(started)

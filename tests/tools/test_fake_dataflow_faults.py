@@ -180,3 +180,18 @@ def test_cancel_is_recorded_with_its_time(
     assert fake.cancelled[by_rest] == first
     fake.reset()
     assert fake.cancelled == {}
+
+
+def test_a_job_held_running_ends_after_its_minimum_or_when_cancelled(
+        fake: FakeDataflow) -> None:
+    fake.fault = Fault(min_running_s=1.0)
+    held, cancelled = create(fake), create(fake)
+    for job_id in (held, cancelled):
+        wait_state(fake, job_id, lambda s: s == "JOB_STATE_RUNNING")
+    started = time.monotonic()
+    fake.cancel(cancelled)  # the hold ends with the cancel: it does not turn DONE after it
+    time.sleep(0.5)  # the workers ("pass") ended long ago: still RUNNING
+    assert fake.jobs[held]["currentState"] == "JOB_STATE_RUNNING"
+    assert wait_state(fake, held, lambda s: s in TERMINAL) == "JOB_STATE_DONE"
+    assert time.monotonic() - started >= 0.9
+    assert fake.jobs[cancelled]["currentState"] == "JOB_STATE_CANCELLED"
