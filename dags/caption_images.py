@@ -113,7 +113,8 @@ def caption_images() -> None:
             errors=errors, run_id=ctx["run_id"], params=ctx["params"],
             run_kind=ctx["dag_run"].run_type,
             results={t: ti.xcom_pull(task_ids=t) for t in ("publish", "validate")},
-            reattached=bool(ti.xcom_pull(task_ids="caption", key="dataflow_reattached")))
+            reattached=bool(ti.xcom_pull(task_ids="caption", key="dataflow_reattached")),
+            run_after=ctx["dag_run"].run_after)
 
     @task
     def export(run: dict) -> dict | None:

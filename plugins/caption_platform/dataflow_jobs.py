@@ -15,6 +15,7 @@ another job.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import logging
 import time
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from caption_platform.config import Settings
 
 log = logging.getLogger(__name__)
+#: how far Dataflow's clock may be behind Airflow's when a listing is cut off by time
+CLOCK_SKEW = datetime.timedelta(minutes=10)
 T = TypeVar("T")
 
 LABEL_DEPLOYMENT = "caption-deployment"
@@ -123,14 +126,20 @@ class RunJobs:
     def state(self, job_id: str) -> str:
         return str(self.get(job_id).get("currentState") or "JOB_STATE_UNKNOWN")
 
-    def find(self, labels: Mapping[str, str], *, active_only: bool = False) -> list[dict]:
-        """The jobs carrying all of ``labels``, oldest first."""
-        return sorted((job for job in self._list(active_only)
+    def find(self, labels: Mapping[str, str], *, active_only: bool = False,
+             since: datetime.datetime | None = None) -> list[dict]:
+        """The jobs carrying all of ``labels``, oldest first.
+
+        ``since``: none of the wanted jobs was created before it (the run's ``run_after``),
+        so the listing ends at the first page of ended jobs that all ended before it: a run's
+        lookups then read the jobs of its own days, not the region's whole history."""
+        return sorted((job for job in self._list(active_only, since)
                        if all((job.get("labels") or {}).get(k) == v
                               for k, v in labels.items())),
                       key=lambda job: str(job.get("createTime") or ""))
 
-    def _list(self, active_only: bool) -> Iterator[dict]:
+    def _list(self, active_only: bool, since: datetime.datetime | None = None
+              ) -> Iterator[dict]:
         jobs = self.hook().get_conn().projects().locations().jobs()
         token: str | None = None
         while True:
@@ -140,7 +149,8 @@ class RunJobs:
             page = self._patiently("listing jobs", lambda r=request: r.execute(num_retries=3))
             yield from page.get("jobs") or []
             token = page.get("nextPageToken")
-            if not token:
+            if not token or (since is not None and _ended_before(
+                    page.get("jobs") or [], since - CLOCK_SKEW)):
                 return
 
     def cancel(self, job_id: str, why: str) -> bool:
@@ -165,6 +175,22 @@ class RunJobs:
             time.sleep(min(self.poll_sleep_s, max(0.0, deadline - time.time())))
 
 
+def _ended_before(jobs: list[dict], since: datetime.datetime) -> bool:
+    """Whether this page of a ``filter=ALL`` listing shows that every later page holds only
+    jobs that ended before ``since``: Dataflow lists running jobs first, then ended ones by
+    when they ended, newest first. The order is documented as "subject to change", so the
+    cut-off holds only where this page is seen in that order; else the listing reads on."""
+    from caption_platform.metrics import parse_time
+
+    if not jobs or any(job.get("currentState") not in TERMINAL for job in jobs):
+        return False
+    ended = [parse_time(job.get("currentStateTime")) for job in jobs]
+    if any(t is None for t in ended):
+        return False
+    newest_first = all(a >= b for a, b in zip(ended, ended[1:], strict=False))
+    return newest_first and ended[-1] < since
+
+
 class JobTimedOut(Exception):
     """The job did not finish within the run's limit (it has been cancelled)."""
 
@@ -177,12 +203,13 @@ class JobTimedOut(Exception):
             "was cancelled")
 
 
-def sweep_run(settings: Settings, dag_id: str, run_id: str) -> tuple[list[dict], list[str]]:
-    """Every Dataflow job of the run (oldest first) and the ids of those this cancelled:
-    whatever ended the caption task (a kill, a user marking it, a deleted run), no job of a
-    run that is being recorded keeps running."""
+def sweep_run(settings: Settings, dag_id: str, run_id: str,
+              since: datetime.datetime | None = None) -> tuple[list[dict], list[str]]:
+    """Every Dataflow job of the run (oldest first; ``since``: the run's ``run_after``) and
+    the ids of those this cancelled: whatever ended the caption task (a kill, a user marking
+    it, a deleted run), no job of a run that is being recorded keeps running."""
     jobs = RunJobs.for_settings(settings)
-    found = jobs.find(run_labels(settings, dag_id, run_id))
+    found = jobs.find(run_labels(settings, dag_id, run_id), since=since)
     cancelled = []
     for job in found:
         if job.get("currentState") not in TERMINAL and jobs.cancel(

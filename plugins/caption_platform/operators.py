@@ -21,6 +21,7 @@ providers' public hooks, links and functions are used.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import re
 import time
@@ -166,7 +167,7 @@ class CaptionJobOperator(ResumableJobMixin, BaseOperator):
         # a first try has no earlier job to find: no region-wide listing for it
         if store is None or int(context["ti"].try_number) <= 1 or store.get(JOB_ID_KEY):
             return
-        jobs = self._jobs(plan).find(self._labels(plan, context))
+        jobs = self._jobs(plan).find(self._labels(plan, context), since=_run_after(context))
         if jobs:
             job_id = str(jobs[-1]["id"])
             self.log.info("no job id stored for this run; Dataflow has job %s with its "
@@ -210,6 +211,7 @@ class CaptionJobOperator(ResumableJobMixin, BaseOperator):
         launch = plan.launch
         ti, store = context["ti"], context.get("task_state_store")
         found: list[str] = []
+        launched_at = datetime.datetime.now(datetime.UTC)
 
         def on_job_id(job_id: str) -> None:
             found.append(job_id)
@@ -219,7 +221,8 @@ class CaptionJobOperator(ResumableJobMixin, BaseOperator):
 
         def job_id() -> str | None:
             if not found:  # printed none: Dataflow may still have it, by its labels
-                jobs = self._jobs(plan).find(self._labels(plan, context, ti.try_number))
+                jobs = self._jobs(plan).find(self._labels(plan, context, ti.try_number),
+                                             since=launched_at)
                 found.extend(str(j["id"]) for j in jobs[-1:])
             return found[-1] if found else None
 
@@ -364,6 +367,15 @@ class CaptionJobOperator(ResumableJobMixin, BaseOperator):
             job_id = self.submit_job(context)
             self.poll_until_complete(job_id, context)
             return job_id
+
+
+def _run_after(context: Any) -> datetime.datetime | None:
+    """When the run was due: none of its Dataflow jobs was created before it."""
+    run = context.get("dag_run")
+    value = getattr(run, "run_after", None) or getattr(run, "start_date", None)
+    if isinstance(value, datetime.datetime):
+        return value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
+    return None
 
 
 def _task_key(ti: Any) -> dict[str, Any]:

@@ -9,6 +9,7 @@ later function takes that XCom value (or the plan itself) and reads it once.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import math
 from collections.abc import Iterator, Mapping
@@ -302,12 +303,14 @@ def record_metrics(
     errors: Mapping[str, str] | None = None, run_id: str | None = None,
     params: Mapping[str, Any] | None = None, run_kind: Any = None,
     results: Mapping[str, Any] | None = None, reattached: bool = False,
+    run_after: datetime.datetime | None = None,
 ) -> dict[str, Any] | None:
     """Write the run's pipeline_runs row: resources, throughput and estimated cost, and the
     first failed task's real error (``errors``: task id -> error, in run order).
     ``results``: the later tasks' return values (task id -> XCom), for what their warehouse
     jobs billed; the plan's own bytes are in the plan. ``reattached``: the caption task
-    followed a job an earlier try had launched.
+    followed a job an earlier try had launched. ``run_after``: when the run was due (no job
+    of it is older), so finding its jobs reads only the listing's recent pages.
 
     On Dataflow every job labelled with the run is found, any still running cancelled (and
     named in the log and the row), and the row's cost is the sum over all of them.
@@ -331,7 +334,7 @@ def record_metrics(
         from caption_platform.dataflow_jobs import sweep_run
 
         try:
-            jobs, cancelled = sweep_run(plan.settings, dag_id, plan.run_id)
+            jobs, cancelled = sweep_run(plan.settings, dag_id, plan.run_id, since=run_after)
         except Exception as exc:  # noqa: BLE001 - the row is written whatever Dataflow says
             log.warning("could not list run %s's Dataflow jobs (none swept, the row counts "
                         "only the job the caption task named): %s", plan.run_id, exc)
