@@ -178,7 +178,8 @@ class FakeDataflow:
         """jobs.list; ``state_filter`` is Dataflow's ``filter``: ACTIVE (not ended),
         TERMINATED (ended), ALL or UNKNOWN / None (every job). In Dataflow's documented
         order: running jobs first by creation, then ended ones by when they ended, newest
-        first (UNKNOWN: by descending id)."""
+        first (UNKNOWN, which Dataflow orders by descending job uuid: in creation order
+        here, oldest first, as the tests read it)."""
         state_filter = state_filter or "UNKNOWN"
         if state_filter not in _LIST_FILTERS:
             raise ApiError(400, f"(fake) Invalid value for filter: {state_filter!r}")
@@ -188,7 +189,7 @@ class FakeDataflow:
                     and (state_filter != "ACTIVE" or j["currentState"] not in TERMINAL)
                     and (state_filter != "TERMINATED" or j["currentState"] in TERMINAL)]
         if state_filter == "UNKNOWN":
-            return sorted(jobs, key=lambda j: j["id"], reverse=True)
+            return jobs
         running = sorted((j for j in jobs if j["currentState"] not in TERMINAL),
                          key=lambda j: j["createTime"])
         ended = sorted((j for j in jobs if j["currentState"] in TERMINAL),
