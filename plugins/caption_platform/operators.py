@@ -371,11 +371,11 @@ class CaptionJobOperator(ResumableJobMixin, BaseOperator):
 
 def _run_after(context: Any) -> datetime.datetime | None:
     """When the run was due: none of its Dataflow jobs was created before it."""
+    from caption_platform.metrics import parse_time
+
     run = context.get("dag_run")
     value = getattr(run, "run_after", None) or getattr(run, "start_date", None)
-    if isinstance(value, datetime.datetime):
-        return value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
-    return None
+    return parse_time(value) if isinstance(value, datetime.datetime) else None
 
 
 def _task_key(ti: Any) -> dict[str, Any]:
