@@ -6,6 +6,7 @@ Both models get the decoded RGB image from here; nothing downstream re-reads or 
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import logging
 import queue
@@ -24,7 +25,7 @@ from captioning import formats
 from captioning.counters import NAMESPACE as METRICS_NAMESPACE
 from captioning.records import DeadLetterReason, ManifestEntry, dead_letter, describe_error
 from captioning.trust import is_local, source_problem
-from captioning.uris import beam_path, open_regular
+from captioning.uris import GenerationGone, beam_path, open_regular, read_gcs_generation
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -56,16 +57,42 @@ class UnusableImage(DeadLetterReason, ValueError):
     person: the format, and what is wrong with it."""
 
 
-def read_bytes(uri: str, max_bytes: int) -> bytes:
+class ChangedSincePlan(DeadLetterReason, ValueError):
+    """What was read is not what the plan listed: the bytes' MD5 or size differ from the
+    manifest's ``image_id`` / ``size_bytes``, or the planned ``gs://`` generation is gone.
+    The message names both sides, for a person."""
+
+
+def _planned(entry: ManifestEntry) -> str:
+    size = "" if entry.size_bytes is None else f" ({entry.size_bytes} bytes)"
+    return f"planned md5 {entry.image_id}{size}"
+
+
+def check_planned(entry: ManifestEntry, data: bytes) -> None:
+    """Raise :class:`ChangedSincePlan` unless ``data`` is the bytes the plan listed for
+    ``entry``: MD5 hex == ``image_id`` and length == ``size_bytes`` (when given). One MD5 of
+    bytes already in memory (about 2 ms a megabyte)."""
+    digest = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    if digest != entry.image_id.lower() or (
+            entry.size_bytes is not None and len(data) != entry.size_bytes):
+        raise ChangedSincePlan(f"changed since plan: {_planned(entry)}, read md5 {digest} "
+                               f"({len(data)} bytes); not captioned under the planned id")
+
+
+def read_bytes(uri: str, max_bytes: int, *, generation: int | None = None) -> bytes:
     """Read ``uri``, refusing objects larger than ``max_bytes``.
 
     A local path must be a regular file (``uris.open_regular``: a FIFO, socket, device or
-    directory raises ``NotARegularFile`` unopened, and the open never blocks); any other URI
-    is read through Beam FileSystems.
+    directory raises ``NotARegularFile`` unopened, and the open never blocks); a ``gs://``
+    object with the ``generation`` the plan listed is read at that generation
+    (``uris.read_gcs_generation``: ``GenerationGone`` when it no longer exists); any other
+    URI is read through Beam FileSystems.
     """
     if is_local(uri):
         with open_regular(beam_path(uri)) as f:
             data = f.read(max_bytes + 1)
+    elif generation is not None and uri.startswith("gs://"):
+        data = read_gcs_generation(uri, generation, max_bytes)
     else:
         with FileSystems.open(beam_path(uri), compression_type="uncompressed") as f:
             data = f.read(max_bytes + 1)
@@ -149,28 +176,65 @@ class _Notes(list):
         self.append((level, text))
 
 
-def _to_eight_bit(img: Any) -> Image:
-    """I;16*, I and F (16/32-bit, float) to 8-bit L, scaled, not clipped."""
+#: Pixels per band of rows when a conversion must touch every pixel of a large picture:
+#: the working copies of one band (float64 for 32-bit data, a few of them) stay a few tens
+#: of MB whatever the picture's size, so a decode holds the decoded picture (1 to 4 bytes a
+#: pixel, Pillow's own storage), one band and its output: never a full-size 64-bit copy.
+_BAND_PIXELS = 1 << 20
+
+
+def _rows_per_band(width: int, factor: int = 1) -> int:
+    """Rows of a band: about ``_BAND_PIXELS`` pixels, a whole number of ``factor`` boxes."""
+    rows = max(1, _BAND_PIXELS // max(1, width))
+    return max(factor, rows - rows % factor)
+
+
+def _to_eight_bit(img: Any, extrema: tuple[float, float] | None = None,
+                  sixteen: bool | None = None) -> Image:
+    """I;16*, I and F (16/32-bit, float) to 8-bit L, scaled, not clipped.
+
+    ``extrema``: the (min, max) that choose the scale (default ``img``'s own; a reduced
+    picture passes its full-size original's, so reducing never changes the scale).
+    ``sixteen``: the values are 16-bit samples (default: ``img`` is I;16; an I;16 picture
+    reduced in mode I passes True). Converted a band of rows at a time: the 64-bit working
+    copies are one band's, whatever the picture's size.
+    """
     import numpy as np
     from PIL import Image
 
-    arr = np.asarray(img)
-    if img.mode in _SIXTEEN_BIT:
-        arr8 = (arr.astype(np.uint32) * 255 + 32767) // 65535  # 65535 -> 255 exactly
-    else:
-        arr = arr.astype(np.float64)
-        lo = float(arr.min()) if arr.size else 0.0
-        hi = float(arr.max()) if arr.size else 0.0
-        if img.mode == "F" and lo >= 0.0 and hi <= 1.0:
-            arr8 = arr * 255.0  # float pictures are 0..1
-        elif lo >= 0 and hi <= 255:
-            arr8 = arr
-        elif lo >= 0 and hi <= 65535:
-            arr8 = arr * (255.0 / 65535.0)  # 16-bit data in a 32-bit mode
+    sixteen = img.mode in _SIXTEEN_BIT if sixteen is None else sixteen
+    width, height = img.size
+    lo = hi = 0.0
+    if not sixteen:
+        if extrema is None and width and height:
+            extrema = img.getextrema()
+        lo, hi = (float(extrema[0]), float(extrema[1])) if extrema else (0.0, 0.0)
+    out = np.empty((height, width), dtype=np.uint8)
+    rows = _rows_per_band(width)
+    for top in range(0, height, rows):
+        band = img if rows >= height else img.crop((0, top, width, min(height, top + rows)))
+        arr = np.asarray(band)
+        if sixteen:
+            wide = arr.astype(np.uint32)
+            wide *= 255
+            wide += 32767
+            wide //= 65535  # 65535 -> 255 exactly
         else:
-            arr8 = (arr - lo) * (255.0 / ((hi - lo) or 1.0))
-        arr8 = np.rint(arr8)
-    return Image.fromarray(np.clip(arr8, 0, 255).astype(np.uint8), mode="L")
+            wide = arr.astype(np.float64)
+            if img.mode == "F" and lo >= 0.0 and hi <= 1.0:
+                wide *= 255.0  # float pictures are 0..1
+            elif lo >= 0 and hi <= 255:
+                pass
+            elif lo >= 0 and hi <= 65535:
+                wide *= 255.0 / 65535.0  # 16-bit data in a 32-bit mode
+            else:
+                wide -= lo
+                wide *= 255.0 / ((hi - lo) or 1.0)
+            np.rint(wide, out=wide)
+        np.clip(wide, 0, 255, out=wide)
+        out[top:top + wide.shape[0]] = wide
+        del band, arr, wide
+    return Image.fromarray(out)
 
 
 def _flatten_alpha(img: Any) -> Any:
@@ -185,6 +249,85 @@ def _flatten_alpha(img: Any) -> Any:
     alpha = img.getchannel("A")
     white = Image.new(base_mode, img.size, (255,) * len(base_mode))
     return Image.composite(img.convert(base_mode), white, alpha)
+
+
+def _premultiplied(img: Any) -> Image:
+    """A picture with transparency (or a palette's) as RGBa / La: colour premultiplied by
+    alpha, so that a box average weighs each pixel by how much of it shows."""
+    if img.mode in ("P", "PA"):  # PA -> RGBa directly would skip the palette
+        img = img.convert("RGBA")
+    if img.mode in ("RGBa", "La"):
+        return img
+    return img.convert("La" if img.mode in ("LA", "La") else "RGBa")
+
+
+def _on_white(img: Any) -> Image:
+    """A premultiplied RGBa / La picture onto white: colour + (255 - alpha), as RGB / L."""
+    import numpy as np
+    from PIL import Image
+
+    arr = np.asarray(img).astype(np.int16)
+    flat = arr[..., :-1] + (255 - arr[..., -1:])
+    flat = np.clip(flat, 0, 255).astype(np.uint8)
+    return Image.fromarray(flat[..., 0] if img.mode == "La" else flat)
+
+
+def _in_bands(img: Any, factor: int, step: Callable[[Any], Any]) -> Image:
+    """``step(img)`` box-reduced by ``factor`` (1: not reduced), a band of rows at a time.
+
+    The bands are a whole number of ``factor`` boxes high, so the pixels are those of
+    converting the whole picture and then reducing it; only one band's conversion is ever
+    in memory beside the output.
+    """
+    from PIL import Image
+
+    width, height = img.size
+    rows = _rows_per_band(width, factor)
+    if rows >= height:
+        out = step(img)
+        return out.reduce(factor) if factor >= 2 else out
+    out = None
+    for top in range(0, height, rows):
+        band = step(img.crop((0, top, width, min(height, top + rows))))
+        if factor >= 2:
+            band = band.reduce(factor)
+        if out is None:
+            out = Image.new(band.mode, (-(-width // factor), -(-height // factor)))
+        out.paste(band, (0, top // factor))
+        del band
+    return out
+
+
+def _reduced_base(img: Any, factor: int) -> Image:
+    """``img`` in the 8-bit mode the colour step of ``_to_rgb`` takes (16/32-bit scaled to
+    L, transparency onto white, palette expanded, 1-bit to L), box-reduced by ``factor``.
+
+    Whatever can be reduced as stored is reduced first (RGB, L, CMYK, LAB; I and F, then
+    scaled with the full picture's extrema; I;16 reduced in mode I, band by band): the
+    conversions then run on the small picture, as a JPEG's reduced DCT decode (``draft``)
+    does. Transparency is premultiplied band by band before the reduction and put onto
+    white after it, so that colours a viewer never sees (the black under a transparent
+    pixel) do not bleed into the reduced picture: within rounding of flattening the
+    full-size picture and then reducing it. Palettes and the rest convert band by band.
+    """
+    if img.mode in (*_SIXTEEN_BIT, "I", "F"):
+        if factor < 2:
+            return _to_eight_bit(img)
+        if img.mode in _SIXTEEN_BIT:  # Pillow cannot reduce I;16: via I, one band at a time
+            return _to_eight_bit(_in_bands(img, factor, lambda band: band.convert("I")),
+                                 sixteen=True)
+        return _to_eight_bit(img.reduce(factor), extrema=img.getextrema())
+    if img.mode in ("RGB", "L", "CMYK", "LAB"):
+        return img.reduce(factor) if factor >= 2 else img
+    if img.mode == "P" and "transparency" not in img.info:
+        return _in_bands(img, factor, lambda band: band.convert("RGB"))
+    if img.mode == "P" or img.mode in _ALPHA_MODES:
+        if factor < 2:
+            return _in_bands(img, factor, _flatten_alpha)
+        return _on_white(_in_bands(img, factor, _premultiplied))
+    if img.mode == "1":
+        return _in_bands(img, factor, lambda band: band.convert("L"))
+    return _in_bands(img, factor, lambda band: band.convert("RGB"))  # YCbCr, RGBX, HSV...
 
 
 def _srgb() -> Any:
@@ -218,26 +361,21 @@ def _to_srgb_transform(icc: bytes, mode: str) -> tuple[Any, str]:
                                    renderingIntent=ImageCms.Intent.PERCEPTUAL), name
 
 
-def _to_rgb(img: Any, notes: _Notes | None = None) -> Image:
+def _to_rgb(img: Any, notes: _Notes | None = None, factor: int = 1) -> Image:
     """Any Pillow mode to 8-bit sRGB: 16/32-bit scaled (never clipped), transparency onto
     white, palette expanded, an embedded ICC profile (Display P3, Adobe RGB, a CMYK press
     profile, gray) converted to sRGB with littlecms; CMYK and YCCK JPEGs as Pillow reads
     them (Adobe-inverted CMYK handled by Pillow). Without a profile, or when littlecms
-    refuses it, colours are taken as stored (a note says so)."""
+    refuses it, colours are taken as stored (a note says so).
+
+    With ``factor`` >= 2 the result is also box-reduced by that factor, before any
+    conversion wherever the mode allows (``_reduced_base``): no step copies the full-size
+    picture, and colour management runs on the reduced one."""
     from PIL import ImageCms
 
     notes = _Notes() if notes is None else notes
     icc = img.info.get("icc_profile") or None
-    if img.mode in (*_SIXTEEN_BIT, "I", "F"):
-        img = _to_eight_bit(img)
-    elif img.mode == "P":
-        img = _flatten_alpha(img) if "transparency" in img.info else img.convert("RGB")
-    elif img.mode in _ALPHA_MODES:
-        img = _flatten_alpha(img)
-    elif img.mode == "1":
-        img = img.convert("L")
-    elif img.mode not in ("RGB", "L", "CMYK", "LAB"):
-        img = img.convert("RGB")  # YCbCr, RGBX, HSV...
+    img = _reduced_base(img, factor)
     if img.mode == "LAB" and not icc:
         lab = ImageCms.createProfile("LAB")
         return ImageCms.profileToProfile(img, lab, _srgb(), outputMode="RGB")
@@ -265,10 +403,32 @@ def _oriented_size(img: Any) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def _shrink(img: Image, min_side: int) -> Image:
-    """Integer box reduction keeping the shorter side >= ``min_side`` (cheap, alias-free)."""
-    factor = min(img.size) // min_side
-    return img.reduce(factor) if factor >= 2 else img
+def _reduction(size: tuple[int, int], min_side: int) -> int:
+    """The integer box-reduction factor that keeps the shorter side >= ``min_side`` (1: none).
+
+    ``Image.reduce`` rounds a partial box up, so the reduced shorter side is at least
+    ``min(size) / factor >= min_side``: never below what the models need."""
+    factor = min(size) // min_side if min_side else 1
+    return factor if factor >= 2 else 1
+
+
+#: EXIF orientation -> the transposition that shows the picture upright (as
+#: ``ImageOps.exif_transpose``).
+_ORIENTATIONS = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
+                 6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def _upright(img: Any) -> Any:
+    """The transposition a loaded ``img`` still needs per its EXIF orientation, or None.
+
+    Read as ``ImageOps.exif_transpose`` reads it (EXIF, else XMP); a TIFF comes out of
+    Pillow's ``load`` already turned, its orientation tag removed. Applied to the small
+    converted picture, not to the full-size one (exif_transpose copies it, turned or not).
+    """
+    from PIL import Image
+
+    name = _ORIENTATIONS.get(img.getexif().get(0x0112, 1))
+    return getattr(Image.Transpose, name) if name else None
 
 
 def _format_name(img: Any, sniffed: str | None) -> str:
@@ -349,7 +509,10 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 0) -> tuple[Image
     ``min_side`` the image itself is only as large as the models need: JPEGs decode at a
     reduced DCT scale (``draft``) and anything else is box-reduced, never below
     ``min_side`` on the shorter side. A 12-megapixel JPEG then costs a fraction of the
-    decode and processor time, and of the memory, of a full-size one.
+    decode and processor time, and of the memory, of a full-size one. Any picture costs
+    its decoded pixels in Pillow's storage (1 to 4 bytes each) and no full-size copy
+    beside them: the conversions to 8-bit sRGB run on the reduced picture, or on bands of
+    about ``_BAND_PIXELS`` pixels (see ``_decode_opened``).
 
     Decoding goes by content, never by the file's name. Raises :class:`UnusableImage`
     (a ValueError) whose message is the dead letter's reason for anything that is not a
@@ -420,8 +583,14 @@ def _frames_note(img: Any, name: str, notes: _Notes) -> None:
 
 def _decode_opened(img: Any, min_side: int, name: str
                    ) -> tuple[Image, tuple[int, int], list[tuple[int, str]]]:
-    from PIL import ImageOps
+    """Decode the opened ``img`` to 8-bit sRGB, upright, reduced toward ``min_side``.
 
+    Memory: the decoded picture in Pillow's own storage (1 to 4 bytes a pixel: at most
+    4 x --max_image_pixels; a JPEG only at its reduced DCT scale), plus one band of the
+    conversions (``_BAND_PIXELS``) and the output. The reduction comes first: converting,
+    scaling 16/32-bit data, colour management and the EXIF turn run on the reduced picture
+    (see ``_reduced_base``), never on a full-size copy.
+    """
     notes = _Notes()
     size = _oriented_size(img)
     _frames_note(img, name, notes)
@@ -430,10 +599,12 @@ def _decode_opened(img: Any, min_side: int, name: str
     if min_side and img.format in ("JPEG", "MPO"):
         img.draft(img.mode, (min_side, min_side))
     img.load()
-    img = ImageOps.exif_transpose(img) or img
-    rgb = _to_rgb(img, notes)
-    if min_side:
-        rgb = _shrink(rgb, min_side)
+    turn = _upright(img)
+    rgb = _to_rgb(img, notes, _reduction(img.size, min_side))
+    if turn is not None:
+        rgb = rgb.transpose(turn)
+    elif rgb is img:  # nothing to convert: a plain image, not the file (and its bytes)
+        rgb = img.copy()
     rgb.load()
     return rgb, size, list(notes)
 
@@ -512,17 +683,33 @@ class _TimeLimit:
 
 
 def read_and_decode(uri: str, max_bytes: int, max_pixels: int, min_side: int,
-                    roots: tuple[str, ...] = ()) -> tuple[str, Any]:
+                    roots: tuple[str, ...] = (), *,
+                    planned: ManifestEntry | None = None) -> tuple[str, Any]:
     """("read", error) or ("decode", error) on failure, else ("ok", (image, size)).
 
     A URI outside ``roots`` is ("read", reason) unread. The roots check resolves local
     links, which can block like a read (a dead network mount): it runs here, under the time
-    limit, too.
+    limit, too. With ``planned`` (the manifest entry of ``uri``) the bytes read must be the
+    planned ones (:func:`check_planned`; a ``gs://`` object is read at the planned
+    generation), else ("read", :class:`ChangedSincePlan`), undecoded.
     """
     if problem := source_problem(uri, roots):
         return "read", f"not read: {problem}"
+    generation = planned.generation if planned is not None else None
     try:
-        data = read_bytes(uri, max_bytes)
+        data = read_bytes(uri, max_bytes, generation=generation)
+        if planned is not None:
+            check_planned(planned, data)
+    except GenerationGone as e:
+        return "read", ChangedSincePlan(
+            f"changed since plan: {e} (overwritten or deleted; {_planned(planned)})")
+    except ImageTooLarge as e:
+        if planned is not None and planned.size_bytes is not None \
+                and planned.size_bytes <= max_bytes:  # planned within the limit: it grew
+            return "read", ChangedSincePlan(
+                f"changed since plan: {_planned(planned)}, read more than "
+                f"--max_image_bytes={max_bytes} bytes; not decoded")
+        return "read", e
     except Exception as e:  # noqa: BLE001 - any read failure is a dead letter
         return "read", e
     try:
@@ -540,8 +727,11 @@ class ReadAndDecodeFn(beam.DoFn):
     An image URI outside ``source_roots`` (the deployment's trust boundary) or a local path
     that is not a regular file is dead-lettered unread (stage read); each image gets at most
     ``timeout_s`` to be checked, read and decoded (the job passes ``--image_timeout_s``;
-    None: no limit). A call over the limit is abandoned on a daemon thread, so it can
-    neither stall the worker nor keep the finished job from exiting.
+    None: no limit). The bytes read must be the ones the plan listed (MD5 == ``image_id``,
+    length == ``size_bytes``; a ``gs://`` object is read at its planned ``generation``),
+    else a read dead letter "changed since plan: planned md5 ..., read md5 ...", undecoded.
+    A call over the limit is abandoned on a daemon thread, so it can neither stall the
+    worker nor keep the finished job from exiting.
     """
 
     def __init__(self, run_id: str, max_image_bytes: int, max_image_pixels: int,
@@ -571,8 +761,9 @@ class ReadAndDecodeFn(beam.DoFn):
 
     def process(self, entry: ManifestEntry):  # type: ignore[override]
         try:
-            stage, result = self._limit(read_and_decode, entry.uri, self._max_bytes,
-                                        self._max_pixels, self._min_side, self._roots)
+            stage, result = self._limit(functools.partial(read_and_decode, planned=entry),
+                                        entry.uri, self._max_bytes, self._max_pixels,
+                                        self._min_side, self._roots)
         except ImageTimeout as e:
             yield self._dead(entry, "decode", e)
             return

@@ -13,11 +13,19 @@ from typing import Any, NamedTuple
 
 
 class ManifestEntry(NamedTuple):
-    """One manifest line (contract: image_id = MD5 hex of the bytes, uri, size_bytes)."""
+    """One manifest line (contract: image_id = MD5 hex of the bytes, uri, size_bytes, and
+    for a ``gs://`` object optionally the ``generation`` the plan listed).
+
+    The job checks what it reads against it: the bytes' MD5 must be ``image_id`` and their
+    length ``size_bytes`` (when given), and a ``gs://`` object with a ``generation`` is read
+    at that generation, so a file replaced after the plan is a dead letter, never captioned
+    under the planned id (``captioning.images.ChangedSincePlan``).
+    """
 
     image_id: str
     uri: str
     size_bytes: int | None = None
+    generation: int | None = None
 
     @classmethod
     def from_json(cls, line: str) -> ManifestEntry:
@@ -31,7 +39,12 @@ class ManifestEntry(NamedTuple):
         if not isinstance(uri, str) or not uri:
             raise ValueError(f"manifest line for {image_id} has no uri")
         size = obj.get("size_bytes")
-        return cls(image_id, uri, int(size) if size is not None else None)
+        generation = obj.get("generation")
+        if generation is not None and (isinstance(generation, bool) or int(generation) <= 0):
+            raise ValueError(f"manifest line for {image_id} has generation {generation!r}; "
+                             "a gs:// generation is a positive integer")
+        return cls(image_id, uri, int(size) if size is not None else None,
+                   int(generation) if generation is not None else None)
 
 
 def utc_now() -> dt.datetime:

@@ -8,13 +8,18 @@ names the file ``/a/b c#1.jpg``, just as ``gs://bucket/b c#1.jpg`` names that ob
 Local image files are opened with :func:`open_regular` (the job's reads and the Hugging Face
 export): regular files only, and the open itself never waits (a FIFO would wait for a writer
 forever, a device or socket is no picture).
+
+A ``gs://`` object the plan listed with its generation is read at that generation
+(:func:`read_gcs_generation`): an object overwritten since the plan is read as it was
+planned where that generation is kept (object versioning), else :class:`GenerationGone`.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from typing import BinaryIO
+import threading
+from typing import Any, BinaryIO
 
 FILE_SCHEME = "file://"
 
@@ -75,3 +80,45 @@ def beam_path(uri: str) -> str:
 def file_uri(path: str) -> str:
     """The ``file://`` URI of an absolute local path, verbatim (no percent-encoding)."""
     return f"{FILE_SCHEME}{path}"
+
+
+class GenerationGone(FileNotFoundError):
+    """The planned generation of a ``gs://`` object is no longer there (the object was
+    overwritten or deleted since the plan, and no older version is kept)."""
+
+
+_GCS = threading.local()
+
+
+def _gcsio() -> Any:
+    """This thread's Beam ``GcsIO``, built once from the pipeline's options as Beam's own
+    GCS filesystem builds one (credentials, project, retries, custom audit headers)."""
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.io.gcp import gcsio
+    from apache_beam.options.value_provider import RuntimeValueProvider
+
+    options = FileSystems._pipeline_options or RuntimeValueProvider.runtime_options
+    cached = getattr(_GCS, "io", None)
+    if cached is None or cached[0] is not options:
+        cached = (options, gcsio.GcsIO(pipeline_options=options))
+        _GCS.io = cached
+    return cached[1]
+
+
+def read_gcs_generation(uri: str, generation: int, max_bytes: int) -> bytes:
+    """The first ``max_bytes + 1`` bytes of the ``gs://`` object ``uri`` at ``generation``:
+    one ranged request for that generation's raw bytes (as listed and hashed, never
+    transcoded). Raises :class:`GenerationGone` when that generation no longer exists;
+    other errors as Cloud Storage raises them (retried as the client retries)."""
+    from apache_beam.io.gcp import gcsio
+    from google.api_core.exceptions import NotFound, RequestRangeNotSatisfiable
+
+    bucket, name = gcsio.parse_gcs_path(uri)
+    blob = _gcsio().client.bucket(bucket).blob(name, generation=int(generation))
+    try:
+        return blob.download_as_bytes(start=0, end=max_bytes, raw_download=True,
+                                      checksum=None)
+    except NotFound:
+        raise GenerationGone(f"{uri} generation {generation} no longer exists") from None
+    except RequestRangeNotSatisfiable:  # bytes 0-N of that generation: it is empty
+        return b""

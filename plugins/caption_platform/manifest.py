@@ -104,6 +104,9 @@ LISTING_FILE = "listing.jsonl"
 #: What the manifest's images are (a breakdown of ``written``, not a reason to leave out):
 #: never published, dead-lettered before (tried again once due), captioned with another recipe.
 WRITTEN_KINDS = ("new", "retried", "recaptioned")
+#: Fields of a manifest line of a source with object generations (gs://): the contract's
+#: three and the generation the listing gave, which the job reads and checks.
+PINNED_FIELDS = ("image_id", "uri", "size_bytes", "generation")
 #: Fields of a ``skipped.jsonl`` line, in order (the ``skipped_files`` table adds run_id).
 SKIPPED_FIELDS = ("uri", "reason", "detail", "size_bytes", "image_id", "duplicate_of")
 #: Camera raw files: images, but none the job decodes (a DNG even sniffs as a TIFF).
@@ -237,6 +240,17 @@ class _Entry(NamedTuple):
     size_bytes: int | None
     reason: str | None = None
     detail: str | None = None
+    generation: int | None = None  # gs://: the object's generation the listing gave
+
+
+def generation_from_info(info: dict[str, Any]) -> int | None:
+    """The object generation an info dict reports (Cloud Storage), else None (local files,
+    stores without generations)."""
+    try:
+        generation = int(info.get("generation") or 0)
+    except (TypeError, ValueError):
+        return None
+    return generation if generation > 0 else None
 
 
 def _by_name(base: str, extensions: set[str]) -> tuple[bool | None, str | None]:
@@ -327,7 +341,10 @@ def _listing(
                 log.warning("not captioned: %s cannot be read: %s", name, exc)
                 yield _Entry(None, full, size, "unreadable", f"{type(exc).__name__}: {exc}"[:300])
                 continue
-            yield _Entry(image_id, full, size)
+            # The generation goes into the manifest: the job reads that generation and checks
+            # its bytes against image_id, so what it captions is what was planned.
+            yield _Entry(image_id, full, size,
+                         generation=None if local else generation_from_info(info))
 
 
 def _checked(batches: Iterator[Any], source_uri: str) -> Iterator[Any]:
@@ -468,6 +485,27 @@ def _write_jsonl(rows: Iterable[Mapping[str, Any]], uri: str, conn_id: str | Non
     return n
 
 
+def _with_generations(con: Any, taken: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The selection's rows (the manifest's, in URI order) with the generation each was
+    listed at, joined in the scratch database ``con`` (its ``uniq`` table): the chosen rows
+    go in in batches and come back in URI order, so memory stays bounded."""
+    import pyarrow as pa
+
+    schema = pa.schema([("image_id", pa.string()), ("uri", pa.string()),
+                        ("size_bytes", pa.int64())])
+    con.execute("CREATE OR REPLACE TABLE taken (image_id VARCHAR, uri VARCHAR, "
+                "size_bytes BIGINT)")
+    for batch in _batches(taken):
+        con.register("taken_rows", pa.Table.from_pylist(
+            [{k: r[k] for k in schema.names} for r in batch], schema=schema))
+        con.execute("INSERT INTO taken SELECT image_id, uri, size_bytes FROM taken_rows")
+        con.unregister("taken_rows")
+    yield from _rows(con.execute(
+        "SELECT t.image_id, t.uri, t.size_bytes, u.generation FROM taken t "
+        "LEFT JOIN uniq u ON u.uri = t.uri AND u.image_id = t.image_id ORDER BY t.uri"),
+        PINNED_FIELDS)
+
+
 def _held_rows(held: Iterable[Mapping[str, Any]], retry: RetryPolicy) -> Iterator[dict[str, Any]]:
     """The selection's held dead letters as skipped rows, saying why and until when."""
     for r in held:
@@ -532,7 +570,8 @@ def build_manifest(
 ) -> ManifestStats:
     """List ``source_uri`` recursively and write the manifest to ``manifest_uri``.
 
-    The manifest (contract) is JSON Lines ``{"image_id", "uri", "size_bytes"}``, one
+    The manifest (contract) is JSON Lines ``{"image_id", "uri", "size_bytes"}``, plus
+    ``"generation"`` where the store lists one (gs://: :data:`PINNED_FIELDS`), one
     line per unique image, overwriting any previous file. What to take is decided in
     ``warehouse`` for ``run_id`` (its ledger, the images listed only; ``incremental`` False:
     every image is new), judged by ``selection`` (:class:`RecipeSelection`; without one,
@@ -558,7 +597,7 @@ def build_manifest(
     reads_heads = sniffs(sniff, root)
     schema = pa.schema([("image_id", pa.string()), ("uri", pa.string()),
                         ("size_bytes", pa.int64()), ("reason", pa.string()),
-                        ("detail", pa.string())])
+                        ("detail", pa.string()), ("generation", pa.int64())])
     beside = manifest_uri.rsplit("/", 1)[0]
     listing_uri = f"{beside}/{LISTING_FILE}"
     with tempfile.TemporaryDirectory(prefix="manifest_") as tmp:
@@ -570,7 +609,8 @@ def build_manifest(
                                      "temp_directory": tmp})
         try:
             con.execute("CREATE TABLE entries (image_id VARCHAR, uri VARCHAR, "
-                        "size_bytes BIGINT, reason VARCHAR, detail VARCHAR)")
+                        "size_bytes BIGINT, reason VARCHAR, detail VARCHAR, "
+                        "generation BIGINT)")
             rows = _listing(root, extensions=exts, min_bytes=min_bytes, max_bytes=max_bytes,
                             sniff=reads_heads, stats=stats, conn_id=conn_id)
             for batch in _checked(_batches(rows), source_uri):
@@ -584,13 +624,16 @@ def build_manifest(
             con.execute(
                 """
                 CREATE TABLE uniq AS
-                SELECT image_id, min(uri) AS uri, arg_min(size_bytes, uri) AS size_bytes
+                SELECT image_id, min(uri) AS uri, arg_min(size_bytes, uri) AS size_bytes,
+                       arg_min(generation, uri) AS generation
                 FROM entries WHERE reason IS NULL GROUP BY image_id
                 """
             )
             (n_listing,) = con.execute(
                 "SELECT count(*) FROM entries WHERE reason IS NULL").fetchone()
             (n_uniq,) = con.execute("SELECT count(*) FROM uniq").fetchone()
+            (n_pinned,) = con.execute(
+                "SELECT count(*) FROM uniq WHERE generation IS NOT NULL").fetchone()
             stats.duplicates = n_listing - n_uniq
             fields = ("image_id", "uri", "size_bytes")
             _write_jsonl(_rows(con.execute(
@@ -606,7 +649,11 @@ def build_manifest(
                 stats.new = chosen.count("take", "new")
                 stats.retried = chosen.count("take", "retried")
                 stats.recaptioned = chosen.count("take", "stale")
-                stats.written = _write_jsonl(chosen.taken(), manifest_uri, conn_id, fields)
+                if n_pinned:  # gs://: each line names the generation its image_id was listed at
+                    stats.written = _write_jsonl(_with_generations(con, chosen.taken()),
+                                                 manifest_uri, conn_id, PINNED_FIELDS)
+                else:
+                    stats.written = _write_jsonl(chosen.taken(), manifest_uri, conn_id, fields)
                 rejected = _rows(con.execute(_REJECTED_ROWS), SKIPPED_FIELDS)
                 held = _held_rows(chosen.held(), retry)
                 _write_jsonl(heapq.merge(rejected, held, key=lambda r: (r["uri"], r["reason"])),

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pillow_heif
 import pytest
+from job_helpers import planned_entry
 from PIL import Image, ImageCms
 
 from captioning import formats
@@ -34,7 +35,6 @@ from captioning.images import (
     register_heif_opener,
     require_decoders,
 )
-from captioning.records import ManifestEntry
 
 RED = (220, 20, 20)
 LIMIT = 10**8
@@ -320,7 +320,7 @@ def test_multi_page_tiff_captions_its_first_page_and_says_so(
     fn.setup()
     try:
         with caplog.at_level(logging.INFO, logger="captioning.images"):
-            (out,) = list(fn.process(ManifestEntry("id", path.as_uri(), 1)))
+            (out,) = list(fn.process(planned_entry(path)))
     finally:
         fn.teardown()
     assert out.width == 40 and _reddish(_mean(out.image))
@@ -445,7 +445,7 @@ def test_sidecars_named_like_images_are_decode_dead_letters_with_their_reason(
     try:
         for name, content in named.items():
             (tmp_path / name).write_bytes(content)
-            (out,) = list(fn.process(ManifestEntry(name, (tmp_path / name).as_uri(), 1)))
+            (out,) = list(fn.process(planned_entry(tmp_path / name)))
             assert out.tag == "dead_letters"
             row = out.value
             assert row["stage"] == "decode"

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from job_helpers import read_summary, read_table, run_job_process
+from job_helpers import planned_entry, read_summary, read_table, run_job_process
 from PIL import Image
 
 from captioning.images import ReadAndDecodeFn
-from captioning.records import ManifestEntry
 from captioning.sample_images import md5_file, write_manifest
 from captioning.uris import beam_path
 
@@ -197,14 +196,14 @@ def test_a_slow_image_is_dead_lettered_and_the_worker_moves_on(tmp_path: Path) -
     fn = ReadAndDecodeFn("r1", 10**9, 10**8, 0, timeout_s=0.001)
     fn.setup()
     try:
-        first = list(fn.process(ManifestEntry("id-slow", f"file://{slow}", 1)))
+        first = list(fn.process(planned_entry(slow)))
         fn._limit.limit_s = 30.0
-        second = list(fn.process(ManifestEntry("id-small", f"file://{small}", 1)))
+        second = list(fn.process(planned_entry(small)))
     finally:
         fn.teardown()
     assert first[0].tag == "dead_letters"
     assert first[0].value["stage"] == "decode" and "image_timeout_s" in first[0].value["error"]
-    assert second[0].image_id == "id-small" and second[0].image.size == (48, 40)
+    assert second[0].image_id == md5_file(small) and second[0].image.size == (48, 40)
 
 
 def test_the_job_exits_once_its_outputs_are_written_with_a_fifo_in_the_manifest(

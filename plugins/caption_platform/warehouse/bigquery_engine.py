@@ -148,6 +148,9 @@ class BigQueryWarehouse(Warehouse):
             "load": {
                 "sourceUris": [uri],
                 "sourceFormat": "NEWLINE_DELIMITED_JSON",
+                # a manifest line carries fields the warehouse keeps no column for (gs://
+                # generation, read by the job only): the staged table takes its columns
+                "ignoreUnknownValues": True,
                 "destinationTable": {
                     "projectId": self.project,
                     "datasetId": self.dataset,
