@@ -15,4 +15,9 @@ DEAD_LETTER_COUNTERS = ("dead_letter_read", "dead_letter_decode", "dead_letter_i
 COUNTERS = ("manifest_rows", "duplicates_dropped", "images_read", "captioned",
             *DEAD_LETTER_COUNTERS)
 
+#: The caption rows the sink wrote: how many, and the sum of their digests
+#: (``captioning.sinks.caption_digest``); validation compares them with what was published.
+CAPTIONS_WRITTEN = "captions_written"
+CAPTIONS_CHECKSUM = "captions_checksum"
+
 DISTRIBUTIONS = ("blip_batch_latency_ms", "clip_batch_latency_ms")

@@ -16,6 +16,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.version import __version__ as BEAM_SDK_VERSION
 
+from captioning.counters import CAPTIONS_CHECKSUM, CAPTIONS_WRITTEN
 from captioning.counters import NAMESPACE as METRICS_NAMESPACE
 from captioning.layout import SUMMARY_FILE
 
@@ -77,6 +78,15 @@ def collect_metrics(result: Any, counters: tuple[str, ...],
     return out_counters, out_dists
 
 
+def written_block(result: Any) -> dict[str, Any]:
+    """What the job wrote, for the Airflow side to check the published rows against:
+    ``{"captions": {"rows": n, "checksum": s}}``, ``s`` the sum of
+    ``captioning.sinks.caption_digest`` over every caption row written."""
+    values, _ = collect_metrics(result, (CAPTIONS_WRITTEN, CAPTIONS_CHECKSUM), ())
+    return {"captions": {"rows": values[CAPTIONS_WRITTEN],
+                         "checksum": values[CAPTIONS_CHECKSUM]}}
+
+
 def build_summary(*, run_id: str, runner: str, clock: RunClock, result: Any,
                   settings: dict[str, Any], counters: tuple[str, ...],
                   distributions: tuple[str, ...]) -> dict[str, Any]:
@@ -84,6 +94,8 @@ def build_summary(*, run_id: str, runner: str, clock: RunClock, result: Any,
     wall_s, cpu_s = clock.elapsed()
     finished = dt.datetime.now(dt.UTC)
     counter_values, dist_values = collect_metrics(result, counters, distributions)
+    for name in (CAPTIONS_WRITTEN, CAPTIONS_CHECKSUM):  # reported as "written", not here
+        counter_values.pop(name, None)
     return {
         "run_id": run_id,
         "beam_sdk_version": BEAM_SDK_VERSION,
@@ -95,6 +107,7 @@ def build_summary(*, run_id: str, runner: str, clock: RunClock, result: Any,
         "peak_rss_mb": _peak_rss_mb(),
         "counters": counter_values,
         "distributions": dist_values,
+        "written": written_block(result),
         "settings": settings,
     }
 

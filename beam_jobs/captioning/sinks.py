@@ -10,18 +10,47 @@ output untouched. ``bq://PROJECT.DATASET.PREFIX`` goes to ``PREFIX_captions`` an
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import posixpath
 import uuid
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
 
 from captioning import schema
+from captioning.counters import CAPTIONS_CHECKSUM, CAPTIONS_WRITTEN
+from captioning.counters import NAMESPACE as METRICS_NAMESPACE
 from captioning.uris import beam_path
 
 BQ_SCHEME = "bq://"
 STAGING_DIR = "_staging"
+
+
+
+def caption_digest(image_id: str, recipe: str | None, caption: str | None) -> int:
+    """One caption row's share of the run's checksum: the first 32 bits of the MD5 of
+    ``image_id|recipe|caption`` (UTF-8; a missing recipe or caption is empty), as an
+    unsigned integer. The warehouse computes the same in SQL over what the run published
+    (``caption_platform.warehouse.sql.CAPTION_DIGEST``), so the sum over a run's rows proves
+    the published texts are the ones the job wrote. Sums stay below 2^63 up to 2^31 rows."""
+    text = f"{image_id}|{recipe or ''}|{caption or ''}"
+    return int(hashlib.md5(text.encode("utf-8")).hexdigest()[:8], 16)
+
+
+class _CountWrittenFn(beam.DoFn):
+    """Count each caption row on its way to the writer, and add its digest to the checksum
+    (Beam counters: committed once per successful bundle, on the local runner and Dataflow)."""
+
+    def __init__(self) -> None:
+        self._rows = Metrics.counter(METRICS_NAMESPACE, CAPTIONS_WRITTEN)
+        self._checksum = Metrics.counter(METRICS_NAMESPACE, CAPTIONS_CHECKSUM)
+
+    def process(self, row: dict[str, Any]):  # type: ignore[override]
+        self._rows.inc()
+        self._checksum.inc(caption_digest(row["image_id"], row.get("recipe"), row.get("caption")))
+        yield row
 
 
 def is_bigquery(output: str) -> bool:
@@ -138,8 +167,12 @@ class WriteCaptionOutputs(beam.PTransform):
 
         results = {}
         for table in schema.TABLES:
+            rows = pcolls[table]
+            if table == schema.CAPTIONS:
+                rows = (rows | "CaptionsRecipe" >> beam.Map(with_recipe, self.recipe)
+                        | "CountCaptionsWritten" >> beam.ParDo(_CountWrittenFn()))
             results[table] = (
-                pcolls[table]
+                rows
                 | f"{table}ToJson" >> beam.Map(_to_bigquery_json, self.recipe)
                 | f"Write_{table}_ToBigQuery" >> WriteToBigQuery(
                     table=self.tables[table],
@@ -158,6 +191,8 @@ class WriteCaptionOutputs(beam.PTransform):
             rows = pcolls[table]
             if self.recipe is not None:
                 rows = rows | f"{table}Recipe" >> beam.Map(with_recipe, self.recipe)
+            if table == schema.CAPTIONS:
+                rows = rows | "CountCaptionsWritten" >> beam.ParDo(_CountWrittenFn())
             files = rows | f"Write_{table}_Parquet" >> beam.io.WriteToParquet(
                 file_path_prefix=_join(self.staging, table, "part"),
                 schema=schema.pyarrow_schema(table),

@@ -162,7 +162,7 @@ def run_once(spec: Mapping[str, Any], context: Any) -> dict[str, Any]:
         "launch": for_sdk_version(plan.launch, version, interpreter)})
     job_id = CaptionJobOperator(task_id="caption").run_to_completion(plan, context)
     published = tasks.publish_run(plan)
-    checked = tasks.validate_run(plan)
+    checked = tasks.validate_run(plan, dataflow_job_id=job_id)
     row = tasks.record_metrics(plan, dag_id=DAG_ID, dataflow_job_id=job_id,
                                results={"publish": published, "validate": checked}) or {}
     _save_captions(plan)

@@ -9,18 +9,27 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, NamedTuple
 
 from caption_platform.config import TableNames, validate_identifier
-from caption_platform.validation import ValidationResult, result_from_rows
+from caption_platform.validation import (
+    CLOCK_SKEW_S,
+    ValidationResult,
+    WrittenCaptions,
+    result_from_rows,
+)
 from caption_platform.warehouse import sql, tables
 from captioning.layout import run_key
 
 DEFAULT_SAMPLE_SIZE = 10
+#: The column that dates each current-state table's outcome.
+OUTCOME_TIME = {tables.CAPTIONS: "captioned_at", tables.DEAD_LETTERS: "failed_at"}
+log = logging.getLogger(__name__)
 
 
 
@@ -322,19 +331,26 @@ class Warehouse(ABC):
     def _publish(self, run_id: str, staging: str) -> PublishResult:
         staged_captions, staged_dead = self._stage_output(run_id, staging)
         refs = self._refs(staging_captions=staged_captions, staging_dead_letters=staged_dead)
-        counts = self._query(sql.STAGED_COUNTS.format(**refs))[0]
+        # the publish's clock: no outcome is stored dated after it (sql "newest wins")
+        at = {"published_at": datetime.now(UTC)}
+        counts = self._query(sql.STAGED_COUNTS.format(**refs), {**at, "skew_s": CLOCK_SKEW_S})[0]
+        if ahead := int(counts.get("dated_ahead") or 0):
+            log.warning("run %s: %d staged row(s) dated more than %d s after this publish "
+                        "(%s): stored dated %s; validation fails the run (dated_ahead)",
+                        run_id, ahead, CLOCK_SKEW_S, staging, at["published_at"].isoformat())
         known = int(self._query(sql.STAGED_KNOWN.format(**refs))[0]["known"] or 0)
         captions_sql, dead_sql = ((sql.MERGE_CAPTIONS, sql.MERGE_DEAD_LETTERS) if known
                                   else (sql.INSERT_NEW_CAPTIONS, sql.INSERT_NEW_DEAD_LETTERS))
         captions_merged = self._execute(
-            [captions_sql.format(**refs, **merge_lists(tables.CAPTIONS))]
+            [captions_sql.format(**refs, **merge_lists(tables.CAPTIONS))], at
         )
         dead_merged = self._execute(
-            [dead_sql.format(**refs, **merge_lists(tables.DEAD_LETTERS))]
+            [dead_sql.format(**refs, **merge_lists(tables.DEAD_LETTERS))], at
         )
         if known:
-            self._execute([stmt.format(**refs) for stmt in sql.RESOLVE_OUTCOMES])
-        self._execute([stmt.format(**refs) for stmt in sql.RECORD_PUBLISHED], run_params(run_id))
+            self._execute([stmt.format(**refs) for stmt in sql.RESOLVE_OUTCOMES], at)
+        self._execute([stmt.format(**refs) for stmt in sql.RECORD_PUBLISHED],
+                      {**run_params(run_id), **at})
         # Only once everything committed: a retried publish still finds the staged rows.
         self._unstage([staged_captions, staged_dead])
         return PublishResult(
@@ -345,7 +361,9 @@ class Warehouse(ABC):
         )
 
     def validate(self, run_id: str, *, sample_size: int = DEFAULT_SAMPLE_SIZE,
-                 recipe: str | None = None, whole_tables: bool = False) -> ValidationResult:
+                 recipe: str | None = None, whole_tables: bool = False,
+                 written: WrittenCaptions | None = None, content_unchecked: str | None = None,
+                 now: datetime | None = None) -> ValidationResult:
         """Check the run against what it published (its ledger rows, which later runs never
         relabel) and the tables for the images it published: call ``.raise_if_failed()`` on
         the result. ``whole_tables``: check every row of the tables as well (a whole-history
@@ -353,16 +371,25 @@ class Warehouse(ABC):
 
         ``recipe``: the fingerprint the run was planned with; every outcome it published
         must carry it (None: not checked, e.g. a past run validated again later).
+        ``written``: what the job says it wrote (its run summary); the run's published
+        captions must count and checksum the same (None: not checked, ``content_unchecked``
+        says why). ``now``: the clock no current row may be dated after (plus
+        ``CLOCK_SKEW_S``).
         """
         refs = self._refs()
         problems_sql = sql.VALIDATION_PROBLEMS_WHOLE if whole_tables else sql.VALIDATION_PROBLEMS
+        not_after = (now or datetime.now(UTC)) + timedelta(seconds=CLOCK_SKEW_S)
         with self.session():
             counts = self._query(sql.VALIDATION_COUNTS.format(**refs), run_params(run_id))[0]
             problems = self._query(
                 problems_sql.format(**refs),
-                {**run_params(run_id), "sample_size": sample_size, "recipe": recipe or ""},
+                {**run_params(run_id), "sample_size": sample_size, "recipe": recipe or "",
+                 "skew_s": CLOCK_SKEW_S, "not_after": not_after},
             )
-        return result_from_rows(run_id, counts, problems)
+            digest = self._query(sql.PUBLISHED_CAPTIONS_DIGEST.format(**refs),
+                                 run_params(run_id))
+        return result_from_rows(run_id, counts, problems, digest[0] if digest else None,
+                                written, content_unchecked)
 
     def dead_letter_reasons(self, run_id: str) -> list[dict[str, Any]]:
         """The run's dead letters counted by stage, exception class and whether another run
@@ -451,12 +478,17 @@ def create_table_sql(ref: str, kind: str, layout: str = "") -> str:
 
 
 def merge_lists(kind: str) -> dict[str, str]:
+    """The column lists of a MERGE (or INSERT) from staged rows ``S`` into table ``kind``;
+    the outcome's date no later than ``@published_at`` (a staged row dated after its
+    publish is stored dated at the publish)."""
     cols = [validate_identifier(c) for c in tables.columns(kind)]
     types = tables.columns(kind)
+    when = OUTCOME_TIME.get(kind)
+    value = {c: (f"LEAST(S.{c}, @published_at)" if c == when else f"S.{c}") for c in cols}
     return {
         "column_list": ", ".join(cols),
-        "source_list": ", ".join(f"S.{c}" for c in cols),
-        "update_set": ", ".join(f"{c} = S.{c}" for c in cols if c != "image_id"),
+        "source_list": ", ".join(value[c] for c in cols),
+        "update_set": ", ".join(f"{c} = {value[c]}" for c in cols if c != "image_id"),
         "null_list": ", ".join(
             "image_id" if c == "image_id" else f"CAST(NULL AS {types[c]}) AS {c}" for c in cols
         ),

@@ -86,6 +86,8 @@ EXISTING_IMAGE_IDS = "SELECT image_id FROM {captions} WHERE run_id != @run_id"
 # recipe it had, and how many times it was dead-lettered since its last caption. Leaving
 # this run out, a retried or re-triggered run finds the outcomes it found the first time,
 # even after it replaced them. {only}: the images to look at (a WHERE on image_id).
+# An outcome is never newer than its publication: one dated after it (a clock ahead, a
+# rewritten staging row) counts as of its published_at, so it cannot outrank later outcomes.
 _OUTCOMES = """
 SELECT image_id, outcome, recipe, outcome_at,
   SUM(CASE WHEN outcome = 'dead_lettered' AND (last_caption_at IS NULL
@@ -95,8 +97,12 @@ FROM (
   SELECT image_id, outcome, recipe, outcome_at, run_id,
     MAX(CASE WHEN outcome = 'captioned' THEN outcome_at END)
       OVER (PARTITION BY image_id) AS last_caption_at
-  FROM {published_images}
-  WHERE run_id != @run_id AND {only}
+  FROM (
+    SELECT image_id, outcome, recipe, run_id,
+      CASE WHEN outcome_at > published_at THEN published_at ELSE outcome_at END AS outcome_at
+    FROM {published_images}
+    WHERE run_id != @run_id AND {only}
+  ) AS e
 ) AS h
 QUALIFY ROW_NUMBER() OVER (
   PARTITION BY image_id
@@ -176,13 +182,21 @@ WHERE decision IN ('given_up', 'retry_later') ORDER BY uri
 STAGED_COUNTS = """
 SELECT
   (SELECT COUNT(*) FROM {staging_captions}) AS captions_staged,
-  (SELECT COUNT(*) FROM {staging_dead_letters}) AS dead_letters_staged
+  (SELECT COUNT(*) FROM {staging_dead_letters}) AS dead_letters_staged,
+  (SELECT COUNT(*) FROM {staging_captions}
+   WHERE TIMESTAMP_DIFF(captioned_at, @published_at, SECOND) > @skew_s)
+  + (SELECT COUNT(*) FROM {staging_dead_letters}
+     WHERE TIMESTAMP_DIFF(failed_at, @published_at, SECOND) > @skew_s) AS dated_ahead
 """
 
 # One rule for both tables: each image's NEWEST outcome wins (captioned_at vs failed_at);
 # at an equal instant, and within one run, the dead letter wins. So an image is never both
 # captioned and dead-lettered, whichever order runs (or reruns of old runs) publish in.
 # Each source is de-duplicated on image_id (MERGE must match at most one source row).
+# No outcome is newer than its publish (@published_at, the publish task's clock): a staged
+# row dated later is stored dated @published_at (base.merge_lists), and a current row dated
+# after @published_at (left by an older release, or edited by hand) is taken for the oldest,
+# so any outcome replaces it: a date in the future never sticks.
 
 # How many staged rows the tables already hold an outcome for (image_id only: cheap; joins
 # from the staged side, so an engine hashes the run's rows, not the table's; each table read
@@ -205,14 +219,16 @@ _CAPTIONS_SOURCE = """
   WHERE NOT EXISTS (SELECT 1 FROM {staging_dead_letters} AS sd WHERE sd.image_id = s.image_id)
     AND NOT EXISTS (
       SELECT 1 FROM {dead_letters} AS d
-      WHERE d.image_id = s.image_id AND d.failed_at >= s.captioned_at)
+      WHERE d.image_id = s.image_id AND d.failed_at >= LEAST(s.captioned_at, @published_at)
+        AND d.failed_at <= @published_at)
   QUALIFY ROW_NUMBER() OVER (PARTITION BY image_id ORDER BY captioned_at DESC, uri) = 1
 """
 # The staged dead letters that may win: not older than a caption the table has, one per image
 # (a join from the staged side: an engine hashes the run's few dead letters, not captions).
 _DEAD_LETTERS_SOURCE = """
   SELECT s.* FROM {staging_dead_letters} AS s
-  LEFT JOIN {captions} AS c ON c.image_id = s.image_id AND c.captioned_at > s.failed_at
+  LEFT JOIN {captions} AS c ON c.image_id = s.image_id
+    AND c.captioned_at > LEAST(s.failed_at, @published_at) AND c.captioned_at <= @published_at
   WHERE c.image_id IS NULL
   QUALIFY ROW_NUMBER() OVER (
     PARTITION BY s.image_id ORDER BY s.failed_at DESC, s.stage, s.error) = 1
@@ -223,7 +239,8 @@ MERGE_CAPTIONS = """
 MERGE {captions} AS T
 USING (""" + _CAPTIONS_SOURCE + """) AS S
 ON T.image_id = S.image_id
-WHEN MATCHED AND S.captioned_at >= T.captioned_at THEN UPDATE SET {update_set}
+WHEN MATCHED AND (LEAST(S.captioned_at, @published_at) >= T.captioned_at
+                  OR T.captioned_at > @published_at) THEN UPDATE SET {update_set}
 WHEN NOT MATCHED THEN INSERT ({column_list}) VALUES ({source_list})
 """
 
@@ -233,7 +250,8 @@ MERGE_DEAD_LETTERS = """
 MERGE {dead_letters} AS T
 USING (""" + _DEAD_LETTERS_SOURCE + """) AS S
 ON T.image_id = S.image_id
-WHEN MATCHED AND S.failed_at >= T.failed_at THEN UPDATE SET {update_set}
+WHEN MATCHED AND (LEAST(S.failed_at, @published_at) >= T.failed_at
+                  OR T.failed_at > @published_at) THEN UPDATE SET {update_set}
 WHEN NOT MATCHED THEN INSERT ({column_list}) VALUES ({source_list})
 """
 
@@ -241,37 +259,45 @@ WHEN NOT MATCHED THEN INSERT ({column_list}) VALUES ({source_list})
 # as the MERGEs, reading only the tables' image_id (a MERGE reads every column it may update).
 INSERT_NEW_CAPTIONS = """
 INSERT INTO {captions} ({column_list})
-SELECT {column_list} FROM (""" + _CAPTIONS_SOURCE + """) AS S
+SELECT {source_list} FROM (""" + _CAPTIONS_SOURCE + """) AS S
 """
 INSERT_NEW_DEAD_LETTERS = """
 INSERT INTO {dead_letters} ({column_list})
-SELECT {column_list} FROM (""" + _DEAD_LETTERS_SOURCE + """) AS S
+SELECT {source_list} FROM (""" + _DEAD_LETTERS_SOURCE + """) AS S
 """
 
 # After both MERGEs: the older of an image's caption and dead letter goes (both ways), for
-# the images this publish staged (only they can have changed).
+# the images this publish staged (only they can have changed); one dated after
+# @published_at counts as the oldest.
 RESOLVE_OUTCOMES = (
     """
     DELETE FROM {dead_letters} AS d
-    WHERE d.image_id IN (SELECT image_id FROM {staging_captions}) AND EXISTS (
-      SELECT 1 FROM {captions} AS c WHERE c.image_id = d.image_id AND c.captioned_at > d.failed_at)
+    WHERE d.image_id IN (SELECT image_id FROM {staging_captions}
+                         UNION ALL SELECT image_id FROM {staging_dead_letters}) AND EXISTS (
+      SELECT 1 FROM {captions} AS c
+      WHERE c.image_id = d.image_id AND c.captioned_at <= @published_at
+        AND (c.captioned_at > d.failed_at OR d.failed_at > @published_at))
     """,
     """
     DELETE FROM {captions} AS c
-    WHERE c.image_id IN (SELECT image_id FROM {staging_dead_letters}) AND EXISTS (
+    WHERE c.image_id IN (SELECT image_id FROM {staging_dead_letters}
+                         UNION ALL SELECT image_id FROM {staging_captions}) AND EXISTS (
       SELECT 1 FROM {dead_letters} AS d
-      WHERE d.image_id = c.image_id AND d.failed_at >= c.captioned_at)
+      WHERE d.image_id = c.image_id AND d.failed_at <= @published_at
+        AND (d.failed_at >= c.captioned_at OR c.captioned_at > @published_at))
     """,
 )
 
 # The provenance ledger: what THIS run published, replaced per run (a re-published run
 # replaces its own rows), never relabelled by later runs. Same in-run rule as above.
+# outcome_at is as the job stamped it (validation flags one dated after published_at;
+# whatever orders outcomes takes the earlier of the two).
 RECORD_PUBLISHED = (
     "DELETE FROM {published_images} WHERE run_date = @run_date AND run_id = @run_id",
     """
     INSERT INTO {published_images}
       (run_id, run_date, image_id, outcome, outcome_at, published_at, recipe, caption)
-    SELECT @run_id, @run_date, image_id, outcome, outcome_at, CURRENT_TIMESTAMP(), recipe,
+    SELECT @run_id, @run_date, image_id, outcome, outcome_at, @published_at, recipe,
       caption FROM (
       SELECT image_id, 'dead_lettered' AS outcome, failed_at AS outcome_at, recipe,
         CAST(NULL AS STRING) AS caption
@@ -319,11 +345,15 @@ SELECT
 _VALIDATION_PROBLEMS = """
 WITH
   m AS (SELECT image_id FROM {manifests} WHERE run_date = @run_date AND run_id = @run_id),
-  p AS (SELECT image_id, outcome, recipe FROM {published_images}
+  p AS (SELECT image_id, outcome, recipe, outcome_at, published_at,
+          CASE WHEN outcome_at > published_at THEN published_at ELSE outcome_at END
+            AS effective_at
+        FROM {published_images}
         WHERE run_date = @run_date AND run_id = @run_id),
-  c AS (SELECT image_id, run_id, recipe FROM {captions} WHERE {scope}),
-  d AS (SELECT image_id, run_id FROM {dead_letters} WHERE {scope}),
-  l AS (SELECT run_id, image_id, outcome, recipe FROM {published_images} WHERE {mine}),
+  c AS (SELECT image_id, run_id, recipe, caption, captioned_at FROM {captions} WHERE {scope}),
+  d AS (SELECT image_id, run_id, failed_at FROM {dead_letters} WHERE {scope}),
+  l AS (SELECT run_id, image_id, outcome, recipe, caption FROM {published_images}
+        WHERE {mine}),
   problems AS (
     -- this run, against its own manifest and ledger
     SELECT 'missing' AS kind, m.image_id FROM m
@@ -345,6 +375,24 @@ WITH
     WHERE NOT EXISTS (SELECT 1 FROM c WHERE c.image_id = p.image_id)
       AND NOT EXISTS (SELECT 1 FROM d WHERE d.image_id = p.image_id)
     UNION ALL
+    -- an outcome dated after the run published it (@skew_s: the clocks' allowed drift)
+    SELECT 'dated_ahead' AS kind, p.image_id FROM p
+    WHERE TIMESTAMP_DIFF(p.outcome_at, p.published_at, SECOND) > @skew_s
+    UNION ALL
+    -- each outcome of the run is current, or a newer outcome (another run's) replaced it
+    SELECT 'stale' AS kind, p.image_id FROM p
+    WHERE (EXISTS (SELECT 1 FROM c WHERE c.image_id = p.image_id)
+           OR EXISTS (SELECT 1 FROM d WHERE d.image_id = p.image_id))
+      AND NOT EXISTS (
+        SELECT 1 FROM c WHERE c.image_id = p.image_id AND (
+          (c.run_id = @run_id AND p.outcome = 'captioned')
+          OR (c.run_id != @run_id AND (c.captioned_at > p.effective_at
+              OR (c.captioned_at = p.effective_at AND p.outcome = 'captioned')))))
+      AND NOT EXISTS (
+        SELECT 1 FROM d WHERE d.image_id = p.image_id AND (
+          (d.run_id = @run_id AND p.outcome = 'dead_lettered')
+          OR (d.run_id != @run_id AND d.failed_at >= p.effective_at)))
+    UNION ALL
     -- the tables, for the images in scope
     SELECT 'duplicate_caption' AS kind, image_id FROM c
     GROUP BY image_id HAVING COUNT(*) > 1
@@ -364,6 +412,16 @@ WITH
     SELECT 'recipe_mismatch' AS kind, c.image_id FROM c
     JOIN l ON l.run_id = c.run_id AND l.image_id = c.image_id AND l.outcome = 'captioned'
     WHERE COALESCE(c.recipe, '') != COALESCE(l.recipe, '')
+    UNION ALL
+    -- ... and the caption text its run published
+    SELECT 'caption_mismatch' AS kind, c.image_id FROM c
+    JOIN l ON l.run_id = c.run_id AND l.image_id = c.image_id AND l.outcome = 'captioned'
+    WHERE COALESCE(c.caption, '') != COALESCE(l.caption, '')
+    UNION ALL
+    -- no current row is dated in the future (@not_after: now plus the allowed drift)
+    SELECT 'future_row' AS kind, c.image_id FROM c WHERE c.captioned_at > @not_after
+    UNION ALL
+    SELECT 'future_row' AS kind, d.image_id FROM d WHERE d.failed_at > @not_after
     UNION ALL
     SELECT 'unproven' AS kind, d.image_id FROM d
     WHERE {own_d} NOT EXISTS (
@@ -391,6 +449,20 @@ VALIDATION_PROBLEMS_WHOLE = (
     _VALIDATION_PROBLEMS.replace("{scope}", "TRUE").replace("{mine}", "TRUE")
     .replace("{own_c}", "").replace("{own_d}", "")
 )
+
+# One caption row's digest (captioning.sinks.caption_digest, the job's side): the first 32
+# bits of MD5(image_id|recipe|caption) as an integer; {row}: the row's alias.
+CAPTION_DIGEST = (
+    "CAST(CONCAT('0x', SUBSTR(TO_HEX(MD5(CONCAT({row}.image_id, '|', COALESCE({row}.recipe, ''),"
+    " '|', COALESCE({row}.caption, '')))), 1, 8)) AS INT64)"
+)
+# The captions the run published (its ledger), counted and checksummed as the job does over
+# what it wrote (run_summary.json "written"): equal sums prove the same texts.
+PUBLISHED_CAPTIONS_DIGEST = """
+SELECT COUNT(*) AS captions, SUM(""" + CAPTION_DIGEST.format(row="p") + """) AS checksum
+FROM {published_images} AS p
+WHERE p.run_date = @run_date AND p.run_id = @run_id AND p.outcome = 'captioned'
+"""
 
 # The run's dead letters by reason: stage, the error's exception class (the job writes
 # "Type: message", inference errors as "BLIP: Type: message"), and whether a different run
