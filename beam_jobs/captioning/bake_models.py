@@ -18,11 +18,18 @@ cache goes to a temporary folder that is removed, so the image holds one copy.
 
     python -m captioning.bake_models bake --blip Salesforce/blip-image-captioning-base \
         --clip openai/clip-vit-base-patch32 --out /opt/models
+
+Either way ``bake`` then writes :data:`DIGEST_FILE` into every model folder under ``OUT``
+(baked here or copied in from MODELS_DIR): the folder's content digest, computed exactly as
+``captioning.recipe.local_folder_digest`` does (a test holds them equal). A worker that loads
+a baked folder whose files no longer hash to it refuses to run
+(``captioning.model_refs.loaded_model_digest``).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import importlib.metadata
 import json
@@ -39,6 +46,9 @@ MODEL_CLASSES: dict[str, tuple[str, str]] = {
     "clip": ("CLIPModel", "CLIPProcessor"),
 }
 SOURCE_FILE = "baked_from.json"
+#: The build-time content digest of a baked model folder. Hidden, so that it is not one of
+#: the files it digests (hidden files are never part of a model's digest).
+DIGEST_FILE = ".model_digest.json"
 # What the worker imports: the check fails if any of these cannot be imported.
 WORKER_IMPORTS = ("apache_beam", "torch", "transformers", "PIL", "numpy", "pyarrow")
 
@@ -162,6 +172,63 @@ def bake(refs: dict[str, str], out: str | os.PathLike[str]) -> dict[str, Path]:
     return written
 
 
+def folder_digest(folder: str | os.PathLike[str]) -> str | None:
+    """The content digest of a model folder: ``md5:`` and the MD5 of one line
+    ``relative/name<TAB>md5 hex of its bytes`` per file, sorted by name; hidden files and
+    folders left out; None without files. The same as ``captioning.recipe.local_folder_digest``
+    (restated: this file runs before the package is installed)."""
+    root = Path(folder)
+    files: list[tuple[str, str]] = []
+    for dirpath, dirnames, names in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in names:
+            full = Path(dirpath) / name
+            if name.startswith(".") or not full.is_file():
+                continue
+            digest = hashlib.md5(usedforsecurity=False)
+            with open(full, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+            files.append((full.relative_to(root).as_posix(), digest.hexdigest()))
+    if not files:
+        return None
+    lines = "".join(f"{name}\t{md5}\n" for name, md5 in sorted(files))
+    return "md5:" + hashlib.md5(lines.encode("utf-8"), usedforsecurity=False).hexdigest()
+
+
+def write_digests(out: str | os.PathLike[str]) -> dict[str, str]:
+    """Write :data:`DIGEST_FILE` into every model folder directly under ``out`` (one holding a
+    ``config.json``); returns folder name -> digest."""
+    out = Path(out)
+    written: dict[str, str] = {}
+    if not out.is_dir():
+        return written
+    for folder in sorted(p for p in out.iterdir() if (p / "config.json").is_file()):
+        digest = folder_digest(folder)
+        if digest is None:
+            continue
+        (folder / DIGEST_FILE).write_text(json.dumps({"digest": digest}, indent=2) + "\n")
+        print(f"digest {folder}: {digest}")
+        written[folder.name] = digest
+    return written
+
+
+def read_digest_file(folder: str | os.PathLike[str]) -> str | None:
+    """The build-time digest of a baked model folder; None where it has no :data:`DIGEST_FILE`
+    (a folder not baked into an image). An unreadable file is an error: the image is damaged."""
+    path = Path(folder) / DIGEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        digest = json.loads(path.read_text())["digest"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a model digest file ({type(exc).__name__}: {exc})") \
+            from None
+    if not isinstance(digest, str) or not digest.startswith("md5:"):
+        raise ValueError(f"{path}: not a model digest ({digest!r})")
+    return digest
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m captioning.bake_models",
                                      description=__doc__.split("\n\n")[0])
@@ -189,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not refs:
                 print("no model ids given; nothing to bake")
             bake(refs, args.out)
+            write_digests(args.out)  # downloaded or copied from MODELS_DIR alike
     except (CheckFailed, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

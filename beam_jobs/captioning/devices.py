@@ -17,6 +17,12 @@ Pure Python at import (no torch): the pipeline is built where torch may be missi
 - **dtype.** CPU: fp32 (bf16 autocast when asked for). CUDA: bf16 where the card computes it
   natively (compute capability 8.0 and up: A100, L4, H100, H200), fp16 where it does not
   (T4); ``precision`` bf16 or fp16 given explicitly wins.
+- **Numerics label.** What the caption recipe records (``captioning.recipe.numerics``):
+  :func:`numerics_label` of the card's compute capability and the dtype chosen for it
+  (``cuda-sm75-float16`` on a T4, ``cuda-sm89-bfloat16`` on an L4). The plan predicts the
+  capability from the worker's accelerator type (:data:`CARD_CAPABILITY`), the job reads it
+  from the card it loaded on; both go through the same function, so they agree exactly when
+  the card is the planned one.
 - **One model per GPU.** Beam gives a worker process one model per handler; with one SDK
   process per worker, a second GPU on the worker would idle (and several processes would
   each load every model onto ``cuda:0``). Until models are placed per GPU, more than one
@@ -170,6 +176,49 @@ def choose_numerics(device: str, precision: str, gpu: GpuInfo | None = None) -> 
     if precision == "fp32":
         return Numerics("bfloat16" if gpu is not None and gpu.native_bf16 else "float16")
     return Numerics({"bf16": "bfloat16", "fp16": "float16"}[precision])
+
+
+#: Compute capability (``torch.cuda.get_device_capability``) of each card family Dataflow
+#: offers: how the plan predicts, from the worker's accelerator type, the dtype and numerics
+#: the job will run (:func:`numerics_label`). A family missing here cannot be planned for on
+#: ``cuda`` (the recipe would not say what runs); add it with its capability.
+CARD_CAPABILITY: dict[str, tuple[int, int]] = {
+    "p100": (6, 0), "p4": (6, 1), "v100": (7, 0), "t4": (7, 5), "a100": (8, 0),
+    "l4": (8, 9), "h100": (9, 0), "h200": (9, 0),
+}
+_CARD = re.compile(r"(?<![a-z0-9])(p100|p4|v100|t4|a100|l4|h100|h200)(?![0-9])")
+
+
+def card_capability(card: str | Sequence[int] | None) -> tuple[int, int] | None:
+    """The compute capability of ``card``: a Dataflow accelerator type (``nvidia-tesla-t4``,
+    ``nvidia-l4``), a CUDA device name (``Tesla T4``), or the capability itself; None when
+    unknown."""
+    if card is None or card == "":
+        return None
+    if not isinstance(card, str):
+        major, minor = (int(x) for x in card)
+        return major, minor
+    match = _CARD.search(card.lower())
+    return CARD_CAPABILITY[match.group(1)] if match else None
+
+
+def numerics_label(device: str, precision: str, capability: Sequence[int] | None) -> str:
+    """What the recipe records as the models' arithmetic (``captioning.recipe.numerics``).
+
+    CPU: the precision setting (``fp32``, ``bf16``). CUDA: ``cuda-sm<XY>-<dtype>`` of the
+    card's compute capability and the dtype :func:`choose_numerics` picks for it, e.g.
+    ``cuda-sm75-float16`` (T4) and ``cuda-sm89-bfloat16`` (L4); ``cuda-<precision>`` when the
+    card is not known (a plan that could not tell which card runs: the job refuses it, since
+    it always knows its card)."""
+    choose_numerics(device, precision)  # refuses an unknown device or precision
+    if device_type(device) == "cpu":
+        return precision
+    if capability is None:
+        return f"cuda-{precision}"
+    major, minor = (int(x) for x in capability)
+    weights = choose_numerics(device, precision,
+                              GpuInfo(0, "", 0, 0, (major, minor))).weights
+    return f"cuda-sm{major}{minor}-{weights}"
 
 
 def list_gpus(cuda: Any = None) -> list[GpuInfo]:

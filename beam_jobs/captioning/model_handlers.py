@@ -12,6 +12,14 @@ dead-lettered, with a reason that says so. A batch failing any other way is retr
 image. What still fails comes back as ``{"error": ...}`` for the pipeline to dead-letter
 (stage ``inference``).
 
+At load, each handler checks that what it loaded is the recipe the plan claimed (``planned``:
+the job's settings and its ``--recipe``): it digests the model folders from the files it
+loads and takes the numerics of the card it placed them on, and refuses to run (the job
+fails at its first model load, before any row is written) when they make another recipe
+(:func:`captioning.recipe.check_loaded`); a baked folder whose files no longer match the
+digest written when the worker image was built is refused too
+(:func:`captioning.model_refs.loaded_model_digest`).
+
 Where the models run and in which dtype is decided in :mod:`captioning.devices`; the device
 is a parameter everywhere below, so the GPU's code path (half-precision weights, inputs moved
 to the model's device, the decoder's GPU branch, the out-of-memory split) runs on a CPU in
@@ -41,9 +49,10 @@ from captioning import (
     job_spec,
     onednn_linear,
 )
+from captioning import recipe as recipe_spec
 from captioning.counters import NAMESPACE as METRICS_NAMESPACE
 from captioning.images import DecodedImage
-from captioning.model_refs import check_generation_limit, resolve_model_ref
+from captioning.model_refs import check_generation_limit, loaded_model_digest, resolve_model_ref
 from captioning.records import describe_error
 
 log = logging.getLogger(__name__)
@@ -93,6 +102,33 @@ def _load(model_cls_name: str, processor_cls_name: str, ref: str, device: str,
         model.eval()
         log.info("%s on %s (%s) in %s", ref, device, gpu.name if gpu else "CPU", dtype)
         return LoadedModel(model, processor, device, dtype, gpu)
+
+
+def planned_recipe(opts: Any) -> dict[str, Any] | None:
+    """What the handlers check their models against at load (``planned``): the job's
+    settings with the plan's ``--recipe``; None for a job launched without one (its rows are
+    then known by their models' references: nothing was planned)."""
+    from captioning.options import values
+
+    return {**values(opts), "recipe": opts.recipe} if opts.recipe else None
+
+
+def check_loaded_recipe(planned: Mapping[str, Any] | None, own_ref: str,
+                        lm: LoadedModel) -> str | None:
+    """Digest the model folders from the files loaded (``own_ref``'s always: a baked folder
+    must match its build-time digest) and, with a plan, refuse a recipe other than the
+    planned one (:class:`captioning.recipe.RecipeMismatch`); returns the fingerprint."""
+    own = loaded_model_digest(own_ref)
+    if not planned:
+        return None
+    digests = {name: own if planned.get(name) == own_ref else loaded_model_digest(
+        str(planned[name])) for name in recipe_spec.MODELS if planned.get(name)}
+    where = (f"this worker's {lm.gpu.name} ({lm.device})" if lm.gpu is not None
+             else f"this worker ({lm.device})")
+    checked = recipe_spec.check_loaded(planned, digests,
+                                       lm.gpu.capability if lm.gpu else None, card_name=where)
+    log.info("%s: recipe %s is what %s loaded (digests %s)", own_ref, checked, where, digests)
+    return checked
 
 
 def _distinct_token_rows(input_ids: Any, attention_mask: Any) -> tuple[Any, Any, Any]:
@@ -181,10 +217,12 @@ class _BaseHandler(ModelHandler):
 
     def __init__(self, model_ref: str, *, device: str, batch_size: int,
                  share_across_processes: bool = False, precision: str = "fp32",
-                 fast_paths: bool = True) -> None:
+                 fast_paths: bool = True, planned: Mapping[str, Any] | None = None) -> None:
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
         devices.choose_numerics(device, precision)  # refuses an unknown device or precision
         self.model_ref = model_ref
+        # the recipe the plan claimed (planned_recipe): checked against what loads
+        self.planned = dict(planned) if planned else None
         self.device = device
         self.batch_size = batch_size
         self.precision = precision
@@ -265,10 +303,11 @@ class BlipCaptionModelHandler(_BaseHandler):
                  num_beams: int = 5, max_new_tokens: int = 30, prompt: str | None = None,
                  device: str = "cpu", batch_size: int = 8, top_p: float = 0.9,
                  share_across_processes: bool = False,
-                 fast_paths: bool = True, precision: str = "fp32") -> None:
+                 fast_paths: bool = True, precision: str = "fp32",
+                 planned: Mapping[str, Any] | None = None) -> None:
         super().__init__(model_ref, device=device, batch_size=batch_size,
                          share_across_processes=share_across_processes, precision=precision,
-                         fast_paths=fast_paths)
+                         fast_paths=fast_paths, planned=planned)
         if decoding not in ("beam", "sample"):
             raise ValueError(f"decoding must be beam or sample, got {decoding!r}")
         if problem := job_spec.enough_beams({"decoding": decoding, "num_beams": num_beams,
@@ -284,6 +323,7 @@ class BlipCaptionModelHandler(_BaseHandler):
     def load_model(self) -> LoadedModel:
         lm = _load("BlipForConditionalGeneration", "BlipProcessor", self.model_ref, self.device,
                    self.precision)
+        check_loaded_recipe(self.planned, self.model_ref, lm)
         check_generation_limit(lm, self.model_ref, self.max_new_tokens, self.prompt)
         if self.fast_paths:
             blip_decoding.share_cross_attention(lm.model)
@@ -366,14 +406,15 @@ class ClipRankModelHandler(_BaseHandler):
 
     def __init__(self, model_ref: str, *, device: str = "cpu", batch_size: int = 8,
                  share_across_processes: bool = False, precision: str = "fp32",
-                 fast_paths: bool = True) -> None:
+                 fast_paths: bool = True, planned: Mapping[str, Any] | None = None) -> None:
         super().__init__(model_ref, device=device, batch_size=batch_size,
                          share_across_processes=share_across_processes, precision=precision,
-                         fast_paths=fast_paths)
+                         fast_paths=fast_paths, planned=planned)
 
     def load_model(self) -> LoadedModel:
-        return self._prepare(_load("CLIPModel", "CLIPProcessor", self.model_ref, self.device,
-                                   self.precision))
+        lm = _load("CLIPModel", "CLIPProcessor", self.model_ref, self.device, self.precision)
+        check_loaded_recipe(self.planned, self.model_ref, lm)
+        return self._prepare(lm)
 
     def get_metrics_namespace(self) -> str:
         return "clip_ranking"

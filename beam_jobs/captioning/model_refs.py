@@ -2,6 +2,10 @@
 
 Remote folders are copied once per worker process to a local temp dir through Beam
 FileSystems, so ``gs://`` (or any Beam filesystem) works without extra client code.
+
+:func:`loaded_model_digest` digests the folder the job loads (its local copy for a remote
+one) the way the plan digests it, and checks it against the digest the worker image was
+built with where the folder was baked in (``captioning.bake_models.DIGEST_FILE``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import tempfile
 import threading
 from typing import Any
 
+from captioning.bake_models import DIGEST_FILE, read_digest_file
+from captioning.recipe import RecipeMismatch, local_folder_digest
 from captioning.uris import beam_path
 
 _LOCK = threading.Lock()
@@ -54,6 +60,30 @@ def _copy_folder(ref: str) -> str:
             while chunk := src.read(16 * 1024 * 1024):
                 dst.write(chunk)
     return local
+
+
+def loaded_model_digest(ref: str) -> str | None:
+    """The content digest of the model folder the job loads for ``ref``
+    (``captioning.recipe.local_folder_digest`` of the folder ``from_pretrained`` reads:
+    the local folder, or the local copy of a remote one, whose MD5s are the bytes GCS lists),
+    the plan's digest of the same files; None for a Hugging Face id (known by reference).
+
+    Reads every byte once per worker process (cached by path, size and mtime): about 2 s per
+    GB plus the disk read. A folder baked into the worker image carries the digest it was built with
+    (:data:`DIGEST_FILE`); files that no longer hash to it raise :class:`RecipeMismatch`.
+    """
+    if not is_folder_ref(ref):
+        return None
+    folder = resolve_model_ref(ref)
+    digest = local_folder_digest(folder)
+    baked = read_digest_file(folder)
+    if baked is not None and baked != digest:
+        raise RecipeMismatch(
+            f"model folder {ref}: its files hash to {digest}, but the worker image was built "
+            f"with {baked} ({DIGEST_FILE}, written by bake_models at build time): the folder "
+            "changed after the image was built; rebuild the image (and plan again) or "
+            "restore the baked files")
+    return digest
 
 
 CONFIG_FILE = "config.json"

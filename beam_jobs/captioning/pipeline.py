@@ -17,7 +17,11 @@ from apache_beam.version import __version__ as BEAM_SDK_VERSION
 from captioning.counters import NAMESPACE as METRICS_NAMESPACE
 from captioning.devices import job_batch_sizes
 from captioning.images import DEAD_LETTER_TAG, DecodedImage, ReadAndDecodeFn
-from captioning.model_handlers import BlipCaptionModelHandler, ClipRankModelHandler
+from captioning.model_handlers import (
+    BlipCaptionModelHandler,
+    ClipRankModelHandler,
+    planned_recipe,
+)
 from captioning.options import CaptionOptions
 from captioning.options import values as option_values
 from captioning.recipe import job_fingerprint
@@ -229,12 +233,14 @@ def model_handlers(opts: CaptionOptions) -> tuple[BlipCaptionModelHandler,
     """The two handlers configured from the command line (batch sizes for the device:
     ``captioning.devices.job_batch_sizes``)."""
     sizes = job_batch_sizes(opts)
+    planned = planned_recipe(opts)  # checked against what each handler loads
     blip = BlipCaptionModelHandler(
         opts.blip_model, num_captions=opts.num_captions, decoding=opts.decoding,
         num_beams=opts.num_beams, max_new_tokens=opts.max_new_tokens, prompt=opts.prompt,
-        device=opts.device, batch_size=sizes.blip, precision=opts.precision)
+        device=opts.device, batch_size=sizes.blip, precision=opts.precision, planned=planned)
     clip = ClipRankModelHandler(opts.clip_model, device=opts.device,
-                                batch_size=sizes.clip, precision=opts.precision)
+                                batch_size=sizes.clip, precision=opts.precision,
+                                planned=planned)
     return blip, clip
 
 

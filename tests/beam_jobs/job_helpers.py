@@ -43,6 +43,17 @@ def job_argv(models: dict[str, str], manifest: Path, output: Path, run_id: str =
     return argv
 
 
+def planned_fingerprint(models: dict[str, str], **flags: Any) -> str:
+    """The ``--recipe`` the plan task computes for the job with these models and flags
+    (``caption_platform.recipes``): what the job checks its loaded models against."""
+    from caption_platform.recipes import run_recipe
+    from captioning.options import CaptionOptions, values
+    from captioning.recipe import fingerprint
+
+    argv = job_argv(models, Path("/m.jsonl"), Path("/out"), **flags)
+    return fingerprint(run_recipe(values(CaptionOptions(argv))))
+
+
 def run_job_process(models: dict[str, str], manifest: Path, output: Path, *,
                     timeout_s: float, run_id: str = "test-run",
                     **flags: Any) -> subprocess.CompletedProcess[str]:
@@ -51,6 +62,16 @@ def run_job_process(models: dict[str, str], manifest: Path, output: Path, *,
     return subprocess.run([sys.executable, str(JOB_SCRIPT),
                            *job_argv(models, manifest, output, run_id, **flags)],
                           capture_output=True, text=True, timeout=timeout_s, check=False)
+
+
+def planned_entry(path: Path) -> Any:
+    """The manifest entry the plan writes for the local file ``path`` (contract: image_id is
+    the MD5 hex of its bytes, size_bytes their length): what the job checks it read."""
+    from captioning.records import ManifestEntry
+    from captioning.sample_images import md5_file
+    from captioning.uris import file_uri
+
+    return ManifestEntry(md5_file(path), file_uri(str(path)), path.stat().st_size)
 
 
 def read_table(output: Path, table: str) -> list[dict[str, Any]]:

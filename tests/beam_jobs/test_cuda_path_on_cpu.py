@@ -78,6 +78,50 @@ def test_dtype_for_device_and_card(device: str, precision: str, gpu: GpuInfo | N
     assert devices.choose_numerics(device, precision, gpu) == devices.Numerics(weights, autocast)
 
 
+L4 = GpuInfo(0, "NVIDIA L4", 24 * GIB, 22 * GIB, (8, 9))
+H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", 80 * GIB, 79 * GIB, (9, 0))
+
+
+@pytest.mark.parametrize(("device", "precision", "card", "label"), [
+    ("cpu", "fp32", None, "fp32"),  # CPU: the precision setting, whatever the card
+    ("cpu", "bf16", "nvidia-l4", "bf16"),
+    ("cuda", "fp32", "nvidia-tesla-t4", "cuda-sm75-float16"),
+    ("cuda", "fp32", "nvidia-l4", "cuda-sm89-bfloat16"),
+    ("cuda", "fp32", "nvidia-a100-80gb", "cuda-sm80-bfloat16"),
+    ("cuda", "fp32", "nvidia-tesla-v100", "cuda-sm70-float16"),
+    ("cuda:0", "fp32", "Tesla T4", "cuda-sm75-float16"),  # a CUDA device name
+    ("cuda", "bf16", "nvidia-tesla-t4", "cuda-sm75-bfloat16"),  # explicit wins
+    ("cuda", "fp32", (12, 0), "cuda-sm120-bfloat16"),  # a capability as listed at load
+    ("cuda", "fp32", None, "cuda-fp32"),  # card unknown: the job refuses such a plan
+    ("cuda", "fp32", "NVIDIA L40S", "cuda-fp32"),
+])
+def test_numerics_label_names_the_card_and_the_dtype_chosen(
+        device: str, precision: str, card: object, label: str) -> None:
+    assert devices.numerics_label(device, precision, devices.card_capability(card)) == label
+
+
+@pytest.mark.parametrize(("accelerator", "gpu"), [
+    ("nvidia-tesla-t4", T4), ("nvidia-l4", L4), ("nvidia-tesla-a100", A100),
+    ("nvidia-a100-80gb", A100), ("nvidia-h100-80gb", H100)])
+def test_the_plan_predicts_the_numerics_the_job_loads_in(accelerator: str, gpu: GpuInfo) -> None:
+    """The plan knows the worker's accelerator type, the job its listed card: same label, and
+    its dtype is the one the handlers load the weights in."""
+    from captioning import recipe
+
+    values = {"device": "cuda", "precision": "fp32"}
+    planned = recipe.numerics(values, accelerator)
+    assert planned == recipe.numerics(values, gpu.capability)
+    assert planned.endswith("-" + devices.choose_numerics("cuda", "fp32", gpu).weights)
+
+
+def test_every_card_with_batch_sizes_or_a_price_can_be_planned_for() -> None:
+    from caption_platform.cost_model import GPU_ALIASES
+
+    assert set(devices.GPU_BATCH_SIZES) <= set(devices.CARD_CAPABILITY)
+    for accelerator in GPU_ALIASES:
+        assert devices.card_capability(accelerator) is not None, accelerator
+
+
 @pytest.mark.parametrize(("device", "precision"), [("cpu", "fp8"), ("tpu", "fp32")])
 def test_unknown_device_or_precision_is_refused(device: str, precision: str) -> None:
     with pytest.raises(ValueError, match="precision must be|device must be"):

@@ -7,14 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from job_helpers import no_network, read_summary, read_table
+from job_helpers import no_network, planned_fingerprint, read_summary, read_table
 
 from captioning import schema
 from captioning.sample_images import write_bad_corpus, write_manifest, write_sample_images
 
 
 @pytest.fixture(scope="module")
-def happy(tmp_path_factory: pytest.TempPathFactory, run_job: Any) -> dict[str, Any]:
+def happy(tmp_path_factory: pytest.TempPathFactory, run_job: Any,
+          tiny_models: dict[str, str]) -> dict[str, Any]:
     """10 distinct images + a byte-identical copy + a corrupt file, the same URI listed twice."""
     root = tmp_path_factory.mktemp("happy")
     write_sample_images(root / "images", 10, duplicate=True, corrupt=True)
@@ -26,8 +27,10 @@ def happy(tmp_path_factory: pytest.TempPathFactory, run_job: Any) -> dict[str, A
         f.write(json.dumps(rows[3]) + "\n")
     output = root / "out"
     with no_network() as attempts:
-        summary = run_job(manifest, output, run_id="happy-1", recipe="0123456789abcdef")
-    return {"output": output, "summary": summary, "manifest": rows, "attempts": attempts}
+        recipe = planned_fingerprint(tiny_models)
+        summary = run_job(manifest, output, run_id="happy-1", recipe=recipe)
+    return {"output": output, "summary": summary, "manifest": rows, "attempts": attempts,
+            "recipe": recipe}
 
 
 def test_one_row_per_unique_image_with_contract_columns(happy: dict[str, Any]) -> None:
@@ -42,7 +45,7 @@ def test_one_row_per_unique_image_with_contract_columns(happy: dict[str, Any]) -
     assert list(captions[0]) == schema.column_names("captions")
     assert list(dead[0]) == schema.column_names("dead_letters")
     # every row carries the recipe the plan passed (--recipe)
-    assert {r["recipe"] for r in captions + dead} == {"0123456789abcdef"}
+    assert {r["recipe"] for r in captions + dead} == {happy["recipe"]}
     # Identical bytes under two names: the lexicographically smallest URI is kept.
     copy = [r for r in captions if "img_0000" in r["uri"]]
     assert len(copy) == 1 and copy[0]["uri"].endswith("copy_of_img_0000.jpg")

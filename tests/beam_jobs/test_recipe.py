@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from captioning import job_spec, recipe
@@ -66,3 +69,30 @@ def test_folder_digest_depends_on_names_and_bytes_not_order() -> None:
     a = recipe.folder_digest([("config.json", "aa"), ("model.safetensors", "bb")])
     assert a == recipe.folder_digest([("model.safetensors", "bb"), ("config.json", "aa")])
     assert a != recipe.folder_digest([("config.json", "aa"), ("model.safetensors", "bc")])
+
+
+def test_the_card_is_part_of_the_recipe_on_cuda_only() -> None:
+    cuda = {**BASE, "device": "cuda"}
+    t4, l4 = (recipe.recipe(cuda, card=c) for c in ("nvidia-tesla-t4", "nvidia-l4"))
+    assert (t4["numerics"], l4["numerics"]) == ("cuda-sm75-float16", "cuda-sm89-bfloat16")
+    assert recipe.fingerprint(t4) != recipe.fingerprint(l4)
+    assert recipe.fingerprint(recipe.recipe(BASE, card="nvidia-l4")) == "4d6abc0f44d18227"
+
+
+def test_local_folder_digest_reads_changed_bytes_and_skips_hidden_files(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "model.safetensors").write_bytes(b"weights-1")
+    (tmp_path / "config.json").write_text("{}")
+    before = recipe.local_folder_digest(str(tmp_path))
+    assert before == recipe.folder_digest([
+        ("config.json", "99914b932bd37a50b983c5e7c90ae93b"),
+        ("sub/model.safetensors", recipe.file_md5(str(tmp_path / "sub" / "model.safetensors")))])
+    (tmp_path / ".model_digest.json").write_text("{}")
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "x").write_text("x")
+    assert recipe.local_folder_digest(str(tmp_path)) == before
+    weights = tmp_path / "sub" / "model.safetensors"
+    weights.write_bytes(b"weights-2")  # same size, new bytes
+    os.utime(weights, ns=(1, 1))
+    assert recipe.local_folder_digest(str(tmp_path)) != before
+    assert recipe.local_folder_digest(str(tmp_path / "sub" / "empty")) is None
