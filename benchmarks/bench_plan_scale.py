@@ -72,6 +72,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from git_tree import export_ref
+
 ROOT = Path(__file__).resolve().parents[1]
 #: The code measured: this checkout, or another tree of it (``--code-root``/``--code-ref``,
 #: passed on to the children through this variable).
@@ -455,11 +457,10 @@ def settings_env(workdir: Path, *, data_root: Path, source: Path, duckdb: Path) 
 
 def run_recipe_id() -> str:
     """This run's recipe fingerprint, as the plan task computes it (same settings)."""
-    from caption_platform.recipes import run_recipe
+    from caption_platform.recipes import settings_recipe
     from captioning.recipe import fingerprint
 
-    settings = _settings()
-    return fingerprint(run_recipe(settings.job.model_dump(), settings.storage_conn_id))
+    return fingerprint(settings_recipe(_settings()))
 
 
 def _sql_str(text: str) -> str:
@@ -818,6 +819,20 @@ def write_staging(output: str, kind: str, rows: list[dict]) -> None:
                    folder / "part-00000-of-00001.parquet", compression="snappy")
 
 
+def write_written_summary(output: str, manifest: str, captions: list[dict]) -> None:
+    """The job's run_summary.json ``written`` block for these caption rows (what
+    ``validate_run`` checks the published rows against), where the job writes it."""
+    from captioning.layout import SUMMARY_FILE, summary_folder
+    from captioning.sinks import caption_digest
+
+    checksum = sum(caption_digest(r["image_id"], r.get("recipe"), r.get("caption"))
+                   for r in captions)
+    folder = Path(summary_folder(output, manifest).removeprefix("file://"))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SUMMARY_FILE).write_text(json.dumps(
+        {"written": {"captions": {"rows": len(captions), "checksum": checksum}}}))
+
+
 def build_run_plan(run_id: str, images: int, recipe: str) -> dict[str, Any]:
     """The RunPlan the plan task would have returned for this run, from the public helpers
     (no listing), as XCom."""
@@ -852,6 +867,7 @@ def prepare_run(wh_dir: Path, run_id: str, count: int) -> dict[str, Any]:
             handle.write(json.dumps(row) + "\n")
     write_staging(output, "captions", captions)
     write_staging(output, "dead_letters", dead)
+    write_written_summary(output, target, captions)
     t0 = time.perf_counter()
     loaded = get_warehouse(settings).load_manifest(run_id, target)
     spec: dict[str, Any] = {"run_id": run_id, "output": output, "recipe": recipe,
@@ -1306,20 +1322,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.workdir = args.workdir.resolve()
     return args
 
-
-def export_ref(ref: str, workdir: Path) -> Path:
-    """The tree of commit ``ref`` (``git archive``; the checkout is not touched), cached."""
-    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{ref}^{{commit}}"],
-                         capture_output=True, text=True, check=True).stdout.strip()
-    dest = workdir / "code" / sha[:12]
-    if not (dest / ".complete").exists():
-        shutil.rmtree(dest, ignore_errors=True)
-        dest.mkdir(parents=True)
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha], capture_output=True,
-                                 check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-        (dest / ".complete").write_text(sha)
-    return dest
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:

@@ -19,7 +19,8 @@ import pendulum
 from airflow.providers.apache.beam.operators.beam import BeamRunPythonPipelineOperator  # noqa: F401
 from airflow.sdk import Asset, dag, get_current_context, task
 
-from caption_platform import tasks
+from caption_platform import approval, tasks
+from caption_platform.approval import CaptionApprovalOperator
 from caption_platform.operators import CaptionJobOperator
 from caption_platform.params import dag_params
 
@@ -34,17 +35,23 @@ DOC_MD = """
    extension and size, de-duplicates by content MD5 (identical bytes under two names are
    captioned once), skips images already captioned when `incremental` is on, writes and
    loads the run's manifest, and forecasts the run's cost from recorded runs with the same
-   runner, hardware, models and settings. A wrong setting, or a forecast above
+   runner, hardware, models and settings (with none, from the price table and the planned
+   worker shape at a conservative rate). A wrong setting, or a forecast above
    `max_cost_usd`, fails here at once, with no retry.
 2. **has_new_images** skips the rest when the manifest is empty.
+   **approve** waits for a person when the forecast is above `approve_above_usd` (a soft
+   limit below `max_cost_usd`): answer under Required Actions; Reject, or no answer within
+   `approval_timeout_s`, skips caption and publish, and the run's row says so and who.
 3. **caption** runs the Beam job (Beam's local runner, or Dataflow GPU workers, deferred to
    the triggerer while the job runs): BLIP generates `num_captions` candidates per image,
-   CLIP scores them, the best wins; unreadable images become dead-letter rows with the
-   stage and the reason.
+   CLIP scores them, the best wins; unreadable images, and files changed since the plan
+   (their MD5 no longer the manifest's), become dead-letter rows with the stage and the
+   reason.
 4. **publish** MERGEs the run's staged output on `image_id`: retries never add a row twice.
 5. **validate** proves what the run published (its `published_images` ledger rows) equals
    its manifest, each id exactly once, and the whole tables consistent (no image twice, none
-   both captioned and dead-lettered); then fails a run that captioned nothing or
+   both captioned and dead-lettered), the published captions the ones the job wrote (count
+   and checksum) and none dated after its run; then fails a run that captioned nothing or
    dead-lettered more than `max_dead_letter_share` of its new images, counting the reasons.
    Both are final: no retry.
 6. **record_metrics** writes runtime, images/s, resources, estimated cost (GPU included)
@@ -84,6 +91,8 @@ def caption_images() -> None:
     def has_new_images(run: dict) -> bool:
         return int(run["images"]) > 0
 
+    # a person approves a run whose forecast is above approve_above_usd (else no wait)
+    approve = CaptionApprovalOperator(task_id="approve", plan_task_id="plan", retries=0)
     caption = CaptionJobOperator(task_id="caption", plan_task_id="plan", retries=1)
 
     @task(outlets=[CAPTIONS_ASSET])
@@ -96,8 +105,11 @@ def caption_images() -> None:
 
     @task
     def validate(run: dict) -> dict:
-        with tasks.error_in_xcom(get_current_context()["ti"]):
-            return tasks.validate_run(run)
+        ti = get_current_context()["ti"]
+        with tasks.error_in_xcom(ti):
+            # on Dataflow the job's counters say what it wrote (locally its run summary)
+            return tasks.validate_run(run, dataflow_job_id=ti.xcom_pull(
+                task_ids="caption", key="dataflow_job_id"))
 
     @task(trigger_rule="all_done", retries=0)
     def record_metrics() -> dict | None:
@@ -114,7 +126,8 @@ def caption_images() -> None:
             run_kind=ctx["dag_run"].run_type,
             results={t: ti.xcom_pull(task_ids=t) for t in ("publish", "validate")},
             reattached=bool(ti.xcom_pull(task_ids="caption", key="dataflow_reattached")),
-            run_after=ctx["dag_run"].run_after)
+            run_after=ctx["dag_run"].run_after,
+            approval=ti.xcom_pull(task_ids="approve", key=approval.DECISION_KEY))
 
     @task
     def export(run: dict) -> dict | None:
@@ -126,7 +139,7 @@ def caption_images() -> None:
     gate = has_new_images(run)
     published = publish(run)
     checked = validate(run)
-    gate >> caption >> published >> checked
+    gate >> approve >> caption >> published >> checked
     # after validate (whatever it said): the row can name the published captions' similarity
     checked >> record_metrics()
     checked >> export(run)

@@ -52,6 +52,15 @@ WHOLE_TABLE_CHECKS = ("weekly", "always", "never")
 DATAFLOW = "DataflowRunner"
 RUNNERS = ("DirectRunner", "PrismRunner", DATAFLOW)
 
+#: The most images one run may caption or re-caption (``max_images``, ``recaption_budget``):
+#: ten times the largest bucket users hold (10^8), and low enough that no count overflows on
+#: its way to a task (a trigger's ``1e40`` once stopped the task supervisor itself).
+MAX_IMAGES_PER_RUN = 1_000_000_000
+#: The largest ``max_cost_usd``: above the conservative no-history forecast of re-captioning
+#: the largest bucket (10^8 images, about $78,000 on n1-standard-4 + T4 workers), far below
+#: anything that overflows (``1e308`` once passed the form).
+MAX_COST_USD = 1_000_000.0
+
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _ENV_PREFIX = "CAPTION_"
 # environment variables that steer loading itself rather than naming a setting
@@ -191,8 +200,9 @@ class DataflowOptions(_Model):
     worker_container_image: str | None = None
     temp_location: str | None = None
     staging_location: str | None = None
-    max_num_workers: int = Field(default=10, ge=1)
-    disk_size_gb: int = Field(default=50, ge=10)
+    # at most Dataflow's 1,000 workers per job; a persistent disk holds at most 64 TB
+    max_num_workers: int = Field(default=10, ge=1, le=1000)
+    disk_size_gb: int = Field(default=50, ge=10, le=65536)
     service_account: str | None = None
     network: str | None = None
     subnetwork: str | None = None  # e.g. regions/us-central1/subnetworks/NAME
@@ -275,10 +285,22 @@ class Settings(_Model):
     # (captioning.recipe): keep them, or recaption them, at most recaption_budget per run
     # (None: no count limit; max_cost_usd also limits them), oldest caption first.
     recipe_policy: Annotated[str, _one_of(RECIPE_POLICIES)] = "keep"
-    recaption_budget: int | None = Field(default=None, ge=0)
-    max_images: int | None = Field(default=None, ge=1)
-    # Refuse to launch a run whose forecast cost (from recorded runs) is above this, in USD.
-    max_cost_usd: float | None = Field(default=None, ge=0)
+    recaption_budget: int | None = Field(default=None, ge=0, le=MAX_IMAGES_PER_RUN)
+    max_images: int | None = Field(default=None, ge=1, le=MAX_IMAGES_PER_RUN)
+    # Refuse to launch a run whose forecast cost is above this, in USD (caption_platform.
+    # forecast: from recorded runs, or without any, the price table x the planned shape).
+    max_cost_usd: float | None = Field(default=None, ge=0, le=MAX_COST_USD)
+    # The forecast without recorded runs: the price table x the planned workers at this many
+    # images/s per worker. Conservative on purpose: below every whole-process rate measured
+    # for one worker with the full-size models (0.41 to 0.66 images/s on a 2-vCPU CPU box,
+    # docs/PERFORMANCE.md) and far below a GPU worker's, so a budget over-forecasts a run it
+    # has no history for rather than lets it through. Set it to your workers' measured rate.
+    forecast_images_per_s_per_worker: float = Field(default=0.25, gt=0, le=1000)
+    # A person approves a run whose forecast cost is above this many USD (a soft limit
+    # below max_cost_usd; None: nothing waits), answering within approval_timeout_s, else
+    # the run is rejected (caption_platform.approval).
+    approve_above_usd: float | None = Field(default=None, ge=0, le=1e9)
+    approval_timeout_s: float = Field(default=12 * 3600, ge=1, le=7 * 24 * 3600)
     # Fail a run that dead-letters more than this share of the images it tried for the first
     # time (images a different run already dead-lettered are not counted), or captions none.
     max_dead_letter_share: float = Field(default=0.5, ge=0, le=1)
@@ -289,8 +311,8 @@ class Settings(_Model):
     # The caption task's execution_timeout: base + images x per_image (spread over the
     # Dataflow workers), so a job stuck on a read that never returns cannot hold the run,
     # and every later run queued behind it, forever (caption_platform.launch).
-    caption_timeout_base_s: float = Field(default=1800, ge=1)
-    caption_timeout_per_image_s: float = Field(default=10, ge=0)
+    caption_timeout_base_s: float = Field(default=1800, ge=1, le=7 * 24 * 3600)
+    caption_timeout_per_image_s: float = Field(default=10, ge=0, le=3600)
     pricing: dict[str, Any] = Field(default_factory=dict)
 
     @property

@@ -141,6 +141,48 @@ def estimate_cost(resources: Resources, prices: PriceTable | None = None) -> Cos
     )
 
 
+#: GB of memory per vCPU of Compute Engine's predefined machine types, by family and kind
+#: (``n1-standard-4``: 4 vCPUs, 15 GB). ``custom-N-MB`` (any family prefix) is N vCPUs, MB.
+MEMORY_GB_PER_VCPU: dict[tuple[str, str], float] = {
+    ("n1", "standard"): 3.75, ("n1", "highmem"): 6.5, ("n1", "highcpu"): 0.9,
+    **{(family, kind): gb for family in ("n2", "n2d", "e2", "c2d", "c3", "n4")
+       for kind, gb in (("standard", 4.0), ("highmem", 8.0), ("highcpu", 1.0))},
+    ("c2", "standard"): 4.0, ("g2", "standard"): 4.0,
+}
+#: ``a2-highgpu-Ng`` / ``a2-ultragpu-Ng`` (A100 machines): vCPUs and GB per GPU.
+_A2_PER_GPU: dict[str, tuple[int, float]] = {"highgpu": (12, 85.0), "ultragpu": (12, 170.0)}
+
+
+def machine_shape(machine_type: str) -> tuple[int, float]:
+    """(vCPUs, memory GB) of a Compute Engine machine type, for pricing a planned worker."""
+    parts = machine_type.strip().lower().split("-")
+    try:
+        if "custom" in parts:
+            at = parts.index("custom")
+            return int(parts[at + 1]), int(parts[at + 2]) / 1024.0
+        if parts[0] == "a2" and parts[1] in _A2_PER_GPU and parts[2].endswith("g"):
+            vcpus, gb = _A2_PER_GPU[parts[1]]
+            gpus = int(parts[2][:-1])
+            return vcpus * gpus, gb * gpus
+        vcpus = int(parts[2])
+        return vcpus, MEMORY_GB_PER_VCPU[(parts[0], parts[1])] * vcpus
+    except (IndexError, KeyError, ValueError):
+        families = "/".join(dict.fromkeys(f for f, _ in MEMORY_GB_PER_VCPU))
+        raise ValueError(f"machine type {machine_type!r} has no known shape (known: "
+                         f"{families}-standard|highmem|highcpu-N, a2-highgpu-Ng, "
+                         "custom-N-MB)") from None
+
+
+def worker_hour(vcpus: float, memory_gb: float, *, gpu_type: str | None = None,
+                gpus: int = 0, disk_gb: float = 0.0,
+                prices: PriceTable | None = None) -> CostEstimate:
+    """What one worker of this shape costs per hour at ``prices`` (GPU and disk included)."""
+    return estimate_cost(Resources(vcpu_hours=vcpus, memory_gb_hours=memory_gb,
+                                   gpu_hours=float(gpus) if gpu_type else 0.0,
+                                   gpu_type=gpu_type if gpus else None, pd_gb_hours=disk_gb),
+                         prices)
+
+
 def warehouse_cost(bytes_billed: int, prices: PriceTable | None = None) -> float:
     """What BigQuery's on-demand pricing charges for ``bytes_billed`` (USD)."""
     return (bytes_billed or 0) / 2**40 * (prices or PriceTable()).bigquery_per_tib

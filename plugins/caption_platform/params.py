@@ -11,8 +11,25 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from caption_platform.config import Settings
 from captioning import job_spec
 from captioning.job_spec import Setting
+
+
+def declared_bounds(name: str) -> dict[str, float]:
+    """``minimum``/``maximum`` of a run-level setting as the typed settings declare them
+    (``caption_platform.config``): one place, so the form, the Variable, ``CAPTION_*`` and the
+    REST trigger all refuse the same values."""
+    from annotated_types import Ge, Le
+
+    out: dict[str, float] = {}
+    for rule in Settings.model_fields[name].metadata:
+        if isinstance(rule, Ge):
+            out["minimum"] = rule.ge
+        elif isinstance(rule, Le):
+            out["maximum"] = rule.le
+    return out
+
 
 #: Run-level parameters the Airflow side owns (the job never sees them).
 RUN_PARAMETERS: tuple[Setting, ...] = (
@@ -22,7 +39,7 @@ RUN_PARAMETERS: tuple[Setting, ...] = (
             pattern=job_spec.SOURCE_URI_PATTERN,
             pattern_help=job_spec.SOURCE_URI_HELP, max_length=4096, nullable=True),
     Setting("max_images", int, None, "Caption at most this many images (a sample run).",
-            minimum=1, nullable=True),
+            **declared_bounds("max_images"), nullable=True),
     Setting("incremental", bool, None, "Skip images that other runs already captioned "
             "with this run's caption recipe (models and caption settings).", nullable=True),
     Setting("recipe_policy", str, None,
@@ -32,16 +49,50 @@ RUN_PARAMETERS: tuple[Setting, ...] = (
     Setting("recaption_budget", int, None,
             "Most images of another recipe one run re-captions (max_cost_usd limits them "
             "too). Empty: the configured budget (none: no count limit).",
-            minimum=0, nullable=True),
+            **declared_bounds("recaption_budget"), nullable=True),
     Setting("max_cost_usd", float, None,
-            "Refuse to launch when the cost forecast from recorded runs (same runner, "
-            "hardware, models and settings) is above this many US dollars.",
-            minimum=0, nullable=True),
+            "Refuse to launch when the cost forecast is above this many US dollars: from "
+            "recorded runs with the same runner, hardware, models and settings, or without "
+            "any, the price table x the planned workers at a conservative rate.",
+            **declared_bounds("max_cost_usd"), nullable=True),
 )
 #: Parameters that steer a task rather than a setting.
 EXPORT_HF = Setting("export_hf", bool, False, "Also write a Hugging Face imagefolder dataset.")
 
 PER_RUN_JOB_SETTINGS: tuple[Setting, ...] = tuple(s for s in job_spec.SETTINGS if s.per_run)
+
+
+#: What a string refused by the generic pattern (one line, not blank) is told.
+PRINTABLE_HELP = "one line of printable text, not blank"
+
+
+def friendly_schema(schema: dict[str, Any], pattern_help: str) -> dict[str, Any]:
+    """``schema`` whose pattern refusal says ``pattern_help``, not the regular expression.
+
+    Airflow answers a refused trigger with jsonschema's message for the best-matching error,
+    and a ``pattern`` error quotes the expression. The same pattern also sits in an
+    ``if``/``else`` whose ``else`` has a one-item ``enum`` holding the help: for a value the
+    pattern refuses, jsonschema (whose best match prefers that error: its subschema names no
+    type) answers ``'../etc' is not one of ['allowed values: use an absolute ...']``, and its
+    schema dump shows that ``else`` only. ``pattern`` stays too (the browser's form reads it),
+    so the ``else`` adds no value the pattern would refuse."""
+    pattern = schema.get("pattern")
+    if not pattern:
+        return schema
+    return {**schema, "if": {"pattern": pattern},
+            "else": {"enum": [f"allowed values: {pattern_help}"]}}
+
+
+def _number(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
+
+
+def _range(schema: Mapping[str, Any]) -> str:
+    """The declared bounds in words, for the form's help text (``Allowed: 0 to 1,000,000.``)."""
+    low, high = schema.get("minimum"), schema.get("maximum")
+    if high is None:
+        return "" if low is None else f" Allowed: at least {_number(low)}."
+    return f" Allowed: {'up' if low is None else _number(low)} to {_number(high)}."
 
 
 def _param(setting: Setting, *, nullable: bool) -> Any:
@@ -50,8 +101,9 @@ def _param(setting: Setting, *, nullable: bool) -> Any:
     default = None if nullable else setting.default
     note = "" if setting.default is None else f" Job default: {setting.default}."
     empty = " Empty: the configured default." if nullable else ""
-    return Param(default, description=f"{setting.help}{note}{empty}",
-                 **setting.json_schema(nullable=nullable))
+    schema = friendly_schema(setting.json_schema(nullable=nullable),
+                             setting.pattern_help or PRINTABLE_HELP)
+    return Param(default, description=f"{setting.help}{_range(schema)}{note}{empty}", **schema)
 
 
 def dag_params(job_settings: Iterable[Setting] | None = None) -> dict[str, Any]:
@@ -106,8 +158,9 @@ def benchmark_dag_params() -> dict[str, Any]:
 
     params = {"sdk_versions": Param(
         None, type=["null", "array"], minItems=1, maxItems=MAX_SDK_VERSIONS, uniqueItems=True,
-        items={"type": "string", "pattern": SDK_VERSION_PATTERN,
-               "maxLength": SDK_VERSION_MAX_LENGTH},
+        items=friendly_schema({"type": "string", "pattern": SDK_VERSION_PATTERN,
+                               "maxLength": SDK_VERSION_MAX_LENGTH},
+                              "a Beam SDK version X.Y.Z or X.Y.ZrcN, such as 2.77.0"),
         description="Beam SDK versions to run, each once, e.g. [\"2.75.0\", \"2.76.0\", "
                     "\"2.77.0\"]. Empty: the pinned version and the two releases before it.")}
     params.update({s.name: _param(s, nullable=s.nullable) for s in BENCHMARK_PARAMETERS})

@@ -68,6 +68,9 @@ class RunPlan(_Frozen):
     run_kind: str | None = None
     benchmark_id: str | None = None
     forecast_cost_usd: float | None = None
+    #: the forecast as the plan's log says it (its basis), and its wall time
+    forecast_message: str | None = None
+    forecast_runtime_s: float | None = None
     #: the caption recipe (captioning.recipe) and its fingerprint, passed to the job as
     #: --recipe and stamped on every row it writes; None only in plans of older releases
     recipe: dict[str, Any] | None = None

@@ -92,6 +92,8 @@ def plan_task(run_id: str, params: Mapping[str, Any], **plan_kwargs: Any) -> dic
         raise deterministic(exc, "invalid settings for this run") from exc
     except BudgetExceeded as exc:
         raise deterministic(exc, "not launched") from exc
+    except OverflowError as exc:  # a number too large for what it feeds: the same each try
+        raise deterministic(exc, "a setting is out of range for this run") from exc
 
 
 def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
@@ -104,22 +106,23 @@ def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
     first time), retry dead letters, and keep or re-caption (``recipe_policy``, within
     ``recaption_budget`` and ``max_cost_usd``) images captioned with another recipe.
     """
-    from caption_platform.forecast import comparison_key, forecast
+    from caption_platform.forecast import plan_forecast
     from caption_platform.launch import job_options, launch_spec
     from caption_platform.manifest import RetryPolicy, build_manifest
-    from caption_platform.recipes import run_recipe
+    from caption_platform.recipes import settings_recipe
     from caption_platform.warehouse import get_warehouse
     from captioning.recipe import describe, fingerprint
 
     settings = settings_for_run(params, overrides)
     warehouse = get_warehouse(settings)
     warehouse.ensure_tables()
-    recipe = run_recipe(settings.job.model_dump(), settings.storage_conn_id)
+    recipe = settings_recipe(settings)  # the models' digests, the workers' card
     recipe_id = fingerprint(recipe)
     log.info("caption recipe %s: %s", recipe_id, describe(recipe))
     history = warehouse.fetch_runs(limit=500)
-    key = comparison_key(settings)
-    selection = recipe_selection(settings, recipe_id, forecast(history, key, 1))
+    # with no matching history: the price table x the planned shape (forecast.py), so a
+    # model switch (the run a budget is most for) is priced and limited too
+    selection = recipe_selection(settings, recipe_id, plan_forecast(history, settings, 1))
     # the retry clock is now (failures are stamped with the time they happened, not with a
     # run's logical date); a retried plan may only find more dead letters due, never fewer
     retry = RetryPolicy(settings.dead_letters.max_attempts, settings.dead_letters.retry_hours)
@@ -147,7 +150,7 @@ def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
     log_skipped(warehouse, run_id, skipped, left_out)
     if selection is not None:
         log_selection(stats, selection)
-    expected = forecast(history, key, loaded)
+    expected = plan_forecast(history, settings, loaded)
     log.info(expected.message)
     expected.check_budget(settings.max_cost_usd)
     output = job_output(settings, run_id)
@@ -166,6 +169,8 @@ def plan_run(run_id: str, params: Mapping[str, Any], *, run_kind: Any = None,
         run_kind=run_kind_name(run_kind),
         benchmark_id=benchmark_id,
         forecast_cost_usd=expected.cost_usd,
+        forecast_message=expected.message,
+        forecast_runtime_s=expected.runtime_s,
         recipe=recipe,
         recipe_fingerprint=recipe_id,
         bytes_billed=warehouse.bytes_billed,
@@ -212,8 +217,11 @@ def recipe_selection(settings: Settings, recipe_id: str, unit: Any) -> Any:
         return None
     total = None
     per_1k = unit.cost_per_1k_images_usd
-    if settings.recipe_policy == "recaption" and settings.max_cost_usd is not None and per_1k:
-        total = math.floor(settings.max_cost_usd * 1000.0 / per_1k)
+    affordable = (settings.max_cost_usd * 1000.0 / per_1k
+                  if settings.recipe_policy == "recaption" and settings.max_cost_usd is not None
+                  and per_1k else None)
+    if affordable is not None and math.isfinite(affordable):  # else: no cost limit to count
+        total = math.floor(affordable)
         while total > 0 and per_1k * total / 1000.0 > settings.max_cost_usd:
             total -= 1  # never a forecast above the guard through rounding
     return RecipeSelection(recipe_id, settings.recipe_policy, settings.recaption_budget, total)
@@ -267,17 +275,27 @@ def publish_run(xcom: PlanXCom) -> dict[str, Any]:
             BYTES_BILLED: warehouse.bytes_billed}
 
 
-def validate_run(xcom: PlanXCom) -> dict[str, Any]:
+def validate_run(xcom: PlanXCom, *, dataflow_job_id: str | None = None) -> dict[str, Any]:
     """Prove the run exactly-once (against what it published) and the whole tables
-    consistent, then that it captioned something and dead-lettered no more than
+    consistent, its published captions the ones the job wrote (count and checksum against
+    the job's run summary, or on Dataflow the counters of ``dataflow_job_id``), no outcome
+    dated ahead, then that it captioned something and dead-lettered no more than
     ``max_dead_letter_share`` of its new images. Either failure is final (no retry)."""
+    from caption_platform.job_summary import NoJobAccount, job_written
     from caption_platform.validation import ExactlyOnceError, RunOutcomeError, check_outcome_share
     from caption_platform.warehouse import get_warehouse
 
     plan = RunPlan.from_xcom(xcom)
     warehouse = get_warehouse(plan.settings)
     whole = checks_whole_tables(plan.settings.whole_table_check, plan.run_id)
-    result = warehouse.validate(plan.run_id, recipe=plan.recipe_fingerprint, whole_tables=whole)
+    try:
+        written, unchecked = job_written(plan, dataflow_job_id)
+    except NoJobAccount as exc:
+        raise deterministic(ExactlyOnceError(str(exc)), "ExactlyOnceError") from exc
+    if unchecked:
+        log.warning("the published captions are not checked against the job's: %s", unchecked)
+    result = warehouse.validate(plan.run_id, recipe=plan.recipe_fingerprint, whole_tables=whole,
+                                written=written, content_unchecked=unchecked)
     log.info("%s (%s)", result.message, "the run and every row of the tables" if whole else
              f"the run's images; every row on whole_table_check={plan.settings.whole_table_check}")
     try:
@@ -303,7 +321,7 @@ def record_metrics(
     errors: Mapping[str, str] | None = None, run_id: str | None = None,
     params: Mapping[str, Any] | None = None, run_kind: Any = None,
     results: Mapping[str, Any] | None = None, reattached: bool = False,
-    run_after: datetime.datetime | None = None,
+    run_after: datetime.datetime | None = None, approval: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Write the run's pipeline_runs row: resources, throughput and estimated cost, and the
     first failed task's real error (``errors``: task id -> error, in run order).
@@ -311,6 +329,7 @@ def record_metrics(
     jobs billed; the plan's own bytes are in the plan. ``reattached``: the caption task
     followed a job an earlier try had launched. ``run_after``: when the run was due (no job
     of it is older), so finding its jobs reads only the listing's recent pages.
+    ``approval``: the approve task's decision (caption_platform.approval), for the row.
 
     On Dataflow every job labelled with the run is found, any still running cancelled (and
     named in the log and the row), and the row's cost is the sum over all of them.
@@ -344,6 +363,13 @@ def record_metrics(
     if plan.settings.on_dataflow:
         _add_other_jobs(row, plan, [str(j["id"]) for j in jobs], dataflow_job_id, cancelled)
         row["dataflow_reattached"] = bool(reattached)
+    if approval:
+        row["approval"], row["approved_by"] = approval.get("decision"), approval.get("by")
+        if approval.get("decision") in ("rejected", "timed_out"):  # nothing was launched
+            row["final_state"] = "REJECTED"
+            row["error"] = ("approve: " + ("no answer within approval_timeout_s; rejected"
+                            if approval["decision"] == "timed_out"
+                            else f"rejected by {approval.get('by')}"))
     warehouse = get_warehouse(plan.settings)
     if error:
         row["error"] = error

@@ -64,7 +64,8 @@ def test_the_dag_processors_pre_import_covers_the_providers() -> None:
 
 
 EXPECTED_TASKS = {
-    "plan", "has_new_images", "caption", "publish", "validate", "record_metrics", "export",
+    "plan", "has_new_images", "approve", "caption", "publish", "validate", "record_metrics",
+    "export",
 }
 
 
@@ -104,7 +105,9 @@ def test_dag_parse_imports_no_heavy_modules() -> None:
 def test_dependencies_and_gate() -> None:
     dag = load_dagbag().dags["caption_images"]
     tasks = dag.task_dict
-    assert tasks["has_new_images"].downstream_task_ids == {"caption"}
+    assert tasks["has_new_images"].downstream_task_ids == {"approve"}
+    # a person approves a run over approve_above_usd before anything is launched
+    assert tasks["approve"].downstream_task_ids == {"caption"}
     assert tasks["caption"].downstream_task_ids == {"publish"}
     assert tasks["publish"].downstream_task_ids == {"validate"}
     assert tasks["validate"].downstream_task_ids == {"export", "record_metrics"}
@@ -462,3 +465,54 @@ def test_the_benchmark_form_takes_good_versions() -> None:
     assert resolved["sdk_versions"] == ["2.75.0", "2.76.0", "2.77.0rc1"]
     schema = load_dagbag().dags["benchmark_beam_sdks"].params.get_param("sdk_versions").schema
     assert schema["uniqueItems"] is True and schema["items"]["maxLength"] <= 64
+
+
+# -- "What was captioned is what was planned": max_cost_usd without history ---------------
+@pytest.mark.slow
+def test_a_budget_with_no_history_refuses_through_dag_test(
+    tmp_path: Path, airflow_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max_cost_usd 0, settings no run has used: the forecast comes from the price table x the
+    planned shape (it used to be None, and 4 images launched). Through Airflow's own
+    ``dag.test()`` on the local profile: the plan fails once, saying the forecast, its basis
+    and the limit; nothing is launched; pipeline_runs says why. The job file would fail the
+    test if anything ran it."""
+    import duckdb
+    import pendulum
+    from airflow.models import TaskInstance
+    from airflow.utils.session import create_session
+
+    from captioning.sample_images import write_sample_images
+
+    images = tmp_path / "images"
+    write_sample_images(images, count=4)
+    never = tmp_path / "never_launched.py"
+    never.write_text("raise SystemExit('launched although the plan refused the run')\n")
+    db = tmp_path / "warehouse.duckdb"
+    for key, value in {"CAPTION_DATA_ROOT": f"file://{tmp_path / 'data'}",
+                       "CAPTION_SOURCE_URI": f"file://{images}", "CAPTION_DUCKDB_PATH": str(db),
+                       "CAPTION_JOB_FILE": str(never),
+                       "CAPTION_IGNORE_AIRFLOW_VARIABLES": "1"}.items():
+        monkeypatch.setenv(key, value)
+    day = pendulum.datetime(2026, 11, 3, tz="UTC")
+    dag = load_dagbag().dags["caption_images"]
+    dr = dag.test(run_conf={"max_cost_usd": 0, "num_captions": 2, "num_beams": 2},
+                  logical_date=day, run_after=day)
+    with create_session() as session:
+        states = {ti.task_id: (str(ti.state), ti.try_number) for ti in session.query(
+            TaskInstance).filter_by(dag_id=dr.dag_id, run_id=dr.run_id)}
+    assert dr.state == "failed", states
+    assert states["plan"] == ("failed", 1), states  # refused once, not retried
+    assert states["caption"][0] == "upstream_failed", states
+    assert states["record_metrics"][0] == "success", states
+    with duckdb.connect(str(db), read_only=True) as con:
+        ((state, images_in, error),) = con.execute(
+            "SELECT final_state, images_in, error FROM pipeline_runs WHERE run_id = ?",
+            [dr.run_id]).fetchall()
+        launched = con.execute("SELECT (SELECT COUNT(*) FROM captions) + "
+                               "(SELECT COUNT(*) FROM dead_letters)").fetchall()[0][0]
+    assert (state, images_in, launched) == ("PLAN_FAILED", 0, 0)
+    assert error.startswith("plan: AirflowFailException: not launched: forecast for 4 images: $")
+    assert "(no history: price table × planned shape at a conservative 0.25 images/s per " \
+           "worker: 1 local worker (" in error
+    assert "exceeds max_cost_usd $0.0000" in error

@@ -202,3 +202,32 @@ def test_plain_airflow_reads_the_project_settings_from_airflow_cfg(tmp_path: Pat
     assert values["plugins_folder"] == str(la.PLUGINS_FOLDER)
     assert values["load_examples"] == "False"
     assert values["jwt_secret"] and values["jwt_secret"] in first
+
+
+def test_trigger_refuses_absurd_numbers_and_bad_patterns_with_the_range_or_the_help(
+    airflow: AirflowServices,
+) -> None:
+    """Through the REST trigger (as the UI's form posts it): ``max_cost_usd: 1e308`` and
+    ``recaption_budget: 1e40`` were accepted and then broke the task supervisor; a refused
+    pattern answered with its regular expression. Now: HTTP 400 naming the allowed maximum,
+    or the parameter's help, and no run."""
+    from captioning.job_spec import MODEL_REF_HELP, SOURCE_URI_HELP
+
+    path = f"/api/v2/dags/{DAG_ID}/dagRuns"
+    _, before = airflow.request("GET", path)
+    cases = [
+        ({"max_cost_usd": 1e308}, "1e+308 is greater than the maximum of 1000000"),
+        ({"recaption_budget": 1e40}, "is greater than the maximum of 1000000000"),
+        ({"source_uri": "../etc"}, f"'../etc' is not one of [\"allowed values: {SOURCE_URI_HELP}"),
+        ({"blip_model": "http://evil/x"}, f"allowed values: {MODEL_REF_HELP}"),
+    ]
+    for offset, (conf, expected) in enumerate(cases, 11):
+        status, body = airflow.request(
+            "POST", path, {"logical_date": _logical_date(3600 * offset), "conf": conf})
+        print(f"trigger with {conf}: HTTP {status} {body}")
+        assert status == 400, f"{conf} was accepted: {status} {body}"
+        detail = body["detail"] if isinstance(body, dict) else str(body)
+        assert expected in detail, detail
+        assert "does not match" not in detail and "\\x00" not in detail, detail  # no regex
+    _, after = airflow.request("GET", path)
+    assert after["total_entries"] == before["total_entries"], "a refused trigger made a run"

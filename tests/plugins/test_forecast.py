@@ -42,16 +42,20 @@ def test_forecast_is_the_median_of_matching_runs_only() -> None:
     assert fc.cost_per_1k_images_usd == 2.0
     assert fc.cost_usd == pytest.approx(20.0)
     assert fc.runtime_s == pytest.approx(10_000 / 2.0)
-    assert "over the last 3 matching run(s)" in fc.message
+    assert "(from 3 earlier run(s) with the same runner, hardware, models" in fc.message
     fc.check_budget(20.0)  # at the limit: launches
     with pytest.raises(BudgetExceeded, match=r"\$20\.0000.*exceeds max_cost_usd \$19\.9900"):
         fc.check_budget(19.99)
 
 
-def test_no_history_says_so_and_never_refuses() -> None:
+def test_history_alone_prices_nothing_and_an_unpriced_run_with_a_budget_is_refused() -> None:
+    """``forecast`` is the history half; a run with a budget it cannot price is refused
+    (plan_forecast prices the planned shape instead, below)."""
     fc = forecast([], {"runner": "DirectRunner"}, images=5)
     assert fc.cost_usd is None and "no cost forecast" in fc.message
-    fc.check_budget(0.0)
+    fc.check_budget(None)  # no budget: nothing to check
+    with pytest.raises(BudgetExceeded, match=r"max_cost_usd \$0\.0000 cannot be checked"):
+        fc.check_budget(0.0)
 
 
 def test_plan_refuses_a_run_over_its_budget_and_launches_under_it(local_settings: Path) -> None:

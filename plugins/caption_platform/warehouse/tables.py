@@ -85,6 +85,10 @@ PIPELINE_RUNS_COLUMNS: dict[str, str] = {
     "dataflow_jobs": "INT64",
     "dataflow_cancelled": "STRING",
     "dataflow_reattached": "BOOL",
+    # the person's word on a run above approve_above_usd (caption_platform.approval):
+    # approved, rejected, timed_out or not_needed (NULL: no approval step ran), and who
+    "approval": "STRING",
+    "approved_by": "STRING",
 }
 
 MANIFESTS_COLUMNS: dict[str, str] = {
